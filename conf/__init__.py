@@ -1,0 +1,1 @@
+"""Hydra configs, importable so they ship inside the wheel and are found from any directory."""

@@ -1,0 +1,74 @@
+"""``python -m m3i_lightning``: pre-train the selected objectives from the Hydra config."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from m3i_lightning.errors import M3IError
+from m3i_lightning.export import export_backbone
+from m3i_lightning.factory import (
+    build_datamodule,
+    build_model,
+    build_tokenizer_from,
+)
+from m3i_lightning.knn import knn_accuracy
+
+log = logging.getLogger("m3i_lightning")
+
+
+def trainer_kwargs(cfg: DictConfig) -> dict:
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if kwargs["precision"] == "auto":
+        kwargs["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    kwargs["strategy"] = cfg.strategy.name
+    return kwargs
+
+
+def pretrain(cfg: DictConfig) -> dict:
+    """Fit, save ``last.ckpt`` and the backbone, then report kNN top-1 on the held-out split."""
+    out = Path(HydraConfig.get().runtime.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    tokenizer = build_tokenizer_from(cfg.text)
+    datamodule = build_datamodule(cfg.data, tokenizer)
+    model = build_model(cfg, datamodule.num_classes, tokenizer)
+    model.check_data(datamodule.provides)
+    datamodule.fields = model.batch_fields()
+    trainer = L.Trainer(
+        **trainer_kwargs(cfg),
+        default_root_dir=out,
+        logger=CSVLogger(out, name="", version=""),
+        callbacks=[ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0),
+                   LearningRateMonitor("step")],
+    )
+    trainer.fit(model, datamodule=datamodule)
+    results = {"run_dir": str(out)}
+    if trainer.is_global_zero:
+        if cfg.export:
+            results["backbone"] = str(export_backbone(model.backbone, out / "backbone"))
+        if "label" in datamodule.provides:
+            acc = knn_accuracy(model.backbone, datamodule.eval_dataloader("train"),
+                               datamodule.eval_dataloader("val"), datamodule.num_classes,
+                               cfg.knn.k, cfg.knn.temperature)
+            results["knn_top1"] = acc
+            print(f"kNN top-1 (k={cfg.knn.k}) on the held-out split: {100 * acc:.2f}%")
+        print(f"run folder: {out}")
+    return results
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        return pretrain(cfg).get("knn_top1")
+    except M3IError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,62 @@
+"""Random crops of one image that remember where they came from.
+
+Inter-view objectives must know the relative transform between the two views, so each crop
+returns its geometry: (top, left, height, width) as fractions of the source image, and a flip
+flag. With it a decoder query can be placed at the location of the other view it predicts.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+
+IDENTITY_GEOMETRY = (0.0, 0.0, 1.0, 1.0, 0.0)
+
+
+def crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+             rng: random.Random) -> tuple[int, int, int, int]:
+    """Inception-style random resized crop box (top, left, h, w) in pixels."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+class RandomView:
+    """One augmented view: random resized crop, optional horizontal flip, normalisation."""
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
+                 mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+                 std: tuple[float, ...] = (0.5, 0.5, 0.5)) -> None:
+        self.size, self.scale, self.ratio, self.flip = size, tuple(scale), tuple(ratio), flip
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, image: Tensor, rng: random.Random) -> tuple[Tensor, Tensor]:
+        """``image``: float [3, H, W] in [0, 1] → (view [3, size, size], geometry [5])."""
+        _, h, w = image.shape
+        top, left, ch, cw = crop_box(h, w, self.scale, self.ratio, rng)
+        view = TF.resized_crop(image, top, left, ch, cw, [self.size, self.size], antialias=True)
+        flipped = self.flip and rng.random() < 0.5
+        if flipped:
+            view = TF.horizontal_flip(view)
+        geometry = torch.tensor([top / h, left / w, ch / h, cw / w, float(flipped)])
+        return self.normalize(view), geometry
+
+    def center(self, image: Tensor) -> Tensor:
+        """The whole image, resized: the evaluation view."""
+        return self.normalize(TF.resize(image, [self.size, self.size], antialias=True))
+
+    def normalize(self, view: Tensor) -> Tensor:
+        return TF.normalize(view, self.mean, self.std)

@@ -1,0 +1,28 @@
+"""Cross-rank helpers that also work, as identities, in a single process."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import Tensor
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
+    """Concatenate ``x`` [B, ...] from all ranks along dim 0, keeping gradients to every shard.
+
+    Returns the gathered tensor and this rank's row offset in it, for local-loss InfoNCE:
+    each rank scores its own rows against all candidates, and the autograd all-gather sends
+    the candidates' gradients back to the ranks that own them.
+    """
+    rank, size = world()
+    if size == 1:
+        return x, 0
+    return torch.cat(dist_fn.all_gather(x), dim=0), rank * x.shape[0]

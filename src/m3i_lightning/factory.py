@@ -1,0 +1,104 @@
+"""Builds the library's objects from a Hydra/OmegaConf config, with clear errors for bad values.
+
+Shared by the training command, evaluation and export, so a checkpoint's saved config
+re-creates exactly the modules it was trained with.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from m3i_lightning.backbone import Backbone
+from m3i_lightning.data import DATA_MODULES
+from m3i_lightning.errors import ConfigError
+from m3i_lightning.objectives import OBJECTIVES, Objective
+from m3i_lightning.pretraining import MultiObjective, Pretraining
+from m3i_lightning.text import build_tokenizer
+
+
+def _plain(cfg: Any) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def accepted_options(factory) -> set[str]:
+    """Keyword parameters of a class of this library, over its own constructors' chain.
+
+    The engine options of :class:`Pretraining` are left out for objectives: inside a
+    MultiObjective they would be silently unused.
+    """
+    chain = [k for k in factory.__mro__ if "__init__" in vars(k)
+             and k.__module__.startswith("m3i_lightning")
+             and (issubclass(k, Objective) or not issubclass(k, Pretraining))]
+    names = set().union(*(inspect.signature(k.__init__).parameters for k in chain))
+    return names - {"self", "kwargs", "engine", "backbone"}
+
+
+def call_checked(factory, what: str, options: Mapping, context: Mapping):
+    """Call ``factory(**options, **context)`` after checking every option is a parameter, so a
+    typo in the config names itself instead of failing deep inside a constructor."""
+    accepted = accepted_options(factory)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        valid = sorted(accepted - set(context))
+        raise ConfigError(f"{what}: unknown option(s) {unknown}; valid options: {valid}")
+    extra = {k: v for k, v in context.items() if k in accepted and k not in options}
+    try:
+        return factory(**options, **extra)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{what}: {err}") from None
+
+
+def build_backbone(cfg: Mapping) -> Backbone:
+    options = _plain(cfg)
+    arch = options.pop("arch")
+    try:
+        return Backbone(arch, **options)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"backbone '{arch}' with {options}: {err}") from None
+
+
+def build_tokenizer_from(cfg: Mapping):
+    text = _plain(cfg)
+    try:
+        return build_tokenizer(text["tokenizer"], text["context_length"])
+    except OSError as err:
+        raise ConfigError(f"tokenizer '{text['tokenizer']}' could not be loaded: {err}") from None
+
+
+def build_objectives(cfg: Mapping, context: Mapping) -> dict[str, Objective]:
+    selected = _plain(cfg)
+    if not selected:
+        raise ConfigError(f"no objective selected; choose from {sorted(OBJECTIVES)}")
+    objectives = {}
+    for name, options in selected.items():
+        if name not in OBJECTIVES:
+            raise ConfigError(f"unknown objective '{name}'; choose from {sorted(OBJECTIVES)}")
+        objectives[name] = call_checked(OBJECTIVES[name], f"objective '{name}'", options or {},
+                                        context)
+    return objectives
+
+
+def build_datamodule(cfg: Mapping, tokenizer, fields: set[str] | None = None):
+    options = _plain(cfg)
+    name = options.pop("name")
+    if name not in DATA_MODULES:
+        raise ConfigError(f"unknown data '{name}'; choose from {sorted(DATA_MODULES)}")
+    return call_checked(DATA_MODULES[name], f"data '{name}'", options,
+                        {"tokenizer": tokenizer, "fields": fields})
+
+
+def build_model(cfg: DictConfig, num_classes: int, tokenizer) -> MultiObjective:
+    """The backbone and the selected objectives as one MultiObjective."""
+    backbone = build_backbone(cfg.backbone)
+    context = {"embed_dim": backbone.embed_dim, "grid_size": backbone.grid_size,
+               "num_classes": num_classes, "tokenizer": tokenizer}
+    objectives = build_objectives(cfg.objective, context)
+    return MultiObjective(
+        backbone, objectives, input_mode=cfg.input, mask=cfg.mask.kind,
+        mask_ratio=cfg.mask.ratio, teacher_momentum=cfg.teacher.momentum,
+        teacher_final_momentum=cfg.teacher.final_momentum, optim=_plain(cfg.optim),
+        check_finite_every=cfg.check_finite_every)

@@ -1,0 +1,58 @@
+"""Pure loss functions: the −log P̂ of each distribution form and of each reference method.
+
+Every function takes plain tensors and returns a scalar mean loss, so it can be used without
+the rest of the library. Shapes use B = batch, N = tokens, D = feature dimension.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+GAUSSIAN_KINDS = ("mse", "smooth_l1", "cosine")
+
+
+def gaussian_nll(pred: Tensor, target: Tensor, kind: str = "mse", beta: float = 1.0) -> Tensor:
+    """−log of a fixed-variance Gaussian (up to scale and constant): a regression loss.
+
+    ``pred``, ``target``: [..., D]. ``kind``: ``mse`` (mean over all elements),
+    ``smooth_l1`` (Huber with ``beta``, as BEiT v2 / FD use), or ``cosine``
+    (2 − 2·cos per vector, the von Mises–Fisher form of BYOL), averaged over vectors.
+    """
+    if kind == "mse":
+        return F.mse_loss(pred, target)
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(pred, target, beta=beta)
+    if kind == "cosine":
+        return (2 - 2 * F.cosine_similarity(pred, target, dim=-1)).mean()
+    raise ValueError(f"unknown Gaussian loss kind '{kind}'; choose one of {GAUSSIAN_KINDS}")
+
+
+def boltzmann_nll(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """−log softmax(logits)[target]: a Boltzmann distribution over the candidate set.
+
+    ``logits``: [B, C] similarities already divided by the temperature; ``target``: [B]
+    candidate index (entries of −100 are ignored) or [B, C] soft target distribution.
+    """
+    return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+
+
+def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float,
+              offset: int = 0, all_image_emb: Tensor | None = None,
+              all_text_emb: Tensor | None = None) -> Tensor:
+    """Symmetric InfoNCE of CLIP (Radford et al., 2021; open_clip ``ClipLoss``).
+
+    ``image_emb``, ``text_emb``: [B, D] L2-normalised embeddings of matching pairs;
+    ``logit_scale``: the multiplier (already exponentiated and clamped).
+    For data parallelism pass the embeddings gathered from all ranks as ``all_*`` and this
+    rank's position ``offset`` in them: the local rows are scored against every candidate
+    (open_clip's ``local_loss``), which averaged over ranks equals the loss on the whole batch.
+    """
+    all_image_emb = image_emb if all_image_emb is None else all_image_emb
+    all_text_emb = text_emb if all_text_emb is None else all_text_emb
+    labels = torch.arange(image_emb.shape[0], device=image_emb.device) + offset
+    logits_per_image = logit_scale * image_emb @ all_text_emb.T
+    logits_per_text = logit_scale * text_emb @ all_image_emb.T
+    return (boltzmann_nll(logits_per_image, labels) + boltzmann_nll(logits_per_text, labels)) / 2

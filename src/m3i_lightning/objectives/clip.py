@@ -1,0 +1,46 @@
+"""`clip`: image-text contrastive learning with a text tower and batch negatives."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from m3i_lightning.distributed import gather_with_grad
+from m3i_lightning.losses import clip_loss
+from m3i_lightning.objectives.base import Objective
+from m3i_lightning.text import TextTower
+
+
+class CLIP(Objective):
+    """Symmetric InfoNCE between the image global feature and the paired caption (CLIP).
+
+    Texts of the whole global batch are the negatives: embeddings are gathered across ranks
+    with gradients and each rank scores its own rows (open_clip's local loss). The logit
+    scale is learned from 1/0.07 and clamped at 100.
+    """
+
+    name = "clip"
+    requires = frozenset({"text"})
+
+    def __init__(self, tokenizer, proj_dim: int = 128, text_width: int = 128,
+                 text_layers: int = 2, text_heads: int = 4, text_pretrained: str | None = None,
+                 init_temperature: float = 0.07, max_logit_scale: float = 100.0,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.text_tower = TextTower(tokenizer, proj_dim, text_width, text_layers, text_heads,
+                                    text_pretrained)
+        self.image_proj = nn.Linear(self.embed_dim, self.text_tower.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
+        self.max_logit_scale = max_logit_scale
+
+    def loss(self, batch, encoded, targets):
+        image = F.normalize(self.image_proj(encoded.global_feature), dim=-1)
+        text = F.normalize(self.text_tower(batch["text"], batch["text_mask"]), dim=-1)
+        scale = self.logit_scale.exp().clamp(max=self.max_logit_scale)
+        all_image, offset = gather_with_grad(image)
+        all_text, _ = gather_with_grad(text)
+        loss = clip_loss(image, text, scale, offset, all_image, all_text)
+        return loss, {"logit_scale": scale.detach()}

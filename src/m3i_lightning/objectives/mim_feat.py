@@ -1,0 +1,38 @@
+"""`mim_feat`: masked image modelling with the teacher's dense features as targets."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from m3i_lightning.backbone import gather_tokens
+from m3i_lightning.distributions import Gaussian
+from m3i_lightning.objectives.base import Objective
+from m3i_lightning.predictor import TokenPredictor
+
+
+class MaskedFeature(Objective):
+    """data2vec / MILAN / BEiT v2 style: the masked view predicts, at each masked patch, the EMA
+    teacher's feature of the full view, normalised by a LayerNorm without affine parameters;
+    the stop-gradient teacher is the regulariser."""
+
+    name = "mim_feat"
+    masked_input = True
+    target_view = "view1"
+    uses_teacher = True
+
+    def __init__(self, loss: str = "mse", predictor_dim: int = 128, predictor_depth: int = 2,
+                 predictor_heads: int = 4, target_dim: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.predictor = TokenPredictor(self.embed_dim, target_dim or self.embed_dim,
+                                        self.grid_size, predictor_dim, predictor_depth,
+                                        predictor_heads)
+        self.distribution = Gaussian(loss)
+
+    def loss(self, batch, encoded, targets):
+        if encoded.masked_index is None:
+            raise ValueError("mim_feat needs a masked input; set mask_ratio > 0")
+        query = self.predictor.position(encoded.masked_index)
+        pred = self.predictor(encoded.tokens, encoded.visible_index, query)
+        target = gather_tokens(targets.teacher.tokens, encoded.masked_index)
+        target = F.layer_norm(target, target.shape[-1:])
+        return self.distribution(pred, target), {}

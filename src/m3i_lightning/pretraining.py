@@ -1,0 +1,205 @@
+"""The training engine of Eq. 4: encode each distinct input once, run the teacher once per
+target view, sum the weighted NLL of every objective, then update the EMA teacher."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from m3i_lightning.backbone import Backbone, Encoded
+from m3i_lightning.errors import ConfigError, NonFiniteLossError
+from m3i_lightning.masking import build_mask
+from m3i_lightning.optim import OptimConfig, build_optimizer
+from m3i_lightning.teacher import EMATeacher
+
+if TYPE_CHECKING:
+    from m3i_lightning.objectives.base import Objective
+
+INPUT_MODES = ("shared", "native")
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one objective reads from: the encoded input and the view its target comes from."""
+
+    view: str
+    masked: bool
+    target_view: str | None
+
+    @property
+    def input_key(self) -> tuple[str, bool]:
+        return self.view, self.masked
+
+
+@dataclass
+class Targets:
+    """What an objective may predict: the target view's pixels and the teacher's encoding."""
+
+    view: str | None
+    pixels: Tensor | None = None
+    teacher: Encoded | None = None
+
+
+class Pretraining(L.LightningModule):
+    """Shared mechanism of :class:`MultiObjective` and of every objective trained on its own.
+
+    ``input_mode='shared'`` is M3I's Eq. 4 with a single z_x: every objective reads one encoded
+    input (view1, masked if any objective masks) and inter-view targets come from view2.
+    ``input_mode='native'`` gives each objective its reference method's input; each distinct
+    input is still encoded once.
+    """
+
+    def __init__(self, backbone: Backbone | None = None, *, input_mode: str = "shared",
+                 mask: str = "random", mask_ratio: float = 0.75,
+                 teacher_momentum: float = 0.996, teacher_final_momentum: float = 1.0,
+                 optim: OptimConfig | Mapping | None = None, check_finite_every: int = 1) -> None:
+        super().__init__()
+        if input_mode not in INPUT_MODES:
+            raise ConfigError(f"unknown input mode '{input_mode}'; choose one of {INPUT_MODES}")
+        self.backbone = backbone
+        self.input_mode = input_mode
+        self.mask_kind, self.mask_ratio = mask, mask_ratio
+        self.teacher_momentum = (teacher_momentum, teacher_final_momentum)
+        self.optim = OptimConfig(**optim) if isinstance(optim, Mapping) else optim or OptimConfig()
+        self.check_finite_every = check_finite_every
+        self.teacher: EMATeacher | None = None
+        self.mask_generator = None
+
+    def objectives(self) -> dict[str, Objective]:
+        raise NotImplementedError
+
+    def _build_engine(self) -> None:
+        """Create the teacher and mask generator the selected objectives need."""
+        if self.backbone is None:
+            return
+        routes = self.route_table = self.routes()
+        self.teacher_views = sorted({r.target_view for n, r in routes.items()
+                                     if r.target_view and self.objectives()[n].uses_teacher})
+        if any(obj.uses_teacher for obj in self.objectives().values()):
+            self.teacher = EMATeacher(self.backbone, *self.teacher_momentum)
+        if any(r.masked for r in routes.values()):
+            self.mask_generator = build_mask(self.mask_kind, self.backbone.grid_size,
+                                             self.mask_ratio)
+
+    def routes(self) -> dict[str, Route]:
+        objectives = self.objectives()
+        if self.input_mode == "native":
+            return {n: Route(o.input_view, o.masked_input, o.target_view)
+                    for n, o in objectives.items()}
+        masked = any(o.masked_input for o in objectives.values())
+        return {n: Route("view1", masked, _shared_target(o)) for n, o in objectives.items()}
+
+    def batch_fields(self) -> set[str]:
+        """Batch keys the data must provide for the selected objectives."""
+        fields: set[str] = set()
+        for name, route in self.routes().items():
+            fields.add(route.view)
+            if route.target_view:
+                fields.add(route.target_view)
+            fields |= self.objectives()[name].requires
+        if "view1" in fields and "view2" in fields:
+            fields.add("geometry")
+        return fields
+
+    def check_data(self, provides: set[str]) -> None:
+        """Fail before training when an objective needs something the data lacks."""
+        for name, obj in self.objectives().items():
+            missing = obj.requires - set(provides)
+            if missing:
+                raise ConfigError(
+                    f"objective '{name}' needs {sorted(missing)} but the data provides only "
+                    f"{sorted(provides)}")
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "provides"):
+            self.check_data(datamodule.provides)
+
+    def forward_terms(self, batch: dict) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Weighted loss term per objective, and their extra logs."""
+        routes = self.route_table
+        encoded = {key: self._encode(batch, *key)
+                   for key in dict.fromkeys(r.input_key for r in routes.values())}
+        teacher = {view: self.teacher(batch[view]) for view in self.teacher_views}
+        terms, logs = {}, {}
+        for name, objective in self.objectives().items():
+            route = routes[name]
+            view = route.target_view
+            targets = Targets(view, batch.get(view) if view else None, teacher.get(view))
+            loss, extra = objective.loss(batch, encoded[route.input_key], targets)
+            terms[name] = objective.weight * loss
+            logs.update({f"{name}/{k}": v for k, v in extra.items()})
+        return terms, logs
+
+    def _encode(self, batch: dict, view: str, masked: bool) -> Encoded:
+        images = batch[view]
+        if not masked:
+            return self.backbone(images)
+        mask = self.mask_generator(images.shape[0], images.device)
+        visible, hidden = self.mask_generator.split(mask)
+        return self.backbone(images, visible, hidden)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        terms, logs = self.forward_terms(batch)
+        stacked = torch.stack(list(terms.values()))
+        if self.check_finite_every and self.global_step % self.check_finite_every == 0:
+            self._raise_if_nonfinite(terms, stacked)
+        total = stacked.sum()
+        batch_size = batch["view1"].shape[0]
+        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        for name, term in terms.items():
+            self.log(f"train/loss/{name}", term, batch_size=batch_size)
+        for key, value in logs.items():
+            self.log(f"train/{key}", value, batch_size=batch_size)
+        return total
+
+    def _raise_if_nonfinite(self, terms: dict[str, Tensor], stacked: Tensor) -> None:
+        bad = ~torch.isfinite(stacked.detach())
+        if bad.any():
+            names = [n for n, b in zip(terms, bad.tolist(), strict=True) if b]
+            raise NonFiniteLossError(
+                f"loss of objective(s) {names} is NaN/inf at step {self.global_step}; "
+                "lower the learning rate or check the data")
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.teacher is not None:
+            self.teacher.update(self.backbone, self.trainer.global_step,
+                                int(self.trainer.estimated_stepping_batches))
+
+    def configure_optimizers(self):
+        if self.backbone is None:
+            raise ConfigError(f"{type(self).__name__} has no backbone: pass backbone=... to "
+                              "train it on its own, or add it to a MultiObjective")
+        return build_optimizer(self, self.optim, int(self.trainer.estimated_stepping_batches))
+
+
+def _shared_target(objective: Objective) -> str | None:
+    """In shared mode the input is view1: an intra-view target stays view1, and an inter-view
+    target (a view other than the objective's own input) becomes view2."""
+    if objective.target_view is None:
+        return None
+    return "view1" if objective.target_view == objective.input_view else "view2"
+
+
+class MultiObjective(Pretraining):
+    """Several objectives on one backbone: the all-in-one pre-training of M3I (Eq. 4)."""
+
+    def __init__(self, backbone: Backbone, objectives: Mapping[str, Objective], **kwargs) -> None:
+        super().__init__(backbone, **kwargs)
+        if not objectives:
+            raise ConfigError("MultiObjective needs at least one objective")
+        for name, objective in objectives.items():
+            if objective.backbone is not None:
+                raise ConfigError(f"objective '{name}' owns a backbone; inside a "
+                                  "MultiObjective objectives share the MultiObjective's one")
+        self.heads = nn.ModuleDict(objectives)
+        self._build_engine()
+
+    def objectives(self) -> dict[str, Objective]:
+        return dict(self.heads.items())
