@@ -38,8 +38,13 @@ class Route:
 
 @dataclass
 class Targets:
-    """What an objective may predict: the target view's pixels and the teacher's encoding."""
+    """What an objective may predict: the target view's pixels and the teacher's encoding.
 
+    ``input_view`` / ``view`` name the batch keys of the encoded input and of the target, so an
+    inter-view objective can read both crops' geometry (``batch[f"{view}_geometry"]``).
+    """
+
+    input_view: str
     view: str | None
     pixels: Tensor | None = None
     teacher: Encoded | None = None
@@ -130,7 +135,8 @@ class Pretraining(L.LightningModule):
         for name, objective in self.objectives().items():
             route = routes[name]
             view = route.target_view
-            targets = Targets(view, batch.get(view) if view else None, teacher.get(view))
+            targets = Targets(route.view, view, batch.get(view) if view else None,
+                              teacher.get(view))
             loss, extra = objective.loss(batch, encoded[route.input_key], targets)
             terms[name] = objective.weight * loss
             logs.update({f"{name}/{k}": v for k, v in extra.items()})
@@ -169,8 +175,10 @@ class Pretraining(L.LightningModule):
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         if self.teacher is not None:
-            self.teacher.update(self.backbone, self.trainer.global_step,
-                                int(self.trainer.estimated_stepping_batches))
+            momentum = self.teacher.update(self.backbone, self.trainer.global_step,
+                                           int(self.trainer.estimated_stepping_batches))
+            for objective in self.objectives().values():
+                objective.ema_update(momentum)
 
     def configure_optimizers(self):
         if self.backbone is None:

@@ -45,3 +45,7 @@ class Objective(Pretraining):
     def loss(self, batch: dict, encoded: Encoded, targets: Targets) -> tuple[Tensor, dict]:
         """−log P̂(z_y | ẑ_y) for this batch, and extra scalars to log. Never calls self.log."""
         raise NotImplementedError
+
+    def ema_update(self, momentum: float) -> None:
+        """Called after each teacher update with its momentum: objectives whose reference
+        method also averages a head (MoCo / BYOL projectors, DINO heads) update it here."""
