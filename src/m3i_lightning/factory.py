@@ -95,7 +95,8 @@ def build_model(cfg: DictConfig, num_classes: int, tokenizer) -> MultiObjective:
     """The backbone and the selected objectives as one MultiObjective."""
     backbone = build_backbone(cfg.backbone)
     context = {"embed_dim": backbone.embed_dim, "grid_size": backbone.grid_size,
-               "num_classes": num_classes, "tokenizer": tokenizer}
+               "patch_size": backbone.patch_size, "num_classes": num_classes,
+               "tokenizer": tokenizer}
     objectives = build_objectives(cfg.objective, context)
     return MultiObjective(
         backbone, objectives, input_mode=cfg.input, mask=cfg.mask.kind,

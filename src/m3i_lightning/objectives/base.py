@@ -28,15 +28,17 @@ class Objective(Pretraining):
 
     def __init__(self, *, weight: float = 1.0, backbone: Backbone | None = None,
                  embed_dim: int | None = None, grid_size: tuple[int, int] | None = None,
-                 **engine) -> None:
+                 patch_size: int | None = None, **engine) -> None:
         super().__init__(backbone, **engine)
         if backbone is not None:
             embed_dim, grid_size = backbone.embed_dim, backbone.grid_size
+            patch_size = backbone.patch_size
         if embed_dim is None or grid_size is None:
             raise ConfigError(f"{type(self).__name__} needs a backbone or its embed_dim and "
                               "grid_size")
         self.weight = weight
         self.embed_dim, self.grid_size = embed_dim, tuple(grid_size)
+        self.patch_size = patch_size  # only pixel objectives need it, to size their output
         self._build_engine()
 
     def objectives(self) -> dict[str, Objective]:
