@@ -102,4 +102,4 @@ def build_model(cfg: DictConfig, num_classes: int, tokenizer) -> MultiObjective:
         backbone, objectives, input_mode=cfg.input, mask=cfg.mask.kind,
         mask_ratio=cfg.mask.ratio, teacher_momentum=cfg.teacher.momentum,
         teacher_final_momentum=cfg.teacher.final_momentum, optim=_plain(cfg.optim),
-        check_finite_every=cfg.check_finite_every)
+        check_finite_every=cfg.check_finite_every, mix=cfg.mix)

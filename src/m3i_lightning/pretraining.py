@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from m3i_lightning.backbone import Backbone, Encoded
 from m3i_lightning.errors import ConfigError, NonFiniteLossError
 from m3i_lightning.masking import build_mask
+from m3i_lightning.mixing import check_mixable, encode_mixed, partner_rows
 from m3i_lightning.optim import OptimConfig, build_optimizer
 from m3i_lightning.teacher import EMATeacher
 
@@ -56,16 +57,22 @@ class Pretraining(L.LightningModule):
     ``input_mode='shared'`` is M3I's Eq. 4 with a single z_x: every objective reads one encoded
     input (view1, masked if any objective masks) and inter-view targets come from view2.
     ``input_mode='native'`` gives each objective its reference method's input; each distinct
-    input is still encoded once.
+    input is still encoded once. ``mix=True`` (shared mode) is M3I's multi-input pre-training:
+    see :mod:`m3i_lightning.mixing`.
     """
 
     def __init__(self, backbone: Backbone | None = None, *, input_mode: str = "shared",
                  mask: str = "random", mask_ratio: float = 0.75,
                  teacher_momentum: float = 0.996, teacher_final_momentum: float = 1.0,
-                 optim: OptimConfig | Mapping | None = None, check_finite_every: int = 1) -> None:
+                 optim: OptimConfig | Mapping | None = None, check_finite_every: int = 1,
+                 mix: bool = False) -> None:
         super().__init__()
         if input_mode not in INPUT_MODES:
             raise ConfigError(f"unknown input mode '{input_mode}'; choose one of {INPUT_MODES}")
+        if mix and input_mode != "shared":
+            raise ConfigError("mix=true mixes two images into the one shared input: it needs "
+                              "input=shared")
+        self.mix = mix
         self.backbone = backbone
         self.input_mode = input_mode
         self.mask_kind, self.mask_ratio = mask, mask_ratio
@@ -90,13 +97,18 @@ class Pretraining(L.LightningModule):
         if any(r.masked for r in routes.values()):
             self.mask_generator = build_mask(self.mask_kind, self.backbone.grid_size,
                                              self.mask_ratio)
+        if self.mix:
+            try:
+                check_mixable(self.mask_generator)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
     def routes(self) -> dict[str, Route]:
         objectives = self.objectives()
         if self.input_mode == "native":
             return {n: Route(o.input_view, o.masked_input, o.target_view)
                     for n, o in objectives.items()}
-        masked = any(o.masked_input for o in objectives.values())
+        masked = self.mix or any(o.masked_input for o in objectives.values())
         return {n: Route("view1", masked, _shared_target(o)) for n, o in objectives.items()}
 
     def batch_fields(self) -> set[str]:
@@ -126,21 +138,47 @@ class Pretraining(L.LightningModule):
             self.check_data(datamodule.provides)
 
     def forward_terms(self, batch: dict) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Weighted loss term per objective, and their extra logs."""
+        """Weighted loss term per objective, and their extra logs.
+
+        An objective may read the batch more than once (M3I's mix: images A and B both predict
+        their label / caption); its term is then the mean over those readings.
+        """
+        terms, logs = {}, {}
+        for name, readings in self._readings(batch).items():
+            objective = self.objectives()[name]
+            results = [objective.loss(*reading) for reading in readings]
+            terms[name] = objective.weight * _mean([loss for loss, _ in results])
+            for key in results[0][1]:
+                logs[f"{name}/{key}"] = _mean([extra[key] for _, extra in results])
+        return terms, logs
+
+    def _readings(self, batch: dict) -> dict[str, list[tuple[dict, Encoded, Targets]]]:
+        """(batch, encoded input, targets) per objective, each input encoded once."""
         routes = self.route_table
+        teacher = {view: self.teacher(batch[view]) for view in self.teacher_views}
+        if self.mix:
+            return self._mixed_readings(batch, teacher)
         encoded = {key: self._encode(batch, *key)
                    for key in dict.fromkeys(r.input_key for r in routes.values())}
-        teacher = {view: self.teacher(batch[view]) for view in self.teacher_views}
-        terms, logs = {}, {}
-        for name, objective in self.objectives().items():
-            route = routes[name]
-            view = route.target_view
-            targets = Targets(route.view, view, batch.get(view) if view else None,
-                              teacher.get(view))
-            loss, extra = objective.loss(batch, encoded[route.input_key], targets)
-            terms[name] = objective.weight * loss
-            logs.update({f"{name}/{k}": v for k, v in extra.items()})
-        return terms, logs
+        return {name: [(batch, encoded[r.input_key], _targets(batch, r, teacher))]
+                for name, r in routes.items()}
+
+    def _mixed_readings(self, batch: dict, teacher: dict[str, Encoded]):
+        """M3I multi-input: A (intra-view targets) and B (inter-view targets) encoded in one
+        pass; objectives without an image target (labels, captions) read both."""
+        size = batch["view1"].shape[0]
+        partner = partner_rows(size, batch["view1"].device)
+        encoded_a, encoded_b = encode_mixed(self.backbone, batch["view1"], partner,
+                                            self.mask_generator)
+        batch_b = {k: v[partner] if torch.is_tensor(v) and v.shape[:1] == (size,) else v
+                   for k, v in batch.items()}
+        teacher_b = {view: enc.select(partner) for view, enc in teacher.items()}
+        readings = {}
+        for name, r in self.route_table.items():
+            a = (batch, encoded_a, _targets(batch, r, teacher))
+            b = (batch_b, encoded_b, _targets(batch_b, r, teacher_b))
+            readings[name] = {None: [a, b], "view1": [a], "view2": [b]}[r.target_view]
+        return readings
 
     def _encode(self, batch: dict, view: str, masked: bool) -> Encoded:
         images = batch[view]
@@ -185,6 +223,15 @@ class Pretraining(L.LightningModule):
             raise ConfigError(f"{type(self).__name__} has no backbone: pass backbone=... to "
                               "train it on its own, or add it to a MultiObjective")
         return build_optimizer(self, self.optim, int(self.trainer.estimated_stepping_batches))
+
+
+def _mean(values: list[Tensor]) -> Tensor:
+    return values[0] if len(values) == 1 else torch.stack(values).mean()
+
+
+def _targets(batch: dict, route: Route, teacher: dict[str, Encoded]) -> Targets:
+    view = route.target_view
+    return Targets(route.view, view, batch.get(view) if view else None, teacher.get(view))
 
 
 def _shared_target(objective: Objective) -> str | None:
