@@ -26,3 +26,14 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     if size == 1:
         return x, 0
     return torch.cat(dist_fn.all_gather(x), dim=0), rank * x.shape[0]
+
+
+def mean_over_ranks(x: Tensor) -> Tensor:
+    """Average ``x`` over ranks, without gradient: with equal per-rank batches, a per-rank batch
+    mean becomes the mean over the global batch (DINO's center)."""
+    _, size = world()
+    if size == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / size

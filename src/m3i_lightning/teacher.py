@@ -1,12 +1,17 @@
-"""Target encoder f_φ: an exponential moving average of the student, never trained by gradients."""
+"""Target encoder f_φ: never trained by gradients; an EMA of the student, or frozen weights."""
 
 from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
+
+from m3i_lightning.backbone import Backbone
 
 
 def cosine_momentum(step: int, total_steps: int, base: float, final: float = 1.0) -> float:
@@ -15,40 +20,120 @@ def cosine_momentum(step: int, total_steps: int, base: float, final: float = 1.0
     return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
 
 
-class EMATeacher(nn.Module):
-    """A frozen copy of ``student`` whose weights follow it by EMA.
+@torch.no_grad()
+def ema_(target: nn.Module, source: nn.Module, momentum: float) -> None:
+    """target ← momentum·target + (1 − momentum)·source, parameter by parameter; buffers copied.
 
-    The copy has the student's structure, so a sharding strategy that wraps the student's
-    blocks wraps the teacher's identically and :meth:`update` works on local shards: it is a
-    single foreach lerp over matching parameter lists, no gather of the full model. It stays
-    in eval mode (no dropout / drop-path) whatever the trainer asks.
+    A single foreach lerp over matching parameter lists: on modules of identical structure it
+    works on local shards (DDP, FSDP2), with no gather of the full model. Used by the EMA
+    teacher and by the heads that the reference methods average (DINO, MoCo, BYOL).
     """
+    target_params = list(target.parameters())
+    source_params = [p.detach() for p in source.parameters()]
+    if len(target_params) != len(source_params):
+        raise RuntimeError("EMA target and source have different parameter lists")
+    torch._foreach_lerp_(target_params, source_params, 1.0 - momentum)
+    for t, s in zip(target.buffers(), source.buffers(), strict=True):
+        t.copy_(s)
 
-    def __init__(self, student: nn.Module, momentum: float = 0.996,
+
+class TargetEncoder(nn.Module):
+    """An encoder run under ``no_grad`` and kept in eval mode (no dropout / drop-path) whatever
+    the trainer asks; subclasses say how it follows the student in :meth:`update`."""
+
+    def __init__(self, encoder: Backbone, momentum: float = 0.996,
                  final_momentum: float = 1.0) -> None:
         super().__init__()
-        self.encoder = copy.deepcopy(student)
+        self.encoder = encoder
         self.encoder.requires_grad_(False)
         self.momentum = momentum
         self.final_momentum = final_momentum
         super().train(False)
 
-    def train(self, mode: bool = True) -> EMATeacher:
+    @property
+    def embed_dim(self) -> int:
+        return self.encoder.embed_dim
+
+    def train(self, mode: bool = True) -> TargetEncoder:
         return super().train(False)
 
     def forward(self, *args, **kwargs):
         with torch.no_grad():
             return self.encoder(*args, **kwargs)
 
-    @torch.no_grad()
+    def momentum_at(self, step: int, total_steps: int) -> float:
+        return cosine_momentum(step, total_steps, self.momentum, self.final_momentum)
+
     def update(self, student: nn.Module, step: int, total_steps: int) -> float:
-        """Move every teacher tensor towards the student's; returns the momentum used."""
-        m = cosine_momentum(step, total_steps, self.momentum, self.final_momentum)
-        teacher_params = list(self.encoder.parameters())
-        student_params = [p.detach() for p in student.parameters()]
-        if len(teacher_params) != len(student_params):
-            raise RuntimeError("teacher and student have different parameter lists")
-        torch._foreach_lerp_(teacher_params, student_params, 1.0 - m)
-        for t, s in zip(self.encoder.buffers(), student.buffers(), strict=True):
-            t.copy_(s)
+        """Follow the student after an optimizer step; returns the momentum of the schedule,
+        which the engine passes on to the objectives' averaged heads."""
+        raise NotImplementedError
+
+
+class EMATeacher(TargetEncoder):
+    """A frozen copy of ``student`` whose weights follow it by EMA.
+
+    The copy has the student's structure, so a sharding strategy that wraps the student's
+    blocks wraps the teacher's identically and :func:`ema_` works on local shards.
+    """
+
+    def __init__(self, student: Backbone, momentum: float = 0.996,
+                 final_momentum: float = 1.0) -> None:
+        super().__init__(copy.deepcopy(student), momentum, final_momentum)
+
+    def update(self, student: nn.Module, step: int, total_steps: int) -> float:
+        m = self.momentum_at(step, total_steps)
+        ema_(self.encoder, student, m)
         return m
+
+
+class FrozenTeacher(TargetEncoder):
+    """Fixed pre-trained weights, as Feature Distillation distils a CLIP / DINO / DeiT model.
+
+    ``arch`` and ``timm_kwargs`` build the network as :class:`Backbone` does; ``checkpoint``
+    is a local file (see :func:`load_encoder_weights`). The encoder never moves, but
+    :meth:`update` still returns the momentum schedule, for heads the reference averages.
+    Its width may differ from the student's: objectives then take ``target_dim``.
+    """
+
+    def __init__(self, arch: str, checkpoint: str | Path, momentum: float = 0.996,
+                 final_momentum: float = 1.0, **timm_kwargs) -> None:
+        encoder = Backbone(arch, **timm_kwargs)
+        load_encoder_weights(encoder, checkpoint)
+        super().__init__(encoder, momentum, final_momentum)
+
+    def update(self, student: nn.Module, step: int, total_steps: int) -> float:
+        return self.momentum_at(step, total_steps)
+
+
+CHECKPOINT_PREFIXES = ("backbone.model.", "module.")
+
+
+def load_encoder_weights(backbone: Backbone, checkpoint: str | Path) -> None:
+    """Load a local checkpoint into ``backbone``'s timm ViT.
+
+    Accepted: a ``.safetensors`` file or a torch file (``.pth``, ``.pt``, ``.ckpt``) holding
+    timm keys (this library's export, timm hub files), a Lightning checkpoint of this library
+    (its student backbone is taken), a ``{'model': ...}`` wrapper (MAE, DeiT), or any layout
+    timm's own converter knows (OpenAI / open_clip CLIP, DINOv2); position embeddings are
+    resampled to the backbone's grid. Every weight of the network must be found; extra
+    entries (decoders, heads) are ignored.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ValueError(f"teacher checkpoint '{path}' is not a file")
+    if path.suffix == ".safetensors":
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        state = state.get(wrapper, state)
+    for prefix in CHECKPOINT_PREFIXES:
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    state = checkpoint_filter_fn(state, backbone.model)
+    missing, _ = backbone.model.load_state_dict(state, strict=False)
+    if missing:
+        raise ValueError(f"teacher checkpoint '{path}' lacks {len(missing)} weight(s) of "
+                         f"'{backbone.arch}', e.g. {missing[:3]}")
