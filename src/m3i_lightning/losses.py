@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from m3i_lightning.pixels import normalize_patches
 
 GAUSSIAN_KINDS = ("mse", "smooth_l1", "cosine")
 
@@ -56,3 +57,36 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float,
     logits_per_image = logit_scale * image_emb @ all_text_emb.T
     logits_per_text = logit_scale * text_emb @ all_image_emb.T
     return (boltzmann_nll(logits_per_image, labels) + boltzmann_nll(logits_per_text, labels)) / 2
+
+
+def mae_loss(pred: Tensor, target_patches: Tensor, mask: Tensor | None = None,
+             norm_pix: bool = True) -> Tensor:
+    """MAE's reconstruction loss (He et al., 2022): the mean over the masked patches of each
+    patch's mean squared error, the target patches standardised first (``norm_pix_loss``).
+
+    ``pred``, ``target_patches``: [B, N, p·p·C] (targets as :func:`~m3i_lightning.pixels.patchify`
+    gives them, before normalisation). ``mask``: [B, N], 1 = masked: only those patches count.
+    Without ``mask`` every given patch counts, so pass all N patches (auto-encoder) or the
+    masked ones only, gathered ([B, M, p·p·C], the same loss).
+    """
+    target = normalize_patches(target_patches) if norm_pix else target_patches
+    per_patch = (pred - target).pow(2).mean(dim=-1)
+    if mask is None:
+        return per_patch.mean()
+    mask = mask.to(per_patch.dtype)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def dino_loss(student_logits: Tensor, teacher_logits: Tensor, center: Tensor,
+              student_temp: float = 0.1, teacher_temp: float = 0.04) -> Tensor:
+    """DINO's self-distillation cross-entropy (Caron et al., 2021), averaged over the batch:
+
+        −Σ_k softmax((t − c)/τ_t)_k · log softmax(s/τ_s)_k
+
+    ``student_logits`` s, ``teacher_logits`` t: [B, K] prototype scores of matching views;
+    ``center`` c: [K] or [1, K], the running mean of teacher scores. Centering keeps one
+    prototype from dominating, the low teacher temperature sharpens; together they prevent
+    collapse. The teacher distribution is a fixed target: no gradient flows to it.
+    """
+    target = F.softmax((teacher_logits.detach() - center) / teacher_temp, dim=-1)
+    return boltzmann_nll(student_logits / student_temp, target)
