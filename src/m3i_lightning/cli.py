@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from m3i_lightning.errors import M3IError
+from m3i_lightning.errors import ConfigError, M3IError
 from m3i_lightning.export import export_backbone
 from m3i_lightning.factory import (
     build_datamodule,
@@ -34,6 +34,14 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
     return kwargs
 
 
+def per_device_batch(global_batch_size: int, world_size: int) -> int:
+    """Recipes state the paper's total batch; each process loads its share."""
+    if global_batch_size % world_size:
+        raise ConfigError(f"global_batch_size={global_batch_size} is not divisible by the "
+                          f"{world_size} processes")
+    return global_batch_size // world_size
+
+
 def pretrain(cfg: DictConfig) -> dict:
     """Fit, save ``last.ckpt`` and the backbone, then report kNN top-1 on the held-out split."""
     out = Path(HydraConfig.get().runtime.output_dir)
@@ -50,6 +58,8 @@ def pretrain(cfg: DictConfig) -> dict:
         callbacks=[ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0),
                    LearningRateMonitor("step")],
     )
+    if cfg.get("global_batch_size"):
+        datamodule.batch_size = per_device_batch(cfg.global_batch_size, trainer.world_size)
     trainer.fit(model, datamodule=datamodule)
     results = {"run_dir": str(out)}
     if trainer.is_global_zero:
