@@ -1,12 +1,19 @@
 """Objective plugins, keyed by their config name."""
 
+from m3i_lightning.objectives.ae import AutoEncoder
 from m3i_lightning.objectives.base import Objective
 from m3i_lightning.objectives.clip import CLIP
 from m3i_lightning.objectives.cls import Classification
+from m3i_lightning.objectives.dense_distill import DenseDistill
+from m3i_lightning.objectives.global_distill import GlobalDistill
 from m3i_lightning.objectives.mim_feat import MaskedFeature
+from m3i_lightning.objectives.mim_global import MaskedGlobal
+from m3i_lightning.objectives.mim_pixel import MaskedPixel
 
 OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (Classification, CLIP, MaskedFeature)
+    cls.name: cls for cls in (Classification, CLIP, MaskedFeature, AutoEncoder, MaskedPixel,
+                              DenseDistill, GlobalDistill, MaskedGlobal)
 }
 
-__all__ = ["CLIP", "OBJECTIVES", "Classification", "MaskedFeature", "Objective"]
+__all__ = ["CLIP", "OBJECTIVES", "AutoEncoder", "Classification", "DenseDistill", "GlobalDistill",
+           "MaskedFeature", "MaskedGlobal", "MaskedPixel", "Objective"]

@@ -1,0 +1,49 @@
+"""`ae`: auto-encoding, the view reconstructs its own per-patch normalised pixels."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from m3i_lightning.backbone import Encoded, gather_tokens
+from m3i_lightning.errors import ConfigError
+from m3i_lightning.losses import mae_loss
+from m3i_lightning.objectives.base import Objective
+from m3i_lightning.pixels import patchify
+from m3i_lightning.predictor import TokenPredictor
+
+
+class AutoEncoder(Objective):
+    """The full view predicts its own pixels at every patch through a light decoder; each
+    target patch is standardised by its own mean and variance (MAE's ``norm_pix_loss``) and
+    the Gaussian NLL is the MSE over all patches. Fixed pixel targets need no regulariser.
+
+    The decoder is MAE's: a small transformer over the encoded tokens plus one query slot per
+    patch to reconstruct, so the same head also works when the shared input is masked.
+    """
+
+    name = "ae"
+    target_view = "view1"
+
+    def __init__(self, norm_pix: bool = True, decoder_dim: int = 512, decoder_depth: int = 8,
+                 decoder_heads: int = 16, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if self.patch_size is None:
+            raise ConfigError(f"{type(self).__name__} needs the backbone's patch_size")
+        self.norm_pix = norm_pix
+        self.decoder = TokenPredictor(self.embed_dim, 3 * self.patch_size**2, self.grid_size,
+                                      decoder_dim, decoder_depth, decoder_heads)
+
+    def reconstructed(self, encoded: Encoded) -> Tensor | None:
+        """Indices [B, Q] of the patches to reconstruct; None for all of them."""
+        return None
+
+    def loss(self, batch, encoded, targets):
+        patches = patchify(targets.pixels, self.patch_size)
+        index = self.reconstructed(encoded)
+        if index is None:
+            query = self.decoder.pos_embed.expand(patches.shape[0], -1, -1)
+        else:
+            query = self.decoder.position(index)
+            patches = gather_tokens(patches, index)
+        pred = self.decoder(encoded.tokens, encoded.visible_index, query)
+        return mae_loss(pred, patches, norm_pix=self.norm_pix), {}

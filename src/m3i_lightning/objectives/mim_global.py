@@ -1,0 +1,35 @@
+"""`mim_global`: the masked view predicts the teacher's global feature of the full view."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from m3i_lightning.distributions import Gaussian
+from m3i_lightning.heads import mlp
+from m3i_lightning.objectives.base import Objective
+
+
+class MaskedGlobal(Objective):
+    """The row of the unified table with no published method: the masked view's global feature,
+    through an MLP predictor, regresses the stop-gradient teacher's global feature of the full
+    view, with the normalised MSE ‖p/‖p‖ − z/‖z‖‖² = 2 − 2·cos (a Gaussian on the sphere).
+
+    The predictor is BYOL's (linear, BatchNorm, ReLU, linear): with a stop-gradient EMA teacher
+    and no negatives, that asymmetric head is what keeps the pair from collapsing.
+    """
+
+    name = "mim_global"
+    masked_input = True
+    target_view = "view1"
+    uses_teacher = True
+
+    def __init__(self, predictor_dim: int = 2048, predictor_layers: int = 2,
+                 target_dim: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.predictor = mlp(self.embed_dim, predictor_dim, target_dim or self.embed_dim,
+                             predictor_layers, norm="bn", act=nn.ReLU)
+        self.distribution = Gaussian("cosine")
+
+    def loss(self, batch, encoded, targets):
+        pred = self.predictor(encoded.global_feature)
+        return self.distribution(pred, targets.teacher.global_feature), {}
