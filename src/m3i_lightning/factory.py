@@ -17,6 +17,7 @@ from m3i_lightning.data import DATA_MODULES
 from m3i_lightning.errors import ConfigError
 from m3i_lightning.objectives import OBJECTIVES, Objective
 from m3i_lightning.pretraining import MultiObjective, Pretraining
+from m3i_lightning.teacher import FrozenTeacher
 from m3i_lightning.text import build_tokenizer
 
 
@@ -39,15 +40,17 @@ def accepted_options(factory) -> set[str]:
 
 def call_checked(factory, what: str, options: Mapping, context: Mapping):
     """Call ``factory(**options, **context)`` after checking every option is a parameter, so a
-    typo in the config names itself instead of failing deep inside a constructor."""
+    typo in the config names itself instead of failing deep inside a constructor. An option
+    left null takes the context's value when there is one (e.g. ``target_dim``)."""
     accepted = accepted_options(factory)
     unknown = sorted(set(options) - accepted)
     if unknown:
         valid = sorted(accepted - set(context))
         raise ConfigError(f"{what}: unknown option(s) {unknown}; valid options: {valid}")
-    extra = {k: v for k, v in context.items() if k in accepted and k not in options}
+    given = {k: v for k, v in options.items() if not (k in context and v is None)}
+    extra = {k: v for k, v in context.items() if k in accepted and k not in given}
     try:
-        return factory(**options, **extra)
+        return factory(**given, **extra)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{what}: {err}") from None
 
@@ -91,15 +94,43 @@ def build_datamodule(cfg: Mapping, tokenizer, fields: set[str] | None = None):
                         {"tokenizer": tokenizer, "fields": fields})
 
 
+def build_teacher(cfg: DictConfig) -> FrozenTeacher | None:
+    """``teacher.kind=frozen``: fixed weights from ``teacher.checkpoint``, with the student's
+    architecture unless ``teacher.arch`` (and ``teacher.model_args``) name another. None for
+    ``ema``: the engine then builds the EMA of the backbone."""
+    teacher = _plain(cfg.teacher)
+    kind = teacher.get("kind", "ema")
+    if kind == "ema":
+        return None
+    if kind != "frozen":
+        raise ConfigError(f"unknown teacher kind '{kind}'; choose ema or frozen")
+    if not teacher.get("checkpoint"):
+        raise ConfigError("teacher.kind=frozen needs teacher.checkpoint=<local weights file>")
+    if teacher.get("arch"):
+        arch, model_args = teacher["arch"], teacher.get("model_args") or {}
+    else:
+        model_args = _plain(cfg.backbone)
+        arch = model_args.pop("arch")
+    try:
+        return FrozenTeacher(arch, teacher["checkpoint"], teacher["momentum"],
+                             teacher["final_momentum"], **model_args)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"frozen teacher '{arch}': {err}") from None
+
+
 def build_model(cfg: DictConfig, num_classes: int, tokenizer) -> MultiObjective:
     """The backbone and the selected objectives as one MultiObjective."""
     backbone = build_backbone(cfg.backbone)
     context = {"embed_dim": backbone.embed_dim, "grid_size": backbone.grid_size,
                "patch_size": backbone.patch_size, "num_classes": num_classes,
                "tokenizer": tokenizer}
+    teacher = build_teacher(cfg)
+    if teacher is not None:
+        context["target_dim"] = teacher.embed_dim
     objectives = build_objectives(cfg.objective, context)
     return MultiObjective(
         backbone, objectives, input_mode=cfg.input, mask=cfg.mask.kind,
         mask_ratio=cfg.mask.ratio, teacher_momentum=cfg.teacher.momentum,
-        teacher_final_momentum=cfg.teacher.final_momentum, optim=_plain(cfg.optim),
+        teacher_final_momentum=cfg.teacher.final_momentum, teacher=teacher,
+        optim=_plain(cfg.optim),
         check_finite_every=cfg.check_finite_every, mix=cfg.mix)

@@ -16,7 +16,7 @@ from m3i_lightning.errors import ConfigError, NonFiniteLossError
 from m3i_lightning.masking import build_mask
 from m3i_lightning.mixing import check_mixable, encode_mixed, partner_rows
 from m3i_lightning.optim import OptimConfig, build_optimizer
-from m3i_lightning.teacher import EMATeacher
+from m3i_lightning.teacher import EMATeacher, TargetEncoder
 
 if TYPE_CHECKING:
     from m3i_lightning.objectives.base import Objective
@@ -58,12 +58,15 @@ class Pretraining(L.LightningModule):
     input (view1, masked if any objective masks) and inter-view targets come from view2.
     ``input_mode='native'`` gives each objective its reference method's input; each distinct
     input is still encoded once. ``mix=True`` (shared mode) is M3I's multi-input pre-training:
-    see :mod:`m3i_lightning.mixing`.
+    see :mod:`m3i_lightning.mixing`. ``teacher`` is a given target encoder (a
+    :class:`~m3i_lightning.teacher.FrozenTeacher`); without one, an EMA of the backbone is built
+    when an objective needs a teacher.
     """
 
     def __init__(self, backbone: Backbone | None = None, *, input_mode: str = "shared",
                  mask: str = "random", mask_ratio: float = 0.75,
                  teacher_momentum: float = 0.996, teacher_final_momentum: float = 1.0,
+                 teacher: TargetEncoder | None = None,
                  optim: OptimConfig | Mapping | None = None, check_finite_every: int = 1,
                  mix: bool = False) -> None:
         super().__init__()
@@ -79,7 +82,7 @@ class Pretraining(L.LightningModule):
         self.teacher_momentum = (teacher_momentum, teacher_final_momentum)
         self.optim = OptimConfig(**optim) if isinstance(optim, Mapping) else optim or OptimConfig()
         self.check_finite_every = check_finite_every
-        self.teacher: EMATeacher | None = None
+        self.teacher: TargetEncoder | None = teacher
         self.mask_generator = None
 
     def objectives(self) -> dict[str, Objective]:
@@ -92,7 +95,9 @@ class Pretraining(L.LightningModule):
         routes = self.route_table = self.routes()
         self.teacher_views = sorted({r.target_view for n, r in routes.items()
                                      if r.target_view and self.objectives()[n].uses_teacher})
-        if any(obj.uses_teacher for obj in self.objectives().values()):
+        if not any(obj.uses_teacher for obj in self.objectives().values()):
+            self.teacher = None
+        elif self.teacher is None:
             self.teacher = EMATeacher(self.backbone, *self.teacher_momentum)
         if any(r.masked for r in routes.values()):
             self.mask_generator = build_mask(self.mask_kind, self.backbone.grid_size,
