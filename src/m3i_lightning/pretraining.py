@@ -26,15 +26,26 @@ INPUT_MODES = ("shared", "native")
 
 @dataclass(frozen=True)
 class Route:
-    """Where one objective reads from: the encoded input and the view its target comes from."""
+    """Where one objective reads from: the encoded input and the view its target comes from.
+
+    ``symmetric``: the reference loss also runs with the two views' roles swapped and sums both
+    directions (MoCo v3, BYOL: ℓ(1→2) + ℓ(2→1)); see :meth:`directions`.
+    """
 
     view: str
     masked: bool
     target_view: str | None
+    symmetric: bool = False
 
     @property
     def input_key(self) -> tuple[str, bool]:
         return self.view, self.masked
+
+    def directions(self) -> tuple[Route, ...]:
+        """This route, then for a symmetric one the same with input and target views swapped."""
+        if not self.symmetric:
+            return (self,)
+        return (self, Route(self.target_view, self.masked, self.view))
 
 
 @dataclass
@@ -43,12 +54,15 @@ class Targets:
 
     ``input_view`` / ``view`` name the batch keys of the encoded input and of the target, so an
     inter-view objective can read both crops' geometry (``batch[f"{view}_geometry"]``).
+    ``student`` is the student's own full encoding of the target view, with gradients, for
+    objectives whose target branch is the trained network itself (Barlow Twins: f_φ = f_θ).
     """
 
     input_view: str
     view: str | None
     pixels: Tensor | None = None
     teacher: Encoded | None = None
+    student: Encoded | None = None
 
 
 class Pretraining(L.LightningModule):
@@ -93,8 +107,8 @@ class Pretraining(L.LightningModule):
         if self.backbone is None:
             return
         routes = self.route_table = self.routes()
-        self.teacher_views = sorted({r.target_view for n, r in routes.items()
-                                     if r.target_view and self.objectives()[n].uses_teacher})
+        self.teacher_views = self._target_views("uses_teacher")
+        self.student_target_views = self._target_views("student_target")
         if not any(obj.uses_teacher for obj in self.objectives().values()):
             self.teacher = None
         elif self.teacher is None:
@@ -108,10 +122,19 @@ class Pretraining(L.LightningModule):
             except ValueError as err:
                 raise ConfigError(str(err)) from None
 
+    def _target_views(self, flag: str) -> list[str]:
+        """Target views, over every direction, of the objectives with ``flag`` set."""
+        objectives = self.objectives()
+        return sorted({d.target_view for name, route in self.route_table.items()
+                       for d in route.directions()
+                       if d.target_view and getattr(objectives[name], flag)})
+
     def routes(self) -> dict[str, Route]:
+        """Native mode honours symmetric objectives; shared mode has one encoded input, so
+        there a symmetric objective contributes its one direction (masked view1 → view2)."""
         objectives = self.objectives()
         if self.input_mode == "native":
-            return {n: Route(o.input_view, o.masked_input, o.target_view)
+            return {n: Route(o.input_view, o.masked_input, o.target_view, o.symmetric)
                     for n, o in objectives.items()}
         masked = self.mix or any(o.masked_input for o in objectives.values())
         return {n: Route("view1", masked, _shared_target(o)) for n, o in objectives.items()}
@@ -145,14 +168,17 @@ class Pretraining(L.LightningModule):
     def forward_terms(self, batch: dict) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Weighted loss term per objective, and their extra logs.
 
-        An objective may read the batch more than once (M3I's mix: images A and B both predict
-        their label / caption); its term is then the mean over those readings.
+        An objective may read the batch more than once. M3I's mix: images A and B both predict
+        their label / caption, two samples of one term, so the term is their mean. A symmetric
+        route (native mode only, never mixed): its two directions are summed, as the reference.
         """
         terms, logs = {}, {}
         for name, readings in self._readings(batch).items():
             objective = self.objectives()[name]
             results = [objective.loss(*reading) for reading in readings]
-            terms[name] = objective.weight * _mean([loss for loss, _ in results])
+            losses = [loss for loss, _ in results]
+            total = torch.stack(losses).sum() if self.route_table[name].symmetric else _mean(losses)
+            terms[name] = objective.weight * total
             for key in results[0][1]:
                 logs[f"{name}/{key}"] = _mean([extra[key] for _, extra in results])
         return terms, logs
@@ -163,9 +189,12 @@ class Pretraining(L.LightningModule):
         teacher = {view: self.teacher(batch[view]) for view in self.teacher_views}
         if self.mix:
             return self._mixed_readings(batch, teacher)
-        encoded = {key: self._encode(batch, *key)
-                   for key in dict.fromkeys(r.input_key for r in routes.values())}
-        return {name: [(batch, encoded[r.input_key], _targets(batch, r, teacher))]
+        keys = [d.input_key for r in routes.values() for d in r.directions()]
+        keys += [(view, False) for view in self.student_target_views]
+        encoded = {key: self._encode(batch, *key) for key in dict.fromkeys(keys)}
+        student = {view: encoded[view, False] for view in self.student_target_views}
+        return {name: [(batch, encoded[d.input_key], _targets(batch, d, teacher, student))
+                       for d in r.directions()]
                 for name, r in routes.items()}
 
     def _mixed_readings(self, batch: dict, teacher: dict[str, Encoded]):
@@ -178,10 +207,12 @@ class Pretraining(L.LightningModule):
         batch_b = {k: v[partner] if torch.is_tensor(v) and v.shape[:1] == (size,) else v
                    for k, v in batch.items()}
         teacher_b = {view: enc.select(partner) for view, enc in teacher.items()}
+        student = {view: self._encode(batch, view, False) for view in self.student_target_views}
+        student_b = {view: enc.select(partner) for view, enc in student.items()}
         readings = {}
         for name, r in self.route_table.items():
-            a = (batch, encoded_a, _targets(batch, r, teacher))
-            b = (batch_b, encoded_b, _targets(batch_b, r, teacher_b))
+            a = (batch, encoded_a, _targets(batch, r, teacher, student))
+            b = (batch_b, encoded_b, _targets(batch_b, r, teacher_b, student_b))
             readings[name] = {None: [a, b], "view1": [a], "view2": [b]}[r.target_view]
         return readings
 
@@ -234,9 +265,11 @@ def _mean(values: list[Tensor]) -> Tensor:
     return values[0] if len(values) == 1 else torch.stack(values).mean()
 
 
-def _targets(batch: dict, route: Route, teacher: dict[str, Encoded]) -> Targets:
+def _targets(batch: dict, route: Route, teacher: dict[str, Encoded],
+             student: dict[str, Encoded]) -> Targets:
     view = route.target_view
-    return Targets(route.view, view, batch.get(view) if view else None, teacher.get(view))
+    return Targets(route.view, view, batch.get(view) if view else None, teacher.get(view),
+                   student.get(view))
 
 
 def _shared_target(objective: Objective) -> str | None:

@@ -24,6 +24,10 @@ class Objective(Pretraining):
     masked_input: ClassVar[bool] = False
     target_view: ClassVar[str | None] = None
     uses_teacher: ClassVar[bool] = False
+    # The student also encodes the full target view, with gradients (``targets.student``).
+    student_target: ClassVar[bool] = False
+    # In native mode the loss is also taken with the views swapped, the directions summed.
+    symmetric: ClassVar[bool] = False
     requires: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, *, weight: float = 1.0, backbone: Backbone | None = None,
