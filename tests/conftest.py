@@ -9,6 +9,10 @@ from m3i_lightning.backbone import Backbone
 from m3i_lightning.data import EmbeddedDigits
 from m3i_lightning.text import ByteTokenizer
 
+# Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine the spinning
+# of oversubscribed threads makes a step tens of times slower: tests run single-threaded.
+torch.set_num_threads(1)
+
 TINY_VIT = dict(arch="vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=2,
                 num_heads=2)
 
@@ -41,3 +45,28 @@ def batch(tokenizer) -> dict:
     """One training batch with every field: view1/view2 with geometry, label, text."""
     torch.manual_seed(0)
     return next(iter(digits_module(tokenizer).train_dataloader()))
+
+
+# Tiny head options of the foundation objectives, so a test can build any of them quickly.
+TINY_HEADS = {
+    "cls": dict(num_classes=10),
+    "clip": dict(proj_dim=32, text_width=32, text_layers=1, text_heads=2),
+    "mim_feat": dict(predictor_dim=32, predictor_depth=1, predictor_heads=2),
+}
+
+
+def tiny_objective(name: str, tokenizer, backbone: Backbone | None = None, **overrides):
+    """Objective ``name`` with tiny heads: standalone with ``backbone``, else sized for
+    :data:`TINY_VIT` and ready to be put in a MultiObjective."""
+    from m3i_lightning.objectives import OBJECTIVES
+
+    options = {**TINY_HEADS.get(name, {}), **overrides}
+    if name == "clip":
+        options["tokenizer"] = tokenizer
+    if backbone is not None:
+        options["backbone"] = backbone
+    else:
+        options.setdefault("embed_dim", TINY_VIT["embed_dim"])
+        options.setdefault("grid_size", (4, 4))
+        options.setdefault("patch_size", TINY_VIT["patch_size"])
+    return OBJECTIVES[name](**options)

@@ -1,0 +1,136 @@
+"""The foundation objectives cls, clip and mim_feat: where gradients go, that a few steps on a
+fixed batch lower each loss, and that each trains on its own through Lightning."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from conftest import digits_module, tiny_backbone, tiny_objective
+
+from m3i_lightning.objectives import CLIP, Classification, MaskedFeature
+from m3i_lightning.optim import OptimConfig, build_optimizer
+from m3i_lightning.pretraining import MultiObjective
+from m3i_lightning.teacher import cosine_momentum
+
+NAMES = ["cls", "clip", "mim_feat"]
+SELECTIONS = [[name] for name in NAMES] + [NAMES]
+
+
+def multi(names, tokenizer, **engine) -> MultiObjective:
+    torch.manual_seed(0)
+    heads = {name: tiny_objective(name, tokenizer) for name in names}
+    return MultiObjective(tiny_backbone(), heads, **engine)
+
+
+def test_objective_classes_are_registered_under_their_names():
+    assert (Classification.name, CLIP.name, MaskedFeature.name) == tuple(NAMES)
+
+
+@pytest.mark.parametrize("names", SELECTIONS, ids="+".join)
+def test_gradient_routing_and_ema_only_teacher(names, tokenizer, batch):
+    model = multi(names, tokenizer)
+    model.train()
+    terms, _ = model.forward_terms(batch)
+    assert set(terms) == set(names)
+    torch.stack(list(terms.values())).sum().backward()
+
+    # the student and every head get gradients
+    for pname, p in model.backbone.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+    assert any(p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+    for name in names:
+        for pname, p in model.heads[name].named_parameters():
+            assert p.grad is not None, f"{name}.{pname}"
+        assert sum(p.grad.abs().sum() for p in model.heads[name].parameters()) > 0
+    if "clip" in names:
+        clip = model.heads["clip"]
+        assert clip.logit_scale.grad is not None and clip.logit_scale.grad.abs() > 0
+        assert all(p.grad is not None for p in clip.text_tower.parameters())
+    if "mim_feat" in names:
+        assert all(p.grad is not None for p in model.heads["mim_feat"].predictor.parameters())
+
+    if "mim_feat" not in names:
+        assert model.teacher is None
+        return
+
+    # the teacher gets none, is not optimised, and moves only by the EMA
+    teacher = model.teacher
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-2, warmup_fraction=0.0), 10)["optimizer"]
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not optimised & {id(p) for p in teacher.parameters()}
+    assert {id(p) for p in model.backbone.parameters()} <= optimised
+
+    teacher_before = {k: v.clone() for k, v in teacher.encoder.named_parameters()}
+    student_before = {k: v.clone() for k, v in model.backbone.named_parameters()}
+    optimizer.step()
+    for k, v in teacher.encoder.named_parameters():
+        torch.testing.assert_close(v, teacher_before[k], rtol=0, atol=0)
+    assert any(not torch.equal(v, student_before[k])
+               for k, v in model.backbone.named_parameters())
+
+    step, total = 2, 10
+    momentum = teacher.update(model.backbone, step, total)
+    assert momentum == pytest.approx(cosine_momentum(step, total, 0.996, 1.0))
+    student = dict(model.backbone.named_parameters())
+    moved = 0
+    for k, v in teacher.encoder.named_parameters():
+        want = momentum * teacher_before[k] + (1 - momentum) * student[k].detach()
+        torch.testing.assert_close(v, want)
+        moved += not torch.equal(v, teacher_before[k])
+    assert moved > 0
+
+
+def eval_loss(model: MultiObjective, batch: dict) -> dict[str, float]:
+    """Loss terms with a fixed mask draw, so before / after are measured on the same task."""
+    torch.manual_seed(1234)
+    with torch.no_grad():
+        terms, _ = model.forward_terms(batch)
+    return {k: v.item() for k, v in terms.items()}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_short_fit_on_a_fixed_batch_lowers_the_loss(name, tokenizer, batch):
+    model = multi([name], tokenizer)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    before = eval_loss(model, batch)[name]
+    for step in range(30):
+        optimizer.zero_grad()
+        terms, _ = model.forward_terms(batch)
+        loss = terms[name]
+        assert torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+        if model.teacher is not None:
+            model.teacher.update(model.backbone, step, 30)
+    after = eval_loss(model, batch)[name]
+    assert after < 0.8 * before, (before, after)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_objective_trains_alone_through_lightning(name, tokenizer):
+    torch.manual_seed(0)
+    objective = tiny_objective(name, tokenizer, backbone=tiny_backbone())
+    assert objective.backbone is not None
+    initial = {k: v.clone() for k, v in objective.backbone.state_dict().items()}
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(objective, datamodule=digits_module(tokenizer))
+    assert trainer.global_step == 3
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"])
+    torch.testing.assert_close(metrics["train/loss"], metrics[f"train/loss/{name}"])
+    changed = [k for k, v in objective.backbone.state_dict().items()
+               if not torch.equal(v, initial[k])]
+    assert changed
+    if name == "mim_feat":
+        # the EMA teacher followed the student, but only part of the way
+        teacher = objective.teacher.encoder.state_dict()
+        student = objective.backbone.state_dict()
+        key = "model.patch_embed.proj.weight"
+        assert not torch.equal(teacher[key], initial[key])
+        assert not torch.allclose(teacher[key], student[key])
+    else:
+        assert objective.teacher is None
