@@ -37,3 +37,12 @@ def mean_over_ranks(x: Tensor) -> Tensor:
     x = x.detach().clone()
     dist.all_reduce(x)
     return x / size
+
+
+def sum_with_grad(x: Tensor) -> Tensor:
+    """Sum ``x`` over ranks; the backward sums the gradients over ranks too, so every rank's
+    input gets the gradient of every rank's loss (synchronised BatchNorm statistics)."""
+    _, size = world()
+    if size == 1:
+        return x
+    return dist_fn.all_reduce(x)

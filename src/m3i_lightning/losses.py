@@ -6,6 +6,8 @@ the rest of the library. Shapes use B = batch, N = tokens, D = feature dimension
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -57,6 +59,121 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float,
     logits_per_image = logit_scale * image_emb @ all_text_emb.T
     logits_per_text = logit_scale * text_emb @ all_image_emb.T
     return (boltzmann_nll(logits_per_image, labels) + boltzmann_nll(logits_per_text, labels)) / 2
+
+
+def info_nce(query: Tensor, key: Tensor, temperature: float = 0.2, offset: int = 0) -> Tensor:
+    """MoCo v3's contrastive loss (Chen, Xie & He, ICCV 2021), one direction of it:
+
+        2τ · mean_i −log softmax_j(q_i · k_j / τ)[offset + i]
+
+    ``query``: [B, D] L2-normalised predictions; ``key``: [M, D] L2-normalised keys, M ≥ B,
+    where row ``offset + i`` is the positive of query i and every other key is a negative. For
+    data parallelism pass the keys gathered from all ranks and this rank's offset in them
+    (local loss: averaged over ranks it equals the loss on the whole batch). MoCo v3's keys come
+    from the momentum encoder and carry no gradient. The 2τ factor is MoCo v3's: it cancels the
+    1/τ the logits put on the gradient, so τ does not rescale the update.
+    """
+    labels = torch.arange(query.shape[0], device=query.device) + offset
+    return 2 * temperature * boltzmann_nll(query @ key.T / temperature, labels)
+
+
+def queue_info_nce(query: Tensor, key: Tensor, queue: Tensor, temperature: float = 0.2) -> Tensor:
+    """InfoNCE against a memory queue (MoCo v2, DenseCL's global term): the candidates of query
+    i are its own positive ``key[i]`` and the K queued keys.
+
+    ``query``, ``key``: [B, D] L2-normalised; ``queue``: [K, D] L2-normalised keys of earlier
+    batches. Keys and queue are targets: no gradient flows to them.
+    """
+    positive = (query * key.detach()).sum(-1, keepdim=True)
+    logits = torch.cat([positive, query @ queue.detach().T], dim=1) / temperature
+    return boltzmann_nll(logits, torch.zeros(query.shape[0], dtype=torch.long,
+                                             device=query.device))
+
+
+def dense_info_nce(query: Tensor, key: Tensor, query_feat: Tensor, key_feat: Tensor,
+                   queue: Tensor, temperature: float = 0.2) -> Tensor:
+    """DenseCL's dense contrastive loss (Wang et al., CVPR 2021): every query location is
+    contrasted, as in :func:`queue_info_nce`, against the key location that matches it best.
+
+    ``query``: [B, N, D] and ``key``: [B, M, D] L2-normalised dense projections of the two views
+    (the query locations may be a subset, e.g. the visible patches); ``query_feat``: [B, N, C]
+    and ``key_feat``: [B, M, C] the backbone features that only choose the match: the positive
+    of location n is the key location m of highest cosine similarity cos(query_feat_n,
+    key_feat_m). ``queue``: [K, D] negatives. Averaged over all B·N locations.
+    """
+    similarity = F.normalize(query_feat, dim=-1) @ F.normalize(key_feat, dim=-1).transpose(1, 2)
+    match = similarity.argmax(dim=-1, keepdim=True)
+    positive = torch.take_along_dim(key, match, dim=1)
+    return queue_info_nce(query.flatten(0, 1), positive.flatten(0, 1), queue, temperature)
+
+
+def byol_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """BYOL's regression loss (Grill et al., NeurIPS 2020), one direction of it: the mean over
+    the batch of ‖p/‖p‖ − z/‖z‖‖² = 2 − 2·cos(p, z). ``pred`` p: [B, D] online predictions;
+    ``target`` z: [B, D] target projections (the caller stops their gradient)."""
+    return gaussian_nll(pred, target, "cosine")
+
+
+def batch_standardize(z: Tensor, eps: float = 1e-5) -> Tensor:
+    """Each feature of ``z`` [B, D] to zero mean and unit (biased) variance over the batch, as
+    a BatchNorm without affine parameters in training mode."""
+    return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + eps)
+
+
+def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 5.1e-3) -> Tensor:
+    """Barlow Twins' redundancy-reduction loss (Zbontar et al., ICML 2021):
+
+        C = ẑ1ᵀ ẑ2 / B,   L = Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij²
+
+    with ẑ the batch-standardised embeddings (:func:`batch_standardize`). ``z1``, ``z2``:
+    [B, D] projections of the two views, both with gradients (no target network); under data
+    parallelism pass the embeddings of the global batch. Pulling C to the identity makes the
+    views agree (diagonal) while decorrelating the features (off-diagonal), the regulariser that
+    prevents collapse.
+    """
+    c = batch_standardize(z1).T @ batch_standardize(z2) / z1.shape[0]
+    on_diagonal = (1 - c.diagonal()).pow(2).sum()
+    off_diagonal = c.pow(2).sum() - c.diagonal().pow(2).sum()
+    return on_diagonal + lambd * off_diagonal
+
+
+def sinkhorn(probs: Tensor, iterations: int = 3) -> Tensor:
+    """Sinkhorn–Knopp balancing of soft assignments ``probs`` [B, K] (SwAV; MSN's targets):
+    alternately rescale so each prototype holds 1/K of the mass and each sample 1/B; returns
+    [B, K] rows summing to one with prototypes used evenly over the batch."""
+    q = probs / probs.sum()
+    batch, prototypes = q.shape
+    for _ in range(iterations):
+        q = q / (q.sum(0, keepdim=True) * prototypes)
+        q = q / (q.sum(1, keepdim=True) * batch)
+    return q * batch
+
+
+def msn_loss(anchor: Tensor, target: Tensor, prototypes: Tensor,
+             anchor_temperature: float = 0.1, target_temperature: float = 0.025,
+             me_max_weight: float = 1.0, sinkhorn_iterations: int = 0) -> Tensor:
+    """Masked Siamese Networks' loss (Assran et al., ECCV 2022):
+
+        p = softmax(cos(anchor, prototypes) / τ),   p⁺ = softmax(cos(target, prototypes) / τ⁺)
+        L = mean_b H(p⁺_b, p_b) − w · H(mean_b p_b) + w · log K
+
+    ``anchor``: [B, D] masked-view embeddings; ``target``: [B, D] target-encoder embeddings of
+    the full view (a constant); ``prototypes``: [K, D] learnable, both sides L2-normalised.
+    The low target temperature τ⁺ = 0.025 sharpens the targets (MSN writes it as a softmax at
+    τ = 0.1 raised to 1/T, T = 0.25), optionally balanced by ``sinkhorn_iterations`` of
+    :func:`sinkhorn`; the mean-entropy maximisation (me-max, weight w) spreads the anchors over
+    all prototypes, which prevents collapse. Under data parallelism pass the global batch.
+    """
+    prototypes = F.normalize(prototypes, dim=-1)
+    logits = F.normalize(anchor, dim=-1) @ prototypes.T / anchor_temperature
+    with torch.no_grad():
+        targets = F.softmax(F.normalize(target, dim=-1) @ prototypes.T / target_temperature, -1)
+        if sinkhorn_iterations:
+            targets = sinkhorn(targets, sinkhorn_iterations)
+    cross_entropy = boltzmann_nll(logits, targets)
+    mean_probs = F.softmax(logits, dim=-1).mean(0)
+    neg_entropy = (mean_probs * mean_probs.log()).sum()
+    return cross_entropy + me_max_weight * (neg_entropy + math.log(prototypes.shape[0]))
 
 
 def mae_loss(pred: Tensor, target_patches: Tensor, mask: Tensor | None = None,
