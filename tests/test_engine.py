@@ -1,0 +1,221 @@
+"""The Eq. 4 engine: each distinct input encoded once, routing per input mode, data checks and
+named errors."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from conftest import digits_module, tiny_backbone, tiny_objective
+
+from m3i_lightning.errors import ConfigError, NonFiniteLossError
+from m3i_lightning.objectives.base import Objective
+from m3i_lightning.pretraining import MultiObjective, Route
+
+COMPOSED = ["mim_feat", "clip", "cls"]
+
+
+def multi(tokenizer, names=COMPOSED, **engine) -> MultiObjective:
+    torch.manual_seed(0)
+    return MultiObjective(tiny_backbone(), {n: tiny_objective(n, tokenizer) for n in names},
+                          **engine)
+
+
+def record_calls(module: torch.nn.Module) -> list[tuple[tuple, dict]]:
+    """Wrap ``module.forward`` to record every call's arguments."""
+    calls = []
+    forward = module.forward
+
+    def counting(*args, **kwargs):
+        calls.append((args, kwargs))
+        return forward(*args, **kwargs)
+
+    module.forward = counting
+    return calls
+
+
+def record_encoded(model: MultiObjective) -> dict[str, object]:
+    """Wrap each objective's loss to remember which Encoded it was given."""
+    seen = {}
+    for name, head in model.heads.items():
+        loss = head.loss
+
+        def spy(batch, encoded, targets, _name=name, _loss=loss):
+            seen[_name] = (encoded, targets)
+            return _loss(batch, encoded, targets)
+
+        head.loss = spy
+    return seen
+
+
+def is_masked(call) -> bool:
+    args, kwargs = call
+    return len(args) > 1 and args[1] is not None or kwargs.get("visible_index") is not None
+
+
+def test_shared_mode_encodes_once(tokenizer, batch):
+    model = multi(tokenizer, input_mode="shared")
+    student, teacher = record_calls(model.backbone), record_calls(model.teacher.encoder)
+    seen = record_encoded(model)
+    terms, _ = model.forward_terms(batch)
+    assert set(terms) == set(COMPOSED)
+    assert len(student) == 1 and is_masked(student[0])
+    assert student[0][0][0] is batch["view1"]
+    assert len(teacher) == 1 and not is_masked(teacher[0])
+    assert teacher[0][0][0] is batch["view1"]
+    # every objective read the one encoded input
+    encoded = {id(enc) for enc, _ in seen.values()}
+    assert len(encoded) == 1
+    assert seen["mim_feat"][0].tokens.shape[1] == model.mask_generator.num_visible
+    assert seen["mim_feat"][1].teacher is not None
+
+
+def test_native_mode_encodes_each_distinct_input_once(tokenizer, batch):
+    model = multi(tokenizer, input_mode="native")
+    student, teacher = record_calls(model.backbone), record_calls(model.teacher.encoder)
+    seen = record_encoded(model)
+    model.forward_terms(batch)
+    assert len(student) == 2
+    assert sorted(is_masked(c) for c in student) == [False, True]
+    assert all(c[0][0] is batch["view1"] for c in student)
+    assert len(teacher) == 1 and teacher[0][0][0] is batch["view1"]
+    # mim_feat got the masked view, clip and cls share the full one
+    assert seen["mim_feat"][0].masked_index is not None
+    assert seen["clip"][0] is seen["cls"][0]
+    assert seen["cls"][0].masked_index is None
+    assert seen["cls"][0].tokens.shape[1] == model.backbone.num_patches
+
+
+def test_no_teacher_without_a_teacher_objective(tokenizer, batch):
+    model = multi(tokenizer, names=["clip", "cls"])
+    assert model.teacher is None and model.mask_generator is None
+    student = record_calls(model.backbone)
+    model.forward_terms(batch)
+    assert len(student) == 1 and not is_masked(student[0])
+
+
+def test_terms_are_weighted_and_summed(tokenizer, batch):
+    torch.manual_seed(0)
+    heads = {"cls": tiny_objective("cls", tokenizer, weight=0.5),
+             "clip": tiny_objective("clip", tokenizer, weight=2.0)}
+    model = MultiObjective(tiny_backbone(), heads)
+    seen = record_encoded(model)
+    terms, logs = model.forward_terms(batch)
+    # the cls term by hand: log-softmax over the class embeddings, half weight
+    logits = heads["cls"].class_embed(seen["cls"][0].global_feature)
+    logp = logits - logits.logsumexp(dim=-1, keepdim=True)
+    nll = -logp[torch.arange(len(batch["label"])), batch["label"]].mean()
+    torch.testing.assert_close(terms["cls"], 0.5 * nll)
+    assert {"cls/acc", "clip/logit_scale"} <= set(logs)
+    assert logs["clip/logit_scale"].item() == pytest.approx(1 / 0.07, rel=1e-5)
+    torch.manual_seed(3)
+    total = model.training_step(batch, 0)
+    torch.manual_seed(3)
+    terms, _ = model.forward_terms(batch)
+    torch.testing.assert_close(total, terms["cls"] + terms["clip"])
+
+
+class ViewTwoProbe(Objective):
+    """A minimal objective reading view2, for routing tests."""
+
+    name = "probe"
+    input_view = "view2"
+
+    def loss(self, batch, encoded, targets):
+        return encoded.global_feature.pow(2).mean(), {}
+
+
+class InterViewProbe(ViewTwoProbe):
+    name = "inter"
+    target_view = "view1"
+
+
+def test_routes_and_batch_fields_per_mode(tokenizer):
+    torch.manual_seed(0)
+    for mode in ("shared", "native"):
+        model = multi(tokenizer, input_mode=mode)
+        assert model.batch_fields() == {"view1", "label", "text"}
+
+    def probe_model(mode, probe):
+        heads = {"cls": tiny_objective("cls", tokenizer), "probe": probe(embed_dim=32,
+                                                                         grid_size=(4, 4))}
+        return MultiObjective(tiny_backbone(), heads, input_mode=mode)
+
+    shared = probe_model("shared", ViewTwoProbe)
+    assert shared.routes()["probe"] == Route("view1", False, None)
+    assert shared.batch_fields() == {"view1", "label"}
+    native = probe_model("native", ViewTwoProbe)
+    assert native.routes()["probe"] == Route("view2", False, None)
+    assert native.batch_fields() == {"view1", "view2", "geometry", "label"}
+
+    # an inter-view target: view2 → view1 natively, view1 → view2 in shared mode
+    shared = probe_model("shared", InterViewProbe)
+    assert shared.routes()["probe"] == Route("view1", False, "view2")
+    native = probe_model("native", InterViewProbe)
+    assert native.routes()["probe"] == Route("view2", False, "view1")
+    for model in (shared, native):
+        assert model.batch_fields() == {"view1", "view2", "geometry", "label"}
+
+    # any masked objective masks the one shared input
+    masked = multi(tokenizer, input_mode="shared")
+    assert {r.masked for r in masked.routes().values()} == {True}
+    native = multi(tokenizer, input_mode="native")
+    assert {n: r.masked for n, r in native.routes().items()} == {
+        "mim_feat": True, "clip": False, "cls": False}
+
+
+def test_check_data_names_the_objective(tokenizer):
+    model = multi(tokenizer)
+    model.check_data({"view1", "view2", "geometry", "label", "text"})
+    with pytest.raises(ConfigError, match=r"'cls' needs \['label'\]"):
+        model.check_data({"view1", "view2", "geometry", "text"})
+    with pytest.raises(ConfigError, match=r"'clip' needs \['text'\]"):
+        model.check_data({"view1", "view2", "geometry", "label"})
+
+
+def test_fit_checks_the_data_first(tokenizer):
+    """A standalone objective on data without labels fails at setup, naming itself."""
+    torch.manual_seed(0)
+    objective = tiny_objective("cls", tokenizer, backbone=tiny_backbone(depth=1))
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ConfigError, match="'cls' needs"):
+        trainer.fit(objective, datamodule=digits_module(tokenizer, labels=False))
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_loss_names_the_objective(tokenizer, batch, monkeypatch, bad):
+    model = multi(tokenizer)
+    clip = model.heads["clip"]
+    real_loss = clip.loss
+
+    def broken(batch, encoded, targets):
+        loss, logs = real_loss(batch, encoded, targets)
+        return loss * bad, logs
+
+    monkeypatch.setattr(clip, "loss", broken)
+    with pytest.raises(NonFiniteLossError, match=r"\['clip'\]") as err:
+        model.training_step(batch, 0)
+    assert "cls" not in str(err.value) and "mim_feat" not in str(err.value)
+    # with the check off, the step goes through and returns the non-finite total
+    model.check_finite_every = 0
+    assert not torch.isfinite(model.training_step(batch, 0))
+
+
+def test_objective_with_its_own_backbone_is_rejected(tokenizer):
+    owner = tiny_objective("cls", tokenizer, backbone=tiny_backbone(depth=1))
+    with pytest.raises(ConfigError, match="'cls' owns a backbone"):
+        MultiObjective(tiny_backbone(depth=1), {"cls": owner})
+
+
+def test_engine_configuration_errors(tokenizer):
+    with pytest.raises(ConfigError, match="at least one"):
+        MultiObjective(tiny_backbone(depth=1), {})
+    with pytest.raises(ConfigError, match="sideways"):
+        MultiObjective(tiny_backbone(depth=1), {"cls": tiny_objective("cls", tokenizer)},
+                       input_mode="sideways")
+    with pytest.raises(ConfigError, match="needs a backbone"):
+        tiny_objective("cls", tokenizer, embed_dim=None)
