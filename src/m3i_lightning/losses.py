@@ -207,3 +207,29 @@ def dino_loss(student_logits: Tensor, teacher_logits: Tensor, center: Tensor,
     """
     target = F.softmax((teacher_logits.detach() - center) / teacher_temp, dim=-1)
     return boltzmann_nll(student_logits / student_temp, target)
+
+
+def feature_correlation(features: Tensor) -> Tensor:
+    """UniGrad's correlation matrix F = (1/n) Σ_v v vᵀ (uncentred) of the n vectors in
+    ``features`` [..., D] (every leading dimension indexes samples) → [D, D]."""
+    vectors = features.reshape(-1, features.shape[-1])
+    return vectors.T @ vectors / vectors.shape[0]
+
+
+def unigrad_loss(pred: Tensor, target: Tensor, correlation: Tensor,
+                 neg_weight: float = 0.02) -> Tensor:
+    """SiameseIM's dense UniGrad loss (Tao et al., CVPR 2023; UniGrad, Tao et al., CVPR 2022):
+
+        L = (1/D) · mean_v [ ‖p_v − y_v‖² + λ · p_vᵀ F p_v ]
+
+    ``pred`` p and ``target`` y: [..., D], one vector v per leading index (B·N tokens);
+    ``correlation`` F: [D, D], the correlation of the targets (:func:`feature_correlation` of
+    this batch, or its moving average); ``neg_weight``: λ. Targets and F are constants. The
+    gradient, 2/(nD)·(p_v − y_v + λ F p_v), is UniGrad's unified form: a positive pull towards
+    the target plus a negative term pushing p_v out of the directions where features
+    concentrate, which is what keeps the features from collapsing without negative pairs.
+    """
+    target, correlation = target.detach(), correlation.detach()
+    positive = (pred - target).pow(2).sum(-1)
+    negative = ((pred @ correlation) * pred).sum(-1)
+    return (positive + neg_weight * negative).mean() / pred.shape[-1]

@@ -11,14 +11,19 @@ from m3i_lightning.objectives.inst_disc import InstanceDiscrimination
 from m3i_lightning.objectives.mim_feat import MaskedFeature
 from m3i_lightning.objectives.mim_global import MaskedGlobal
 from m3i_lightning.objectives.mim_pixel import MaskedPixel
+from m3i_lightning.objectives.nvs import NovelViewSynthesis
+from m3i_lightning.objectives.sim_feat import SiameseFeature
 from m3i_lightning.objectives.sim_global import MaskedSiamese
+from m3i_lightning.objectives.sim_pixel import SiamesePixel
 
 OBJECTIVES: dict[str, type[Objective]] = {
     cls.name: cls for cls in (Classification, CLIP, MaskedFeature, AutoEncoder, MaskedPixel,
-                              DenseDistill, GlobalDistill, MaskedGlobal, InstanceDiscrimination,
+                              DenseDistill, GlobalDistill, MaskedGlobal, NovelViewSynthesis,
+                              SiamesePixel, SiameseFeature, InstanceDiscrimination,
                               DenseContrast, MaskedSiamese)
 }
 
 __all__ = ["CLIP", "OBJECTIVES", "AutoEncoder", "Classification", "DenseContrast",
            "DenseDistill", "GlobalDistill", "InstanceDiscrimination", "MaskedFeature",
-           "MaskedGlobal", "MaskedPixel", "MaskedSiamese", "Objective"]
+           "MaskedGlobal", "MaskedPixel", "MaskedSiamese", "NovelViewSynthesis", "Objective",
+           "SiameseFeature", "SiamesePixel"]

@@ -1,0 +1,30 @@
+"""`nvs`: novel view synthesis, one crop predicts the pixels of another crop."""
+
+from __future__ import annotations
+
+from m3i_lightning.errors import ConfigError
+from m3i_lightning.losses import mae_loss
+from m3i_lightning.objectives.inter_view import InterViewObjective
+from m3i_lightning.pixels import patchify
+
+
+class NovelViewSynthesis(InterViewObjective):
+    """The full view2 predicts every patch of view1, per-patch normalised pixels (MAE's
+    ``norm_pix_loss``), with a Gaussian NLL: the MSE over all target patches. Each decoder query
+    sits at its view1 patch's position relative to view2, with view1's relative scale and flip.
+    Fixed pixel targets need no regulariser.
+    """
+
+    name = "nvs"
+
+    def __init__(self, norm_pix: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if self.patch_size is None:
+            raise ConfigError(f"{type(self).__name__} needs the backbone's patch_size")
+        self.norm_pix = norm_pix
+        self.predictor = self.relative_predictor(3 * self.patch_size**2)
+
+    def loss(self, batch, encoded, targets):
+        pred = self.predict(batch, encoded, targets)
+        patches = patchify(targets.pixels, self.patch_size)
+        return mae_loss(pred, patches, norm_pix=self.norm_pix), {}

@@ -1,0 +1,58 @@
+"""`sim_feat`: Siamese image modelling (SiameseIM) of the teacher's dense features."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from m3i_lightning.distributed import mean_over_ranks
+from m3i_lightning.losses import feature_correlation, unigrad_loss
+from m3i_lightning.objectives.inter_view import InterViewObjective
+
+
+class SiameseFeature(InterViewObjective):
+    """SiameseIM (Tao et al., CVPR 2023): the masked view2 predicts, at every patch of view1,
+    the EMA teacher's dense feature of the full view1, normalised by a LayerNorm without affine
+    parameters. Queries carry view1's position, scale and flip relative to view2, so the
+    predictor must both match the views (semantic alignment, as instance discrimination does)
+    and fill in content it never saw (spatial sensitivity, as masked image modelling does).
+
+    The loss is the dense UniGrad loss (:func:`~m3i_lightning.losses.unigrad_loss`): a Gaussian
+    pull to the stop-gradient target plus ``neg_weight`` (0.02) times a decorrelation term on
+    the predictions. Its correlation matrix F of the targets is averaged over ranks;
+    ``correlation_momentum`` ρ keeps a moving average F ← ρF + (1−ρ)F_batch as UniGrad does for
+    global features, while 0 (the default) uses each batch's own F, as SiameseIM does: B·N
+    dense targets per step already estimate it well. The loss is computed in float32.
+    """
+
+    name = "sim_feat"
+    masked_input = True
+    uses_teacher = True
+
+    def __init__(self, neg_weight: float = 0.02, correlation_momentum: float = 0.0,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= correlation_momentum < 1.0:
+            raise ValueError(f"correlation_momentum must be in [0, 1), got {correlation_momentum}")
+        self.neg_weight, self.correlation_momentum = neg_weight, correlation_momentum
+        self.predictor = self.relative_predictor(self.embed_dim)
+        self.register_buffer("correlation", torch.zeros(self.embed_dim, self.embed_dim))
+        self.register_buffer("correlation_seen", torch.tensor(False))
+
+    @torch.no_grad()
+    def update_correlation(self, target: Tensor) -> Tensor:
+        """Fold this batch's target correlation into F and return F [D, D]."""
+        batch = mean_over_ranks(feature_correlation(target))
+        rho = self.correlation_momentum if bool(self.correlation_seen) else 0.0
+        self.correlation.mul_(rho).add_(batch, alpha=1.0 - rho)
+        self.correlation_seen.fill_(True)
+        return self.correlation
+
+    def loss(self, batch, encoded, targets):
+        pred = self.predict(batch, encoded, targets)
+        with torch.autocast(pred.device.type, enabled=False):
+            teacher = targets.teacher.tokens.float()
+            target = F.layer_norm(teacher, teacher.shape[-1:])
+            correlation = self.update_correlation(target)
+            return unigrad_loss(pred.float(), target, correlation, self.neg_weight), {}
