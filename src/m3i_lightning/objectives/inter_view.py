@@ -60,6 +60,7 @@ class InterViewObjective(Objective):
 
     input_view = "view2"
     target_view = "view1"
+    requires = frozenset({"geometry"})
 
     def __init__(self, predictor_dim: int = 768, predictor_depth: int = 4,
                  predictor_heads: int = 16, **kwargs) -> None:
