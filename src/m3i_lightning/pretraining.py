@@ -238,6 +238,12 @@ class Pretraining(L.LightningModule):
             self.log(f"train/{key}", value, batch_size=batch_size)
         return total
 
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Detached global features of whole images. Lightning runs validation only when a
+        module defines this step; the metrics themselves live in callbacks
+        (:class:`~m3i_lightning.monitors.ProbeMonitor`), so the engine stays metric-free."""
+        return self.backbone(batch["image"]).global_feature.detach()
+
     def _raise_if_nonfinite(self, terms: dict[str, Tensor], stacked: Tensor) -> None:
         bad = ~torch.isfinite(stacked.detach())
         if bad.any():

@@ -102,3 +102,15 @@ class EmbeddedDigits(L.LightningDataModule):
         """Whole images and labels of a split, for kNN / linear probes."""
         return self._loader(ViewDataset(self.source(split), self.view, {"label"}, train=False),
                             False, False)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """The online monitors' memory (train split) then their queries (val split), whole
+        images; none without labels, so an unlabelled run skips validation."""
+        if not self.labels_on:
+            return []
+        return [self.eval_dataloader("train"), self.eval_dataloader("val")]
+
+    def class_prompts(self) -> list[list[str]]:
+        """Zero-shot prompts: every caption template, written for each class in label order."""
+        return [[caption_for(label, index) for index in range(len(CAPTION_TEMPLATES))]
+                for label in range(self.num_classes)]
