@@ -68,7 +68,8 @@ class DenseContrast(Objective):
 
     @torch.no_grad()
     def _enqueue(self, key: Tensor, pooled_key: Tensor) -> None:
-        """Replace the oldest entries by the keys of the whole global batch."""
+        """Replace the oldest entries by the keys of the whole global batch (keys carry no
+        gradient, so the gather is a plain all-gather)."""
         keys, pooled = gather_with_grad(key)[0], gather_with_grad(pooled_key)[0]
         size = self.queue.shape[0]
         keys, pooled = keys[-size:], pooled[-size:]
