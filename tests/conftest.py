@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 
 from m3i_lightning.backbone import Backbone
 from m3i_lightning.data import EmbeddedDigits
@@ -38,6 +42,17 @@ def digits_module(tokenizer, batch_size: int = 8, **kwargs) -> EmbeddedDigits:
                         tokenizer=tokenizer, **kwargs)
     dm.setup("fit")
     return dm
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_config(*overrides: str, name: str = "config") -> DictConfig:
+    """The Hydra config ``name`` as the command line composes it, at :data:`TINY_VIT` size."""
+    tiny = [f"backbone.{k}={v}" for k, v in TINY_VIT.items()]
+    tiny += ["data.source_size=16", "data.num_workers=0"]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(name, overrides=[*tiny, *overrides])
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ trained with clip."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -12,10 +13,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import digits_module, tiny_backbone, tiny_objective
+from conftest import compose_config, digits_module, tiny_backbone, tiny_objective
 
+from m3i_lightning.errors import ConfigError
+from m3i_lightning.eval import RESULTS_FILE, evaluate_command
+from m3i_lightning.export import export_model
+from m3i_lightning.factory import build_datamodule, build_model, build_tokenizer_from
 from m3i_lightning.monitors import KNNAccuracy, LinearProbeAccuracy, ProbeMonitor
 from m3i_lightning.pretraining import MultiObjective
+from m3i_lightning.restore import StoreConfig, load_checkpoint
 
 NUM_CLASSES, K, TEMPERATURE = 4, 5, 0.1
 
@@ -125,3 +131,50 @@ def test_online_probes_are_logged_and_leave_training_untouched(tokenizer):
         assert torch.equal(a, b), name
     for name in ("val/knn_top1", "val/linear_top1"):
         assert 0.0 <= metrics[name].item() <= 1.0
+
+
+CLIP_TINY = ["objective=[clip]", "objective.clip.text_width=32", "objective.clip.proj_dim=32",
+             "objective.clip.text_layers=1", "objective.clip.text_heads=2",
+             "text.context_length=32"]  # 32 bytes keep the digit's name in every caption
+
+
+@pytest.fixture(scope="module")
+def clip_checkpoint(tmp_path_factory):
+    """300 steps of clip alone on the digits (~10 s), saved with its config."""
+    cfg = compose_config(*CLIP_TINY, "data.batch_size=64", "optim.lr=2e-3")
+    L.seed_everything(0)
+    tokenizer = build_tokenizer_from(cfg.text)
+    dm = build_datamodule(cfg.data, tokenizer)
+    model = build_model(cfg, dm.num_classes, tokenizer)
+    dm.fields = model.batch_fields()
+    trainer = L.Trainer(max_steps=300, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1,
+                        callbacks=[StoreConfig(cfg, dm.num_classes)])
+    trainer.fit(model, datamodule=dm)
+    path = tmp_path_factory.mktemp("clip_run") / "last.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_eval_command_reports_zero_shot_above_chance(clip_checkpoint, tmp_path, capsys):
+    cfg = compose_config(f"checkpoint={clip_checkpoint}", name="eval")
+    results = evaluate_command(cfg, tmp_path)
+    assert set(results) == {"knn_top1", "linear_top1", "zero_shot_top1"}
+    assert results["zero_shot_top1"] > 0.25  # chance is 0.10; ~0.6 after these 300 steps
+    assert results["knn_top1"] > 0.25 and results["linear_top1"] > 0.25
+    table = capsys.readouterr().out
+    assert "kNN top-1" in table and "zero-shot top-1" in table
+    saved = json.loads((tmp_path / RESULTS_FILE).read_text())
+    assert saved["results"] == results and saved["checkpoint"] == str(clip_checkpoint)
+
+
+def test_eval_of_the_exported_folder_equals_eval_of_the_checkpoint(clip_checkpoint, tmp_path):
+    folder = export_model(load_checkpoint(clip_checkpoint), tmp_path / "export")
+    from_checkpoint = evaluate_command(
+        compose_config(f"checkpoint={clip_checkpoint}", name="eval"), tmp_path)
+    from_folder = evaluate_command(compose_config(f"backbone_dir={folder}", name="eval"),
+                                   tmp_path)
+    assert from_folder == pytest.approx(from_checkpoint)
+    with pytest.raises(ConfigError, match="exactly one"):
+        evaluate_command(compose_config(name="eval"), tmp_path)

@@ -1,0 +1,108 @@
+"""Export: the backbone folder loads with timm alone in a clean process and gives the same
+features; ``python -m m3i_lightning.export`` turns a training checkpoint into a folder whose
+backbone, text tower, tokenizer and image projection equal the trained ones."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from conftest import compose_config, tiny_backbone
+
+from m3i_lightning import export
+from m3i_lightning.errors import ConfigError
+from m3i_lightning.factory import build_datamodule, build_model, build_tokenizer_from
+from m3i_lightning.restore import CONFIG_KEY, StoreConfig, TrainedModel, load_checkpoint
+from m3i_lightning.zeroshot import class_embeddings
+
+# Runs in a fresh interpreter that imports only torch and timm: the two documented ways to load.
+TIMM_ONLY = """
+import json, sys, timm, torch
+folder = sys.argv[1]
+spec = json.load(open(f"{folder}/config.json"))
+x = torch.load(f"{folder}/input.pt")
+by_file = timm.create_model(spec["architecture"], pretrained=True,
+                            pretrained_cfg_overlay=dict(file=f"{folder}/model.safetensors"),
+                            **spec["model_args"]).eval()
+by_dir = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+with torch.no_grad():
+    torch.save(torch.stack([by_file(x), by_dir(x)]), f"{folder}/timm_features.pt")
+assert "m3i_lightning" not in sys.modules
+"""
+
+
+def test_exported_backbone_gives_identical_features_in_a_clean_timm_process(tmp_path):
+    torch.manual_seed(0)
+    backbone = tiny_backbone().eval()
+    export.export_backbone(backbone, tmp_path)
+    x = torch.randn(3, 3, 16, 16)
+    torch.save(x, tmp_path / "input.pt")
+    result = subprocess.run([sys.executable, "-c", TIMM_ONLY, str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        expected = backbone(x).global_feature
+    for features in torch.load(tmp_path / "timm_features.pt"):
+        assert torch.equal(features, expected)
+
+
+@pytest.fixture(scope="module")
+def clip_checkpoint(tmp_path_factory):
+    """A two-step run of [clip, cls] saved as Lightning does, config included."""
+    cfg = compose_config("objective=[clip,cls]", "objective.clip.text_width=32",
+                         "objective.clip.proj_dim=32", "objective.clip.text_layers=1",
+                         "objective.clip.text_heads=2", "data.batch_size=16")
+    L.seed_everything(0)
+    tokenizer = build_tokenizer_from(cfg.text)
+    dm = build_datamodule(cfg.data, tokenizer)
+    model = build_model(cfg, dm.num_classes, tokenizer)
+    dm.fields = model.batch_fields()
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, accelerator="cpu", devices=1,
+                        callbacks=[StoreConfig(cfg, dm.num_classes)])
+    trainer.fit(model, datamodule=dm)
+    path = tmp_path_factory.mktemp("run") / "last.ckpt"
+    trainer.save_checkpoint(path)
+    return path, model, tokenizer, dm
+
+
+def test_export_command_writes_the_trained_backbone_text_tower_and_tokenizer(clip_checkpoint,
+                                                                             tmp_path, capsys):
+    path, model, tokenizer, dm = clip_checkpoint
+    export.main([f"checkpoint={path}", f"out={tmp_path}"])
+    assert str(tmp_path) in capsys.readouterr().out
+    spec = json.loads((tmp_path / "clip" / export.TOKENIZER_FILE).read_text())
+    assert spec == {"tokenizer": "byte", "context_length": tokenizer.context_length}
+
+    for loaded in (export.load_exported(tmp_path), load_checkpoint(path)):
+        for (name, a), b in zip(model.backbone.state_dict().items(),
+                                loaded.backbone.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+        trained, restored = model.heads["clip"], loaded.clip
+        assert torch.equal(trained.image_proj.weight, restored.image_proj.weight)
+        assert torch.equal(trained.logit_scale, restored.logit_scale)
+        prompts = dm.class_prompts()
+        assert torch.equal(class_embeddings(trained, tokenizer, prompts),
+                           class_embeddings(restored, loaded.tokenizer, prompts))
+
+
+def test_export_without_clip_writes_only_the_backbone(tmp_path):
+    export.export_model(TrainedModel(tiny_backbone()), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [export.CONFIG_FILE,
+                                                          export.WEIGHTS_FILE]
+    assert export.load_exported(tmp_path).clip is None
+
+
+def test_checkpoint_without_config_and_bad_arguments_fail_clearly(clip_checkpoint, tmp_path):
+    checkpoint = torch.load(clip_checkpoint[0], map_location="cpu", weights_only=True)
+    del checkpoint[CONFIG_KEY]
+    torch.save(checkpoint, tmp_path / "plain.ckpt")
+    with pytest.raises(ConfigError, match="training config"):
+        load_checkpoint(tmp_path / "plain.ckpt")
+    with pytest.raises(SystemExit):
+        export.main([f"out={tmp_path}"])
