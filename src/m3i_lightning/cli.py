@@ -75,10 +75,43 @@ def pretrain(cfg: DictConfig) -> dict:
     return results
 
 
+def check_objective_names(args: list[str]) -> None:
+    """Hydra reports an unknown member of a list override (``objective=[mim_feat,nope]``)
+    without the valid choices: name them before Hydra composes the config."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from m3i_lightning.objectives import OBJECTIVES
+
+    parser = OverridesParser.create()
+    for arg in args:
+        try:
+            override = parser.parse_override(arg)
+        except HydraException:
+            continue  # a flag, or a malformed override that Hydra reports itself
+        if override.key_or_group != "objective" or override.is_delete():
+            continue
+        values = override.sweep_iterator() if override.is_sweep_override() else [override.value()]
+        names = [str(n) for v in values for n in (v if isinstance(v, list) else [v])]
+        unknown = [n for n in names if n not in OBJECTIVES]
+        if unknown:
+            raise ConfigError(f"unknown objective(s) {unknown}; choose from {sorted(OBJECTIVES)}")
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     try:
         return pretrain(cfg).get("knn_top1")
     except M3IError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def main() -> float | None:
+    """``python -m m3i_lightning`` / ``m3i-pretrain``: check the objective names, then run."""
+    try:
+        check_objective_names(sys.argv[1:])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return hydra_main()

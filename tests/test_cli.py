@@ -1,0 +1,121 @@
+"""``python -m m3i_lightning`` end to end, run from a foreign working directory: the composed
+default and each objective alone succeed and leave a complete run folder; bad values exit
+non-zero with one clear message and no traceback.
+
+Every subprocess pays ~10 s of imports, so the runs are few and each checks a lot.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+TINY = ["backbone.depth=1", "backbone.embed_dim=32", "backbone.num_heads=2",
+        "backbone.img_size=16", "data.source_size=16", "data.batch_size=32",
+        "data.num_workers=0", "trainer.max_steps=3", "trainer.log_every_n_steps=1"]
+TINY_HEADS = ["objective.clip.text_width=32", "objective.clip.proj_dim=32",
+              "objective.clip.text_layers=1", "objective.clip.text_heads=2",
+              "objective.mim_feat.predictor_dim=32", "objective.mim_feat.predictor_depth=1",
+              "objective.mim_feat.predictor_heads=2"]
+NAMES = ["mim_feat", "clip", "cls"]
+
+
+def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": ""}
+    env.pop("HYDRA_FULL_ERROR")
+    return subprocess.run([sys.executable, "-m", "m3i_lightning", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def check_run_folder(run: Path, names: list[str]) -> None:
+    """Saved config, per-objective metrics, checkpoint and exported backbone of one run."""
+    config = (run / ".hydra" / "config.yaml").read_text()
+    for name in NAMES:
+        assert (f"\n  {name}:\n" in config) == (name in names), name
+
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    columns = set(rows[0])
+    assert "train/loss" in columns
+    assert {c for c in columns if c.startswith("train/loss/")} == {
+        f"train/loss/{n}" for n in names}
+    logged = [r for r in rows if r["train/loss"]]
+    assert len(logged) == 3
+    for row in logged:
+        total = float(row["train/loss"])
+        assert math.isfinite(total)
+        assert total == pytest.approx(sum(float(row[f"train/loss/{n}"]) for n in names),
+                                      rel=1e-5)
+
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3
+    keys = set(ckpt["state_dict"])
+    assert any(k.startswith("backbone.model.") for k in keys)
+    for name in names:
+        assert any(k.startswith(f"heads.{name}.") for k in keys), name
+    assert any(k.startswith("teacher.") for k in keys) == ("mim_feat" in names)
+
+    # the exported backbone rebuilds with timm alone and holds the trained weights
+    weights = load_file(run / "backbone" / "model.safetensors")
+    spec = json.loads((run / "backbone" / "config.json").read_text())
+    model = timm.create_model(spec["architecture"], **spec["model_args"])
+    model.load_state_dict(weights, strict=True)
+    torch.testing.assert_close(weights["pos_embed"], ckpt["state_dict"]["backbone.model.pos_embed"])
+
+
+def test_default_composed_run_from_any_directory(tmp_path):
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    run = tmp_path / "run"
+    result = run_cli(cwd, *TINY, *TINY_HEADS, f"hydra.run.dir={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "kNN top-1" in result.stdout
+    check_run_folder(run, NAMES)
+    assert list(cwd.iterdir()) == []  # nothing written to the working directory
+
+
+def test_each_objective_alone_as_a_multirun(tmp_path):
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    sweep = tmp_path / "sweep"
+    result = run_cli(cwd, "-m", "objective=[cls],[clip],[mim_feat]", *TINY,
+                     f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    for job, name in enumerate(["cls", "clip", "mim_feat"]):
+        check_run_folder(sweep / str(job), [name])
+    assert list(cwd.iterdir()) == []
+
+
+ERRORS = {
+    "unknown objective": (["objective=[mim_feat,nope]"], ["nope", "cls", "clip", "mim_feat"]),
+    "unknown backbone preset": (["backbone=vit_nope"], ["vit_nope", "vit_tiny", "vit_cpu"]),
+    "unknown data key": (["+data.bogus=1"], ["bogus", "batch_size"]),
+    "typo in objective option": (["+objective.cls.label_smothing=0.1"],
+                                 ["label_smothing", "label_smoothing"]),
+    "captions needed": (["objective=[clip]", "data.captions=false"], ["'clip'", "text"]),
+    "labels needed": (["objective=[cls]", "data.labels=false"], ["'cls'", "label"]),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_bad_values_fail_with_one_clear_message(case, tmp_path):
+    args, expected = ERRORS[case]
+    result = run_cli(tmp_path, *TINY, *args, f"hydra.run.dir={tmp_path / 'run'}")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Traceback" not in output
+    for text in expected:
+        assert text in output, (text, output[-2000:])
+    assert not (tmp_path / "run" / "checkpoints").exists()
