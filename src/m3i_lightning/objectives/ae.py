@@ -8,8 +8,9 @@ from m3i_lightning.backbone import Encoded, gather_tokens
 from m3i_lightning.errors import ConfigError
 from m3i_lightning.losses import mae_loss
 from m3i_lightning.objectives.base import Objective
-from m3i_lightning.pixels import patchify
+from m3i_lightning.pixels import patchify, reconstruction_panels
 from m3i_lightning.predictor import TokenPredictor
+from m3i_lightning.pretraining import Targets
 
 
 class AutoEncoder(Objective):
@@ -22,6 +23,8 @@ class AutoEncoder(Objective):
     """
 
     name = "ae"
+    form = "Gaussian"
+    target_repr = "dense pixels"
     target_view = "view1"
 
     def __init__(self, norm_pix: bool = True, decoder_dim: int = 512, decoder_depth: int = 8,
@@ -37,7 +40,9 @@ class AutoEncoder(Objective):
         """Indices [B, Q] of the patches to reconstruct; None for all of them."""
         return None
 
-    def loss(self, batch, encoded, targets):
+    def predict_patches(self, encoded: Encoded,
+                        targets: Targets) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(predicted patches, their target patches, their indices or None for all)."""
         patches = patchify(targets.pixels, self.patch_size)
         index = self.reconstructed(encoded)
         if index is None:
@@ -46,4 +51,13 @@ class AutoEncoder(Objective):
             query = self.decoder.position(index)
             patches = gather_tokens(patches, index)
         pred = self.decoder(encoded.tokens, encoded.visible_index, query)
+        return pred, patches, index
+
+    def loss(self, batch, encoded, targets):
+        pred, patches, _ = self.predict_patches(encoded, targets)
         return mae_loss(pred, patches, norm_pix=self.norm_pix), {}
+
+    def reconstruct(self, batch, encoded, targets):
+        pred, _, index = self.predict_patches(encoded, targets)
+        return reconstruction_panels(batch[targets.input_view], targets.pixels, pred, index,
+                                     encoded.masked_index, self.patch_size, self.norm_pix)

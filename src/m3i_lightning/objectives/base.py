@@ -20,6 +20,8 @@ class Objective(Pretraining):
     """
 
     name: ClassVar[str]
+    form: ClassVar[str]  # distribution of P̂: "Gaussian" or "Boltzmann" (the table's last column)
+    target_repr: ClassVar[str]  # what z_y is: category, paired text, dense pixels / feature, ...
     input_view: ClassVar[str] = "view1"
     masked_input: ClassVar[bool] = False
     target_view: ClassVar[str | None] = None
@@ -55,3 +57,10 @@ class Objective(Pretraining):
     def ema_update(self, momentum: float) -> None:
         """Called after each teacher update with its momentum: objectives whose reference
         method also averages a head (MoCo / BYOL projectors, DINO heads) update it here."""
+
+    def reconstruct(self, batch: dict, encoded: Encoded, targets: Targets) -> dict[str, Tensor]:
+        """Pictures of what the objective predicts, for people to look at: name → images
+        [B, 3, H, W] in the views' normalised space, in display order (pixel objectives return
+        :func:`~m3i_lightning.pixels.reconstruction_panels`). Empty for objectives whose
+        targets are not pixels. Drawn by :class:`~m3i_lightning.pictures.ReconstructionGrid`."""
+        return {}

@@ -14,6 +14,8 @@ class Classification(Objective):
     embedding (the rows of a linear layer); the other classes are the negatives."""
 
     name = "cls"
+    form = "Boltzmann"
+    target_repr = "category"
     requires = frozenset({"label"})
 
     def __init__(self, num_classes: int, label_smoothing: float = 0.0, **kwargs) -> None:
@@ -24,8 +26,10 @@ class Classification(Objective):
     def loss(self, batch, encoded, targets):
         logits = self.class_embed(encoded.global_feature)
         labels = batch["label"]
+        known = labels >= 0
+        if not known.any():  # no labelled sample (-100 = missing): the mean would be 0/0 = NaN
+            return logits.sum() * 0, {}
         loss = self.distribution(logits, labels)
         with torch.no_grad():
-            known = labels >= 0
             accuracy = (logits.argmax(-1) == labels)[known].float().mean()
         return loss, {"acc": accuracy}

@@ -21,6 +21,8 @@ class DenseDistill(Objective):
     """
 
     name = "dense_distill"
+    form = "Gaussian"
+    target_repr = "dense feature"
     target_view = "view1"
     uses_teacher = True
 

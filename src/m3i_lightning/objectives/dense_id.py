@@ -31,6 +31,8 @@ class DenseContrast(Objective):
     """
 
     name = "dense_id"
+    form = "Boltzmann"
+    target_repr = "dense feature"
     input_view = "view2"
     target_view = "view1"
     uses_teacher = True

@@ -51,6 +51,8 @@ class GlobalDistill(Objective):
     """
 
     name = "global_distill"
+    form = "Boltzmann"
+    target_repr = "global feature"
     target_view = "view1"
     uses_teacher = True
 

@@ -51,6 +51,8 @@ class InstanceDiscrimination(Objective):
     """
 
     name = "inst_disc"
+    form = "Boltzmann"
+    target_repr = "global feature"
     input_view = "view2"
     target_view = "view1"
 
@@ -62,6 +64,7 @@ class InstanceDiscrimination(Objective):
         # Set before super().__init__(), where a standalone objective plans its encoder passes.
         self.uses_teacher = self.symmetric = variant != "barlow"
         self.student_target = variant == "barlow"
+        self.form = {"moco": "Boltzmann", "byol": "Gaussian", "barlow": "decorrelation"}[variant]
         super().__init__(**kwargs)
         self.variant, self.temperature, self.lambd = variant, temperature, lambd
         hidden_dim = hidden_dim or REFERENCE_DIMS[variant][0]

@@ -16,6 +16,8 @@ class MaskedFeature(Objective):
     the stop-gradient teacher is the regulariser."""
 
     name = "mim_feat"
+    form = "Gaussian"
+    target_repr = "dense feature"
     masked_input = True
     target_view = "view1"
     uses_teacher = True

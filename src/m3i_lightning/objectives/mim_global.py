@@ -19,6 +19,8 @@ class MaskedGlobal(Objective):
     """
 
     name = "mim_global"
+    form = "Gaussian"
+    target_repr = "global feature"
     masked_input = True
     target_view = "view1"
     uses_teacher = True

@@ -5,7 +5,7 @@ from __future__ import annotations
 from m3i_lightning.errors import ConfigError
 from m3i_lightning.losses import mae_loss
 from m3i_lightning.objectives.inter_view import InterViewObjective
-from m3i_lightning.pixels import patchify
+from m3i_lightning.pixels import patchify, reconstruction_panels
 
 
 class NovelViewSynthesis(InterViewObjective):
@@ -16,6 +16,8 @@ class NovelViewSynthesis(InterViewObjective):
     """
 
     name = "nvs"
+    form = "Gaussian"
+    target_repr = "dense pixels"
 
     def __init__(self, norm_pix: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -28,3 +30,8 @@ class NovelViewSynthesis(InterViewObjective):
         pred = self.predict(batch, encoded, targets)
         patches = patchify(targets.pixels, self.patch_size)
         return mae_loss(pred, patches, norm_pix=self.norm_pix), {}
+
+    def reconstruct(self, batch, encoded, targets):
+        return reconstruction_panels(batch[targets.input_view], targets.pixels,
+                                     self.predict(batch, encoded, targets), None,
+                                     encoded.masked_index, self.patch_size, self.norm_pix)

@@ -27,6 +27,8 @@ class SiameseFeature(InterViewObjective):
     """
 
     name = "sim_feat"
+    form = "Gaussian"
+    target_repr = "dense feature"
     masked_input = True
     uses_teacher = True
 

@@ -30,6 +30,8 @@ class MaskedSiamese(Objective):
     """
 
     name = "sim_global"
+    form = "Boltzmann"
+    target_repr = "global feature"
     input_view = "view2"
     masked_input = True
     target_view = "view1"
