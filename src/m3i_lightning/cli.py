@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
+from m3i_lightning.data.skips import SkipReport
 from m3i_lightning.errors import ConfigError, M3IError
 from m3i_lightning.export import export_backbone
 from m3i_lightning.factory import (
@@ -56,7 +57,7 @@ def pretrain(cfg: DictConfig) -> dict:
         default_root_dir=out,
         logger=CSVLogger(out, name="", version=""),
         callbacks=[ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0),
-                   LearningRateMonitor("step")],
+                   LearningRateMonitor("step"), SkipReport()],
     )
     if cfg.get("global_batch_size"):
         datamodule.batch_size = per_device_batch(cfg.global_batch_size, trainer.world_size)

@@ -86,8 +86,10 @@ def build_objectives(cfg: Mapping, context: Mapping) -> dict[str, Objective]:
 
 
 def build_datamodule(cfg: Mapping, tokenizer, fields: set[str] | None = None):
+    """The data module named by ``module`` (or ``name``, when ``name`` is not the dataset's own
+    option, as it is for ``data=hf``); every other key is a constructor option."""
     options = _plain(cfg)
-    name = options.pop("name")
+    name = options.pop("module") if "module" in options else options.pop("name")
     if name not in DATA_MODULES:
         raise ConfigError(f"unknown data '{name}'; choose from {sorted(DATA_MODULES)}")
     return call_checked(DATA_MODULES[name], f"data '{name}'", options,

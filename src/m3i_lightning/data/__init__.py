@@ -1,7 +1,13 @@
 """Data modules producing the batch dict: views with geometry, labels, tokenised captions."""
 
 from m3i_lightning.data.embedded import EmbeddedDigits
+from m3i_lightning.data.hf import HFData
+from m3i_lightning.data.imagefolder import ImageFolderData
+from m3i_lightning.data.shards import WebDatasetData
+from m3i_lightning.data.skips import SkipReport
 
-DATA_MODULES = {"embedded": EmbeddedDigits}
+DATA_MODULES = {"embedded": EmbeddedDigits, "imagefolder": ImageFolderData,
+                "webdataset": WebDatasetData, "hf": HFData}
 
-__all__ = ["DATA_MODULES", "EmbeddedDigits"]
+__all__ = ["DATA_MODULES", "EmbeddedDigits", "HFData", "ImageFolderData", "SkipReport",
+           "WebDatasetData"]

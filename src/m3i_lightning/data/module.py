@@ -1,0 +1,86 @@
+"""What the file-backed data modules share: the view, the loader and the start-up check.
+
+Like :class:`~m3i_lightning.data.embedded.EmbeddedDigits`, a data module announces
+``provides`` / ``num_classes`` / ``class_names`` when it is built (the model is sized from them
+before training starts), accepts ``fields`` (what the model needs), and serves
+``train_dataloader()`` and ``eval_dataloader(split)`` for kNN / probes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from m3i_lightning.data.dataset import make_loader
+from m3i_lightning.data.images import decode_image
+from m3i_lightning.data.skips import BadSample
+from m3i_lightning.data.views import RandomView
+from m3i_lightning.distributed import world
+from m3i_lightning.errors import ConfigError
+
+log = logging.getLogger("m3i_lightning")
+
+
+class ViewDataModule(L.LightningDataModule):
+    """Base of the image folder, shard and Hugging Face data modules."""
+
+    def __init__(self, img_size: int, batch_size: int, num_workers: int,
+                 crop_scale: Sequence[float], flip: bool, tokenizer, fields: set[str] | None,
+                 seed: int) -> None:
+        super().__init__()
+        self.view = RandomView(img_size, tuple(crop_scale), flip=flip)
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.tokenizer = tokenizer
+        self.fields = set(fields) if fields is not None else None
+        self.provides = {"view1", "view2", "geometry"}
+        self.num_classes, self.class_names = 0, []
+
+    def announce(self, labels: Sequence[str] | None, captions: bool) -> None:
+        """Set what the data provides (``labels``: the class names, None when unlabelled) and,
+        unless the caller chose ``fields``, build all of it."""
+        if labels:
+            self.provides.add("label")
+            self.num_classes, self.class_names = len(labels), list(labels)
+        if captions:
+            self.provides.add("text")
+        if self.fields is None:
+            self.fields = set(self.provides)
+
+    def loader(self, dataset: Dataset, train: bool, num_workers: int | None = None) -> DataLoader:
+        workers = self.num_workers if num_workers is None else num_workers
+        return make_loader(dataset, self.batch_size, workers, self.tokenizer, shuffle=train,
+                           drop_last=train)
+
+    def placement(self) -> tuple[int, int, int, int]:
+        """(rank, world size, current epoch, global step) of the training run, so a stream
+        built on resume continues where the run is instead of at epoch 0."""
+        trainer = self.trainer
+        if trainer is None:
+            return (*world(), 0, 0)
+        return trainer.global_rank, trainer.world_size, trainer.current_epoch, trainer.global_step
+
+
+def require_usable(records: Iterable, where: str) -> None:
+    """Raise :class:`ConfigError` unless some record of ``records`` decodes, so a folder or
+    shard list with no usable sample fails at start-up, not in a worker mid-epoch.
+
+    ``records`` yields ``(image data, label, caption, name)`` or :class:`BadSample`; it is read
+    only up to the first usable sample, so a healthy dataset costs one decode.
+    """
+    seen, last = 0, None
+    for item in records:
+        seen += 1
+        if isinstance(item, BadSample):
+            last = item
+            continue
+        try:
+            decode_image(item[0], item[3])
+            return
+        except BadSample as bad:
+            last = bad
+    if not seen:
+        raise ConfigError(f"no samples in {where}")
+    raise ConfigError(f"no usable sample in {where}: all {seen} failed; the last: {last}")

@@ -1,0 +1,96 @@
+"""Small real datasets written to disk for the data tests: images of every awkward kind, broken
+files, captions in metadata files, and the command line the acceptance runs use."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_CLI = ["backbone.img_size=16", "backbone.patch_size=4", "backbone.depth=1",
+            "backbone.embed_dim=32", "backbone.num_heads=2", "objective.clip.text_width=32",
+            "objective.mim_feat.predictor_dim=32", "data.batch_size=8", "data.num_workers=0",
+            "'objective=[mim_feat,clip,cls]'"]
+
+
+def image_bytes(seed: int, mode: str = "RGB", size: tuple[int, int] = (24, 20),
+                fmt: str = "PNG") -> bytes:
+    """An encoded image of random content in ``mode``."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    if mode == "I;16":
+        image = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+    else:
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+    out = io.BytesIO()
+    image.save(out, fmt)
+    return out.getvalue()
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def messy_folder(root: Path) -> dict:
+    """Two class folders of 7 images, each a different kind (grayscale, RGBA, palette, CMYK JPEG,
+    16-bit, smaller than the crop, …), one image outside the classes, a corrupt JPEG, a
+    truncated PNG, a text file; captions in metadata.jsonl, some empty or missing.
+
+    Returns what the test should find: the bad files and the captioned / unlabelled images.
+    """
+    kinds = [("RGB", "PNG", "png"), ("L", "PNG", "png"), ("RGBA", "PNG", "png"),
+             ("P", "PNG", "png"), ("CMYK", "JPEG", "jpg"), ("I;16", "PNG", "png"),
+             ("RGB", "JPEG", "jpg")]
+    captions, seed = [], 0
+    for cls in ("cat", "dog"):
+        for i, (mode, fmt, ext) in enumerate(kinds):
+            seed += 1
+            size = (3, 2) if i == 6 else (24, 20)
+            write(root / cls / f"{i}.{ext}", image_bytes(seed, mode, size, fmt))
+            text = f"a {mode} {cls} number {i}" if i % 3 else ("" if i == 3 else None)
+            if text is not None:
+                captions.append({"file_name": f"{cls}/{i}.{ext}", "text": text})
+    write(root / "loose.png", image_bytes(99))
+    write(root / "cat" / "corrupt.jpg", b"\xff\xd8\xff\xe0 not really a jpeg")
+    write(root / "dog" / "truncated.png", image_bytes(7, size=(64, 64))[:200])
+    write(root / "notes.txt", b"not an image")
+    (root / "metadata.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions))
+    return {"bad": {"corrupt.jpg", "truncated.png"}, "images": 15, "files": 17}
+
+
+def labelled_folder(root: Path, n: int, classes: int = 2, captions: bool = True) -> Path:
+    """``n`` plain PNG images spread over ``classes`` folders, all captioned."""
+    rows = []
+    for i in range(n):
+        name = f"c{i % classes:02d}/{i:04d}.png"
+        write(root / name, image_bytes(1000 + i))
+        rows.append({"file_name": name, "text": f"image {i} of class {i % classes}"})
+    if captions:
+        (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def make_shards(src: Path, out: Path, shard_size: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "make_shards.py"), str(src),
+                           str(out), "--shard-size", str(shard_size)], capture_output=True,
+                          text=True, check=True)
+
+
+def pretrain(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``python -m m3i_lightning`` with the tiny model, offline, in a fresh process."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_HOME": str(run_dir / "hf_home"), "PYTHONWARNINGS": "ignore"}
+    command = " ".join([sys.executable, "-m", "m3i_lightning", *TINY_CLI, *overrides,
+                        f"hydra.run.dir={run_dir}"])
+    return subprocess.run(command, shell=True, capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=600)

@@ -1,0 +1,95 @@
+"""``data=imagefolder``: a messy real folder trains; broken files are skipped and counted."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from data_files import image_bytes, labelled_folder, messy_folder, pretrain, write
+
+from m3i_lightning.data import ImageFolderData
+from m3i_lightning.errors import ConfigError
+from m3i_lightning.text import ByteTokenizer
+
+
+def folder_module(path, **kwargs) -> ImageFolderData:
+    options = dict(img_size=16, batch_size=4, num_workers=0, val_fraction=0.0,
+                   tokenizer=ByteTokenizer(16))
+    return ImageFolderData(str(path), **{**options, **kwargs})
+
+
+def test_messy_folder_gives_labels_captions_and_counted_skips(tmp_path):
+    expected = messy_folder(tmp_path)
+    dm = folder_module(tmp_path, batch_size=expected["files"])  # one batch: every file
+    assert dm.class_names == ["cat", "dog"] and dm.provides >= {"label", "text"}
+    listing = dm.splits["train"]
+    assert len(listing.files) == expected["files"]  # notes.txt and metadata are not samples
+    torch.manual_seed(0)
+    (batch,) = list(dm.train_dataloader())
+    skipped = {entry.split(": ")[1].rsplit("/", 1)[-1] for entry in batch["skipped"]}
+    assert skipped == expected["bad"]  # each bad file seen, replaced, reported
+    assert batch["view1"].shape == (expected["files"], 3, 16, 16)
+    assert torch.isfinite(batch["view1"]).all() and torch.isfinite(batch["view2"]).all()
+    # loose.png has no class folder: label -100, left out of cls only
+    assert listing.labels[listing.files.index(str(tmp_path / "loose.png"))] is None
+    assert (batch["label"] == -100).any() and set(batch["label"].tolist()) <= {-100, 0, 1}
+    # captions: missing and empty ones are invalid, the others tokenised
+    captioned = {f for f, c in zip(listing.files, listing.captions, strict=True) if c}
+    assert len(captioned) == 8
+    assert batch["text_valid"].any() and not batch["text_valid"].all()
+    assert (batch["text_mask"][~batch["text_valid"]].sum(1) == 2).all()  # bos + eos only
+
+
+def test_split_folders_and_metadata_csv(tmp_path):
+    for split, n in (("train", 6), ("validation", 3)):
+        labelled_folder(tmp_path / split, n, captions=False)
+    rows = "file_name,caption\nc00/0000.png,a red thing\nc01/0001.png,\n"
+    (tmp_path / "train" / "metadata.csv").write_text(rows)
+    dm = folder_module(tmp_path)
+    assert len(dm.splits["train"].files) == 6 and len(dm.splits["val"].files) == 3
+    assert sorted(filter(None, dm.splits["train"].captions)) == ["a red thing"]
+    assert dm.provides >= {"label", "text"}
+    (batch,) = list(dm.eval_dataloader("val"))
+    assert batch["image"].shape == (3, 3, 16, 16) and batch["label"].tolist() == [0, 0, 1]
+
+
+def test_folder_without_labels_or_captions(tmp_path):
+    for i in range(4):
+        write(tmp_path / f"{i}.jpg", image_bytes(i, fmt="JPEG"))
+    dm = folder_module(tmp_path)
+    assert dm.provides == {"view1", "view2", "geometry"} and dm.num_classes == 0
+
+
+def test_empty_or_unusable_folders_fail_at_start_up(tmp_path):
+    with pytest.raises(ConfigError, match="no image files"):
+        folder_module(tmp_path)
+    write(tmp_path / "readme.txt", b"hello")
+    write(tmp_path / "a" / "broken.png", b"\x89PNG\r\n\x1a\n broken")
+    write(tmp_path / "a" / "empty.jpg", b"")
+    with pytest.raises(ConfigError, match="no usable sample.*all 2 failed"):
+        folder_module(tmp_path)
+    with pytest.raises(ConfigError, match="not a folder"):
+        folder_module(tmp_path / "missing")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"name": "a/broken.png"}) + "\n")
+    with pytest.raises(ConfigError, match="no 'file_name' column"):
+        folder_module(tmp_path)
+
+
+def test_pretrain_on_a_messy_folder(tmp_path):
+    """The acceptance run: [mim_feat, clip, cls] through the CLI on 16 training files (two of
+    them broken, so one epoch is two steps and meets both) and a validation folder for kNN."""
+    messy_folder(tmp_path / "images" / "train")
+    (tmp_path / "images" / "train" / "cat" / "0.png").unlink()
+    for i, name in enumerate(["cat", "dog", "cat", "dog"]):
+        write(tmp_path / "images" / "validation" / name / f"{i}.png", image_bytes(50 + i))
+    done = pretrain(tmp_path / "run", "data=imagefolder", f"data.path={tmp_path / 'images'}",
+                    "trainer.max_steps=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (tmp_path / "run" / "cli.log").read_text()
+    assert re.search(r"skipped \d+ samples: \d+ unreadable image \(e.g. .*(corrupt|truncated)",
+                     log), log
+    assert "ignored 1 file(s)" in log and "notes.txt" in log
+    assert "kNN top-1" in done.stdout
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
