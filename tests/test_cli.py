@@ -31,8 +31,9 @@ NAMES = ["mim_feat", "clip", "cls"]
 
 
 def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": ""}
-    env.pop("HYDRA_FULL_ERROR")
+    # one thread per process (the machine is shared), and Hydra's short error reports
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["OMP_NUM_THREADS"] = "1"
     return subprocess.run([sys.executable, "-m", "m3i_lightning", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
