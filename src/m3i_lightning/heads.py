@@ -21,7 +21,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or world()[1] == 1:
             return super().forward(x)
-        x = x.float()
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16: statistics in fp32
         totals = sum_with_grad(torch.cat([x.sum(0), x.new_tensor([x.shape[0]])]))
         count = totals[-1]
         mean = totals[:-1] / count

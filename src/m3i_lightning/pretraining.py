@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from m3i_lightning import sharding
 from m3i_lightning.backbone import Backbone, Encoded
 from m3i_lightning.errors import ConfigError, NonFiniteLossError
 from m3i_lightning.masking import build_mask
@@ -82,7 +83,8 @@ class Pretraining(L.LightningModule):
                  teacher_momentum: float = 0.996, teacher_final_momentum: float = 1.0,
                  teacher: TargetEncoder | None = None,
                  optim: OptimConfig | Mapping | None = None, check_finite_every: int = 1,
-                 mix: bool = False) -> None:
+                 mix: bool = False, activation_checkpointing: bool = False,
+                 compile: bool = False) -> None:
         super().__init__()
         if input_mode not in INPUT_MODES:
             raise ConfigError(f"unknown input mode '{input_mode}'; choose one of {INPUT_MODES}")
@@ -96,6 +98,7 @@ class Pretraining(L.LightningModule):
         self.teacher_momentum = (teacher_momentum, teacher_final_momentum)
         self.optim = OptimConfig(**optim) if isinstance(optim, Mapping) else optim or OptimConfig()
         self.check_finite_every = check_finite_every
+        self.scaling = {"activation_checkpointing": activation_checkpointing, "compile": compile}
         self.teacher: TargetEncoder | None = teacher
         self.mask_generator = None
 
@@ -265,6 +268,12 @@ class Pretraining(L.LightningModule):
             raise ConfigError(f"{type(self).__name__} has no backbone: pass backbone=... to "
                               "train it on its own, or add it to a MultiObjective")
         return build_optimizer(self, self.optim, int(self.trainer.estimated_stepping_batches))
+    def configure_model(self) -> None:
+        """Lightning's hook once the processes exist: activation checkpointing, compiled blocks
+        and, under ``ModelParallelStrategy``, FSDP2 sharding (:mod:`m3i_lightning.sharding`)."""
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        sharding.configure(self, mesh, **self.scaling)
+
 
 
 def _mean(values: list[Tensor]) -> Tensor:

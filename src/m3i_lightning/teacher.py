@@ -12,6 +12,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from m3i_lightning.backbone import Backbone
+from m3i_lightning.sharding import local
 
 
 def cosine_momentum(step: int, total_steps: int, base: float, final: float = 1.0) -> float:
@@ -25,13 +26,15 @@ def ema_(target: nn.Module, source: nn.Module, momentum: float) -> None:
     """target ← momentum·target + (1 − momentum)·source, parameter by parameter; buffers copied.
 
     A single foreach lerp over matching parameter lists: on modules of identical structure it
-    works on local shards (DDP, FSDP2), with no gather of the full model. Used by the EMA
-    teacher and by the heads that the reference methods average (DINO, MoCo, BYOL).
+    works on local shards (DDP, FSDP2: each DTensor's local tensor), with no gather of the full
+    model. Used by the EMA teacher and by the heads that the reference methods average (DINO,
+    MoCo, BYOL).
     """
-    target_params = list(target.parameters())
-    source_params = [p.detach() for p in source.parameters()]
-    if len(target_params) != len(source_params):
-        raise RuntimeError("EMA target and source have different parameter lists")
+    target_params = [local(p) for p in target.parameters()]
+    source_params = [local(p.detach()) for p in source.parameters()]
+    if [p.shape for p in target_params] != [p.shape for p in source_params]:
+        raise RuntimeError("EMA target and source have different parameters or shards: shard "
+                           "them with the same plan")
     torch._foreach_lerp_(target_params, source_params, 1.0 - momentum)
     for t, s in zip(target.buffers(), source.buffers(), strict=True):
         t.copy_(s)

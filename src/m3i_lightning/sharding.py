@@ -1,0 +1,114 @@
+"""Model-side scaling of the engine: activation checkpointing, torch.compile and FSDP2 sharding.
+
+The engine's ``configure_model`` calls :func:`configure`; Lightning runs that hook once the
+processes exist, for every strategy, so the same model scales from one CPU to many GPUs.
+
+FSDP2 layout: every transformer block (of the student, the EMA teacher, the predictors and the
+text tower) is its own ``fully_shard`` unit, then the engine is the root unit holding the rest
+(embeddings, norms, heads). Lightning calls ``training_step``, never ``forward``, so the
+steps are registered as the root's forward: the root all-gathers its parameters at the start
+of a step. Each parameter is sharded on dim 0 over the same
+mesh, so the teacher's local shard and the student's hold the same slice and the EMA update
+runs on local shards (:func:`m3i_lightning.teacher.ema_`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from m3i_lightning.backbone import Backbone
+
+STEP_METHODS = ("training_step", "validation_step")
+
+
+def block_classes(model: nn.Module) -> set[type[nn.Module]]:
+    """Classes of the repeated transformer layers in ``model``: those of every timm ViT's
+    ``blocks`` and those each ``transformers`` model names in ``_no_split_modules``."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    classes: set[type[nn.Module]] = set()
+    names: set[str] = set()
+    for module in model.modules():
+        if isinstance(module, VisionTransformer):
+            classes |= {type(block) for block in module.blocks}
+        names |= set(getattr(module, "_no_split_modules", None) or ())
+    return classes | {type(m) for m in model.modules() if type(m).__name__ in names}
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    classes = tuple(block_classes(model))
+    return [m for m in model.modules() if isinstance(m, classes)]
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute the blocks of the ViTs (timm's flag, honoured by :class:`Backbone`) and of the
+    ``transformers`` text tower in the backward pass instead of storing their activations."""
+    for module in model.modules():
+        if hasattr(module, "set_grad_checkpointing"):
+            module.set_grad_checkpointing(True)
+        elif getattr(module, "supports_gradient_checkpointing", False):
+            module.gradient_checkpointing_enable({"use_reentrant": False})
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """``torch.compile`` each transformer block in place: parameter names (and so checkpoints)
+    stay unchanged, and the masked, variable-length token sequences outside the blocks stay
+    eager."""
+    for block in transformer_blocks(model):
+        block.compile()
+
+
+def shard(model: nn.Module, mesh) -> None:
+    """FSDP2: each transformer block one unit, then ``model`` the root (see the module doc).
+
+    The root reshards after each step's forward too (FSDP2 keeps a root's parameters gathered
+    by default): a validation step, which has no backward, then leaves no full copy behind,
+    and the EMA update and checkpoints always see shards.
+    """
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    for step in STEP_METHODS:
+        if is_overridden(step, model):
+            register_fsdp_forward_method(model, step)
+
+
+def configure(model: nn.Module, mesh=None, *, activation_checkpointing: bool = False,
+              compile: bool = False) -> None:
+    """Apply the scaling options in the order FSDP2 expects (checkpointing, compile, sharding).
+
+    ``mesh`` is the data-parallel device mesh of Lightning's ``ModelParallelStrategy`` (None
+    with other strategies: nothing is sharded here). Idempotent, as Lightning asks of
+    ``configure_model``.
+    """
+    if getattr(model, "_scaling_configured", False):
+        return
+    if activation_checkpointing:
+        enable_activation_checkpointing(model)
+    if compile:
+        compile_blocks(model)
+    if mesh is not None:
+        shard(model, mesh)
+    model._scaling_configured = True
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of ``tensor`` this rank holds: the local shard of an FSDP2 DTensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def gathered_backbone(backbone: Backbone) -> Backbone:
+    """A plain copy of ``backbone`` with full weights, for export and evaluation after a
+    sharded run (a collective: every rank must call it); ``backbone`` itself when unsharded."""
+    state = backbone.state_dict()
+    if not any(isinstance(v, DTensor) for v in state.values()):
+        return backbone
+    copy = Backbone(backbone.arch, **backbone.timm_kwargs)
+    copy.load_state_dict({k: v.full_tensor() if isinstance(v, DTensor) else v
+                          for k, v in state.items()})
+    return copy.to(next(iter(state.values())).device)
