@@ -11,18 +11,16 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from m3i_lightning.data.skips import SkipReport
 from m3i_lightning.errors import ConfigError, M3IError
-from m3i_lightning.export import export_backbone
 from m3i_lightning.factory import (
     build_datamodule,
     build_model,
     build_tokenizer_from,
 )
-from m3i_lightning.knn import knn_accuracy
+from m3i_lightning.runfolder import finish_run, run_callbacks, run_loggers
 
 log = logging.getLogger("m3i_lightning")
 
@@ -44,7 +42,8 @@ def per_device_batch(global_batch_size: int, world_size: int) -> int:
 
 
 def pretrain(cfg: DictConfig) -> dict:
-    """Fit, save ``last.ckpt`` and the backbone, then report kNN top-1 on the held-out split."""
+    """Fit and save ``last.ckpt``; then export, print the eval table and draw the curves
+    (:func:`~m3i_lightning.runfolder.finish_run`)."""
     out = Path(HydraConfig.get().runtime.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = build_tokenizer_from(cfg.text)
@@ -55,23 +54,16 @@ def pretrain(cfg: DictConfig) -> dict:
     trainer = L.Trainer(
         **trainer_kwargs(cfg),
         default_root_dir=out,
-        logger=CSVLogger(out, name="", version=""),
-        callbacks=[ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0),
+        logger=run_loggers(cfg, out),
+        callbacks=[*run_callbacks(cfg, datamodule, out),
+                   ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0),
                    LearningRateMonitor("step"), SkipReport()],
     )
     if cfg.get("global_batch_size"):
         datamodule.batch_size = per_device_batch(cfg.global_batch_size, trainer.world_size)
     trainer.fit(model, datamodule=datamodule)
-    results = {"run_dir": str(out)}
+    results = {"run_dir": str(out), **finish_run(trainer, model, datamodule, tokenizer, cfg, out)}
     if trainer.is_global_zero:
-        if cfg.export:
-            results["backbone"] = str(export_backbone(model.backbone, out / "backbone"))
-        if "label" in datamodule.provides:
-            acc = knn_accuracy(model.backbone, datamodule.eval_dataloader("train"),
-                               datamodule.eval_dataloader("val"), datamodule.num_classes,
-                               cfg.knn.k, cfg.knn.temperature)
-            results["knn_top1"] = acc
-            print(f"kNN top-1 (k={cfg.knn.k}) on the held-out split: {100 * acc:.2f}%")
         print(f"run folder: {out}")
     return results
 

@@ -30,12 +30,3 @@ def knn_predict(bank: Tensor, bank_labels: Tensor, queries: Tensor, num_classes:
     top_sims, top_idx = sims.topk(min(k, bank.shape[0]), dim=-1)
     votes = F.one_hot(bank_labels[top_idx], num_classes).float()
     return (votes * (top_sims / temperature).exp().unsqueeze(-1)).sum(dim=1)
-
-
-def knn_accuracy(backbone: nn.Module, bank_loader: DataLoader, query_loader: DataLoader,
-                 num_classes: int, k: int = 20, temperature: float = 0.07) -> float:
-    """Top-1 accuracy of :func:`knn_predict` with ``bank_loader`` as the memory."""
-    bank, bank_labels = extract_features(backbone, bank_loader)
-    queries, labels = extract_features(backbone, query_loader)
-    scores = knn_predict(bank, bank_labels, queries, num_classes, k, temperature)
-    return (scores.argmax(-1) == labels).float().mean().item()

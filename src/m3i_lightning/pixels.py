@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from m3i_lightning.backbone import gather_tokens
+
 
 def patchify(images: Tensor, patch_size: int) -> Tensor:
     """[B, C, H, W] → [B, N, p·p·C], patches in row-major order (timm's token order)."""
@@ -27,3 +29,38 @@ def normalize_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
     mean = patches.mean(dim=-1, keepdim=True)
     var = patches.var(dim=-1, keepdim=True)
     return (patches - mean) / (var + eps).sqrt()
+
+
+def _paste(patches: Tensor, index: Tensor, values: Tensor) -> Tensor:
+    """``patches`` [B, N, D] with rows ``index`` [B, K] replaced by ``values`` [B, K, D]."""
+    return patches.scatter(1, index.unsqueeze(-1).expand_as(values), values)
+
+
+def reconstruction_panels(inputs: Tensor, target: Tensor, pred: Tensor, index: Tensor | None,
+                          masked_index: Tensor | None, patch_size: int,
+                          norm_pix: bool) -> dict[str, Tensor]:
+    """The pictures of a pixel objective (see ``Objective.reconstruct``).
+
+    ``inputs``: the encoded view; ``target``: the target view; ``pred`` [B, K, p·p·C] the
+    predicted patches at ``index`` [B, K] of the target (None: all, in order). The prediction
+    is pasted over the target, so unpredicted (visible) patches show the truth, as in MAE's
+    figures; normalised predictions are shown with each target patch's own mean and variance.
+    The masked input has its ``masked_index`` patches blanked (0, the normalised mean).
+    """
+    p = patch_size
+    target_patches = patchify(target, p)
+    truth = target_patches if index is None else gather_tokens(target_patches, index)
+    if norm_pix:
+        var = truth.var(dim=-1, keepdim=True)
+        pred = pred * (var + 1e-6).sqrt() + truth.mean(dim=-1, keepdim=True)
+    shown = pred if index is None else _paste(target_patches, index, pred)
+    panels = {"input": inputs}
+    if masked_index is not None:
+        input_patches = patchify(inputs, p)
+        blank = gather_tokens(input_patches, masked_index).zero_()
+        grid = (inputs.shape[-2] // p, inputs.shape[-1] // p)
+        panels["masked input"] = unpatchify(_paste(input_patches, masked_index, blank), p, grid)
+    grid = (target.shape[-2] // p, target.shape[-1] // p)
+    panels["prediction"] = unpatchify(shown.to(target.dtype), p, grid)
+    panels["target"] = target
+    return panels
