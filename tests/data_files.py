@@ -94,3 +94,24 @@ def pretrain(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
                         f"hydra.run.dir={run_dir}"])
     return subprocess.run(command, shell=True, capture_output=True, text=True, env=env,
                           cwd=REPO, timeout=600)
+
+
+def shard_labels_as_rank(rank: int, world: int, urls: str, port: int, out: str,
+                         num_workers: int, epochs: int) -> None:
+    """One rank of a gloo process group: the labels (here unique per sample) of every batch the
+    webdataset loader gives this rank, per epoch, written to ``out/<rank>.json``."""
+    import torch.distributed as dist
+
+    from m3i_lightning.data import WebDatasetData
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        dm = WebDatasetData(urls, img_size=8, batch_size=4, num_workers=num_workers,
+                            val_fraction=0.0, shuffle_buffer=3, fields={"view1", "label"})
+        loader = dm.train_dataloader()
+        seen = [[label for batch in loader for label in batch["label"].tolist()]
+                for _ in range(epochs)]
+        Path(out, f"{rank}.json").write_text(json.dumps({"epochs": seen, "len": len(loader)}))
+    finally:
+        dist.destroy_process_group()

@@ -46,6 +46,9 @@ def load_hf(name: str, split: str, streaming: bool) -> tuple:
                 if split not in dataset:
                     raise ConfigError(f"{name} has no split '{split}'; splits: {list(dataset)}")
                 dataset = dataset[split]
+            elif split not in ("train", str(dataset.split)):
+                raise ConfigError(f"{name} holds one dataset (split {dataset.split}), not a "
+                                  f"split '{split}'")
             size = len(dataset)
             if streaming:
                 dataset = dataset.to_iterable_dataset(num_shards=max(1, min(size, 64)))
@@ -268,9 +271,9 @@ class HFData(ViewDataModule):
                         self.name, per_rank, per_rank, self.num_workers)
         return min(self.num_workers, per_rank)
 
-    def eval_dataloader(self, split: str):
-        """Whole images with labels of ``train`` or ``val`` (streaming: up to
-        ``eval_samples``), for kNN / linear probes."""
+    def eval_dataloader(self, split: str, rank: int = 0, world_size: int = 1):
+        """Whole labelled images of ``train`` or ``val`` (streaming: up to ``eval_samples``,
+        this rank's part of them), for kNN / linear probes."""
         if not self.streaming:
             source = self.sources[split]
             usable = self._labelled(source.dataset)
@@ -282,8 +285,9 @@ class HFData(ViewDataModule):
         else:
             records = HFStream(self.train, self.columns, self.val_fraction, split)
         stream = ViewStream(records, self.view, {"label"}, batch_size=self.batch_size,
-                            batches=None, train=False, limit=self.eval_samples)
-        return self.loader(stream, train=False, num_workers=self._stream_workers(1))
+                            batches=None, train=False, rank=rank, world=world_size,
+                            limit=-(-self.eval_samples // world_size))
+        return self.loader(stream, train=False, num_workers=self._stream_workers(world_size))
 
 
 def parquet_rows(pattern: str) -> int:

@@ -186,8 +186,9 @@ class ImageFolderData(ViewDataModule):
         return self.loader(ViewDataset(FolderSource(self.splits["train"]), self.view,
                                        self.fields), train=True)
 
-    def eval_dataloader(self, split: str):
-        """Whole labelled images of ``train`` or ``val``, for kNN / linear probes."""
+    def eval_dataloader(self, split: str, rank: int = 0, world_size: int = 1):
+        """Whole labelled images of ``train`` or ``val``, for kNN / linear probes (a sampler
+        splits them between ranks)."""
         listing = self.splits[split]
         labelled = listing.subset([i for i, label in enumerate(listing.labels)
                                    if label is not None])

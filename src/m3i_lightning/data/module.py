@@ -54,6 +54,15 @@ class ViewDataModule(L.LightningDataModule):
         return make_loader(dataset, self.batch_size, workers, self.tokenizer, shuffle=train,
                            drop_last=train)
 
+    def val_dataloader(self) -> list[DataLoader]:
+        """The online monitors' memory (train split) then queries (val split), whole labelled
+        images; none without labels, so an unlabelled run skips validation. Under DDP each
+        rank reads its part (streams split themselves, map-style data gets a sampler)."""
+        if "label" not in self.provides:
+            return []
+        rank, world_size, _, _ = self.placement()
+        return [self.eval_dataloader(split, rank, world_size) for split in ("train", "val")]
+
     def placement(self) -> tuple[int, int, int, int]:
         """(rank, world size, current epoch, global step) of the training run, so a stream
         built on resume continues where the run is instead of at epoch 0."""

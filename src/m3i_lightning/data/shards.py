@@ -41,12 +41,21 @@ _BLOCK = 512
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
     """Shard URLs of brace patterns: ``a/{000..127}.tar`` (zero-padded range), ``{x,y}``
-    alternatives; several patterns as a list or joined by ``::``."""
+    alternatives, or a glob (``a/*.tar``, sorted); several patterns as a list or joined by
+    ``::``."""
     patterns = urls.split("::") if isinstance(urls, str) else list(urls)
     expanded: list[str] = []
     for pattern in patterns:
-        expanded.extend(_expand(pattern.strip()))
+        for url in _expand(pattern.strip()):
+            expanded.extend(_glob(url) if any(c in url for c in "*?[") else [url])
     return expanded
+
+
+def _glob(pattern: str) -> list[str]:
+    fs, _ = fsspec.core.url_to_fs(pattern)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+    return sorted(prefix + path for path in fs.glob(pattern))
 
 
 def _expand(pattern: str) -> list[str]:
@@ -101,18 +110,24 @@ def tar_members(url: str) -> Iterator[tuple[str, bytes] | BadSample]:
 
     A member with a corrupt header is stepped over (``ignore_zeros`` makes tarfile search on
     for the next valid header) and reported as a :class:`BadSample` where the gap is noticed;
-    a shard that cannot be read on ends with one.
+    a shard that cannot be read on ends with one. tarfile ends quietly when a shard is cut
+    at or inside a header, so the end-of-archive marker (two zero blocks) is checked too.
     """
     expected = 0
     try:
-        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*",
-                                                       ignore_zeros=True) as tar:
+        fs, path = fsspec.core.url_to_fs(url)
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*",
+                                                    ignore_zeros=True) as tar:
             for member in tar:
                 if member.offset > expected:
                     yield BadSample("broken tar member", f"{url} at byte {expected}")
                 expected = member.offset_data + -(-member.size // _BLOCK) * _BLOCK
                 if member.isfile():
                     yield member.name, tar.extractfile(member).read()
+        size = fs.size(path)
+        if size is not None and size < expected + 2 * _BLOCK:
+            yield BadSample("unreadable shard", f"{url}: cut short after byte {expected} (no "
+                            "end-of-archive marker)")
     except (tarfile.TarError, OSError, EOFError) as err:
         yield BadSample("unreadable shard", f"{url}: {type(err).__name__}: {err}")
 
@@ -294,12 +309,14 @@ class WebDatasetData(ViewDataModule):
                             shuffle_buffer=self.shuffle_buffer)
         return self.loader(stream, train=True)
 
-    def eval_dataloader(self, split: str):
-        """Up to ``eval_samples`` whole images with labels of ``train`` or ``val``."""
+    def eval_dataloader(self, split: str, rank: int = 0, world_size: int = 1):
+        """Up to ``eval_samples`` whole labelled images of ``train`` or ``val``, this rank's
+        part of them."""
         if split == "val" and self.val_shards:
             source = ShardSource(self.val_shards, self.num_classes, 0.0, "train")
         else:
             source = ShardSource(self.shards, self.num_classes, self.val_fraction, split)
         stream = ViewStream(source, self.view, {"label"}, batch_size=self.batch_size,
-                            batches=None, train=False, limit=self.eval_samples)
+                            batches=None, train=False, rank=rank, world=world_size,
+                            limit=-(-self.eval_samples // world_size))
         return self.loader(stream, train=False)
