@@ -114,6 +114,7 @@ class ProbeMonitor(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         for name, metric in self.metrics.items():
             if not trainer.sanity_checking:
-                # computed from states gathered over ranks: identical everywhere, no sync needed
-                pl_module.log(name, metric.compute(), prog_bar=True)
+                # the same value on every rank (states gathered over ranks): sync_dist's mean
+                # leaves it unchanged and only tells Lightning the value is global
+                pl_module.log(name, metric.compute(), prog_bar=True, sync_dist=True)
             metric.reset()

@@ -106,11 +106,9 @@ class ReconstructionGrid(L.Callback):
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), trainer.precision_plugin.forward_context():
             torch.manual_seed(self.seed)
-            readings = pl_module._readings(batch)
-            pictures = {name: pl_module.objectives()[name].reconstruct(*reading[0])
-                        for name, reading in readings.items()}
+            pictures = pl_module.reconstructions(batch)
         pl_module.train(was_training)
-        return {name: panels for name, panels in pictures.items() if panels}
+        return pictures
 
 
 def read_metrics(path: Path) -> dict[str, list[tuple[float, float]]]:

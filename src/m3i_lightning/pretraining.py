@@ -247,6 +247,15 @@ class Pretraining(L.LightningModule):
         (:class:`~m3i_lightning.monitors.ProbeMonitor`), so the engine stays metric-free."""
         return self.backbone(batch["image"]).global_feature.detach()
 
+    def reconstructions(self, batch: dict) -> dict[str, dict[str, Tensor]]:
+        """Pictures of every objective that returns some (``Objective.reconstruct``), from the
+        first reading of each; drawn by :class:`~m3i_lightning.pictures.ReconstructionGrid`.
+        A step method like the two above, so a sharded engine gathers its weights for it."""
+        readings = self._readings(batch)
+        pictures = {name: self.objectives()[name].reconstruct(*readings[name][0])
+                    for name in readings}
+        return {name: panels for name, panels in pictures.items() if panels}
+
     def _raise_if_nonfinite(self, terms: dict[str, Tensor], stacked: Tensor) -> None:
         bad = ~torch.isfinite(stacked.detach())
         if bad.any():

@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 from m3i_lightning.backbone import Backbone
 
 STEP_METHODS = ("training_step", "validation_step")
+ENGINE_METHODS = ("reconstructions",)  # the engine's own entry points that run the model
 
 
 def block_classes(model: nn.Module) -> set[type[nn.Module]]:
@@ -76,6 +77,9 @@ def shard(model: nn.Module, mesh) -> None:
     for step in STEP_METHODS:
         if is_overridden(step, model):
             register_fsdp_forward_method(model, step)
+    for method in ENGINE_METHODS:
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
 
 
 def configure(model: nn.Module, mesh=None, *, activation_checkpointing: bool = False,
