@@ -1,0 +1,158 @@
+"""Data-loading benchmark: is the loader fast enough to feed the training step?
+
+    python scripts/bench_data.py [--path DIR] [--workers 2] [--batches 4] [--json FILE]
+
+Measures, on the default CPU model (``backbone=vit_cpu``, ``[mim_feat, clip, cls]``, the
+default batch size):
+
+1. loader images/s of one worker: JPEG decode + both random views + tokenising, i.e. what a
+   DataLoader worker does, through the real ``data=imagefolder`` path, on one thread;
+2. loader images/s with ``--workers`` workers, over a whole epoch including their start-up;
+3. training images/s: forward, backward, optimizer step and EMA update of the same model on
+   a batch from that loader;
+4. the ratios of 1 and 2 to 3: the loader is not the bottleneck when the second is ≥ 1.
+
+Without ``--path`` it writes enough JPEGs of 320×240 (ImageNet's typical size and cost) with
+smooth random content to a temporary folder (``--batches`` batches). Loader and step are
+timed one after the other (the step: median after a warm-up), so on a shared machine both see
+similar load; while training, the workers compete with the step for the same cores.
+``main`` is a section of ``scripts/benchmark.py --data``; ``bench_data`` returns rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def write_jpegs(root: Path, count: int = 512, size: tuple[int, int] = (320, 240)) -> Path:
+    """``count`` JPEGs (quality 90) of smooth random content in 4 class folders."""
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        coarse = rng.integers(0, 256, (size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize(size, Image.BICUBIC)
+        path = root / f"class{i % 4}" / f"{i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, quality=90)
+    return root
+
+
+def default_model(overrides: list[str]):
+    """The default CPU pre-training model of the Hydra config, and that config."""
+    from hydra import compose, initialize_config_dir
+
+    from m3i_lightning.factory import build_model, build_tokenizer_from
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    tokenizer = build_tokenizer_from(cfg.text)
+    return build_model(cfg, 4, tokenizer), cfg, tokenizer
+
+
+def imagefolder_loader(path: Path, cfg, tokenizer, fields: set[str], workers: int):
+    """The training loader of ``data=imagefolder`` with the model's fields and batch size."""
+    from m3i_lightning.data import ImageFolderData
+
+    return ImageFolderData(str(path), img_size=cfg.backbone.img_size,
+                           batch_size=cfg.data.batch_size, num_workers=workers,
+                           val_fraction=0.0, tokenizer=tokenizer,
+                           fields=fields).train_dataloader()
+
+
+def loader_images_per_s(loader) -> float:
+    """Images/s of one whole epoch of ``loader``, timed from ``iter()`` (worker start-up
+    included): prefetched batches cannot flatter it, as they would a per-batch median."""
+    start = time.perf_counter()
+    count = sum(len(batch["view1"]) for batch in loader)
+    return count / (time.perf_counter() - start)
+
+
+def one_worker_images_per_s(loader) -> float:
+    """What one DataLoader worker delivers: the same work in this process on one thread (the
+    DataLoader gives each worker one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return loader_images_per_s(loader)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def step_seconds(model, batch: dict, steps: int) -> list[float]:
+    """Seconds per training step (forward, backward, AdamW, EMA), after one warm-up step."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+    times = []
+    for step in range(steps + 1):
+        start = time.perf_counter()
+        terms, _ = model.forward_terms(batch)
+        optimizer.zero_grad(set_to_none=True)
+        sum(terms.values()).backward()
+        optimizer.step()
+        if model.teacher is not None:
+            model.teacher.update(model.backbone, step, steps + 1)
+        if step:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_data(path: Path | None = None, workers: int = 2, batches: int = 4,
+               overrides: list[str] | None = None) -> list[dict]:
+    """Rows ``{name, value, unit}``: images/s of one loader worker, of the loader with
+    ``workers`` workers and of the training step; per-worker and whole-loader ratios to it."""
+    model, cfg, tokenizer = default_model(overrides or [])
+    fields = model.batch_fields()
+    batch_size = cfg.data.batch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = path or write_jpegs(Path(tmp), batches * batch_size)
+        one = one_worker_images_per_s(imagefolder_loader(folder, cfg, tokenizer, fields, 0))
+        several = loader_images_per_s(imagefolder_loader(folder, cfg, tokenizer, fields,
+                                                         workers))
+        batch = next(iter(imagefolder_loader(folder, cfg, tokenizer, fields, 0)))
+    train = batch_size / statistics.median(step_seconds(model, batch, batches))
+    return [
+        {"name": "loader images/s, one worker (decode + 2 views)", "value": one,
+         "unit": "img/s"},
+        {"name": f"loader images/s, {workers} workers (epoch incl. start-up)", "value": several,
+         "unit": "img/s"},
+        {"name": "training images/s (default CPU model)", "value": train, "unit": "img/s"},
+        {"name": "one worker / training step", "value": one / train, "unit": "ratio"},
+        {"name": f"{workers} workers / training step (>= 1: not the bottleneck)",
+         "value": several / train, "unit": "ratio"},
+    ]
+
+
+def format_rows(rows: list[dict]) -> str:
+    width = max(len(r["name"]) for r in rows)
+    return "\n".join(f"{r['name']:<{width}}  {r['value']:10.2f} {r['unit']}" for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--path", type=Path, help="an image folder (default: synthetic JPEGs)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=4,
+                        help="batches of the synthetic folder; timed training steps")
+    parser.add_argument("--json", type=Path, help="also write the rows to this file")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the model config")
+    args = parser.parse_args(argv)
+    rows = bench_data(args.path, args.workers, args.batches, args.overrides)
+    print(format_rows(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
