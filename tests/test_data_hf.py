@@ -11,7 +11,7 @@ from m3i_lightning.data.hf import HFStream
 from m3i_lightning.data.stream import ViewStream
 from m3i_lightning.data.views import RandomView
 from m3i_lightning.errors import ConfigError
-from m3i_lightning.text import ByteTokenizer
+from m3i_lightning.text import ByteTokenizer, HFTokenizer, TextTower
 
 datasets = pytest.importorskip("datasets")
 
@@ -37,6 +37,21 @@ def saved(tmp_path_factory):
     for part in range(2):
         table.shard(2, part, contiguous=True).to_parquet(str(root / f"part{part}.parquet"))
     return root
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer(tmp_path_factory):
+    """A word-level AutoTokenizer saved to a local folder: what text.tokenizer=PATH loads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "photo", *map(str, range(N))]
+    model = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    model.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path_factory.mktemp("tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=model, pad_token="[PAD]", unk_token="[UNK]",
+                            bos_token="[BOS]", eos_token="[EOS]").save_pretrained(folder)
+    return folder
 
 
 def hf_module(name, **kwargs) -> HFData:
@@ -70,6 +85,24 @@ def test_parquet_streaming_split_by_node(saved):
     assert len(loader) == N // 4 == len(list(loader))
 
 
+def test_local_tokenizer_truncates_to_the_context_length(saved, word_tokenizer, tmp_path):
+    tokenizer = HFTokenizer(str(word_tokenizer), context_length=3)
+    dm = hf_module(saved / "disk", batch_size=N, tokenizer=tokenizer)
+    (batch,) = list(dm.train_dataloader())
+    assert batch["text"].shape == (N, 3)  # "photo 12 photo 12 …" cut to 3 tokens
+    long = tokenizer(["photo 1 photo 2 photo 3", "photo"])
+    assert long["input_ids"].tolist() == [[4, 6, 4], [4, 0, 0]]
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=4, projection_dim=8)).save_pretrained(
+        tmp_path / "tower")
+    assert TextTower(tokenizer, pretrained=str(tmp_path / "tower")).embed_dim == 8
+    with pytest.raises(ConfigError, match="exceeds the 4 positions"):
+        TextTower(HFTokenizer(str(word_tokenizer), 16), pretrained=str(tmp_path / "tower"))
+
+
 def test_bad_configuration_is_a_clear_error(saved):
     with pytest.raises(ConfigError, match="no column 'text'"):
         hf_module(saved / "disk", text_column="text")
@@ -79,9 +112,11 @@ def test_bad_configuration_is_a_clear_error(saved):
         hf_module(saved / "disk", split="test")
 
 
-def test_pretrain_on_streamed_parquet(saved, tmp_path):
-    """The acceptance run on a Hugging Face dataset, offline: parquet files, streaming."""
+def test_pretrain_on_streamed_parquet(saved, word_tokenizer, tmp_path):
+    """The acceptance run on a Hugging Face dataset, offline: parquet files, streaming, and a
+    local AutoTokenizer folder for the captions."""
     done = pretrain(tmp_path / "run", "data=hf", f"data.name='{saved}/*.parquet'",
+                    f"text.tokenizer={word_tokenizer}", "text.context_length=8",
                     "data.streaming=true", "data.text_column=caption",
                     "data.label_column=label", "data.val_fraction=0.3",
                     "data.shuffle_buffer=8", "trainer.max_steps=2")

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from m3i_lightning.errors import ConfigError
+
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens, plus pad/bos/eos: needs no vocabulary file and no download."""
@@ -75,6 +77,11 @@ class TextTower(nn.Module):
             )
             self.model = CLIPTextModelWithProjection(config)
         self.embed_dim = self.model.config.projection_dim
+        positions = self.model.config.max_position_embeddings
+        if tokenizer.context_length > positions:
+            raise ConfigError(f"text.context_length={tokenizer.context_length} exceeds the "
+                              f"{positions} positions of the text tower; captions are cut to "
+                              f"the context length, so set text.context_length<={positions}")
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).text_embeds
