@@ -131,12 +131,7 @@ class FolderSource:
         return len(self.listing.files)
 
     def __getitem__(self, i: int):
-        return self.record(i)[:3]
-
-    def record(self, i: int, decode: bool = True) -> tuple:
-        path = self.listing.files[i]
-        image = decode_image(path) if decode else path
-        return image, self.listing.labels[i], self.listing.captions[i], path
+        return decode_image(self.listing.files[i]), self.listing.labels[i], self.listing.captions[i]
 
 
 class ImageFolderData(ViewDataModule):
@@ -148,9 +143,9 @@ class ImageFolderData(ViewDataModule):
     """
 
     def __init__(self, path: str | None = None, img_size: int = 32, batch_size: int = 128,
-                 num_workers: int = 2,
-                 crop_scale: Sequence[float] = (0.2, 1.0), flip: bool = True,
-                 labels: bool = True, captions: bool = True, text_column: str | None = None,
+                 num_workers: int = 2, crop_scale: Sequence[float] = (0.2, 1.0),
+                 flip: bool = True, labels: bool = True, captions: bool = True,
+                 text_column: str | None = None,
                  val_fraction: float = 0.01, seed: int = 0, tokenizer=None,
                  fields: set[str] | None = None) -> None:
         super().__init__(img_size, batch_size, num_workers, crop_scale, flip, tokenizer, fields,
@@ -170,9 +165,7 @@ class ImageFolderData(ViewDataModule):
                         train_root, ", ".join(train.ignored[:5]))
         if not train.files:
             raise ConfigError(f"no image files under {train_root}")
-        source = FolderSource(train)
-        require_usable((source.record(i, decode=False) for i in range(len(source))),
-                       str(train_root))
+        require_usable(((path, None, None, path) for path in train.files), str(train_root))
         if val_root is not None:
             val = list_folder(val_root, classes, text_column)
         else:

@@ -147,7 +147,7 @@ def shard_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]] | BadSample
     the gap is dropped and reported once as a broken member. When the shard cannot be read on,
     the sample being read is dropped with the shard's error.
     """
-    key, group, damaged, broken = None, {}, False, None
+    key, group, damaged, broken = None, {}, None, None
     for item in tar_members(url):
         if isinstance(item, BadSample) and item.reason == "broken tar member":
             broken = item
@@ -159,19 +159,15 @@ def shard_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]] | BadSample
         member_key, ext = split_name(item[0])
         if member_key != key:
             if group:
-                yield broken_or(key, group, damaged)
-            key, group, damaged = member_key, {}, False
+                yield damaged or (key, group)
+            key, group, damaged = member_key, {}, None
         if broken is not None:
             damaged, broken = broken, None
         group[ext] = item[1]
     if group:
-        yield broken_or(key, group, damaged)
+        yield damaged or (key, group)
     if broken is not None:
         yield broken
-
-
-def broken_or(key: str, group: dict, damaged) -> tuple[str, dict] | BadSample:
-    return damaged if damaged else (key, group)
 
 
 def to_record(url: str, key: str, group: dict[str, bytes],
@@ -251,9 +247,9 @@ class WebDatasetData(ViewDataModule):
     """
 
     def __init__(self, urls: str | Sequence[str] | None = None, img_size: int = 32,
-                 batch_size: int = 128,
-                 num_workers: int = 2, crop_scale: Sequence[float] = (0.2, 1.0),
-                 flip: bool = True, num_samples: int | None = None,
+                 batch_size: int = 128, num_workers: int = 2,
+                 crop_scale: Sequence[float] = (0.2, 1.0), flip: bool = True,
+                 num_samples: int | None = None,
                  num_classes: int | None = None, val_urls: str | Sequence[str] | None = None,
                  val_fraction: float = 0.01, resampled: bool = False,
                  shuffle_buffer: int = 1000, eval_samples: int = 10000, captions: bool = True,

@@ -58,7 +58,7 @@ class SkipReport(L.Callback):
             counts = sum((c for c, _ in gathered), Counter())
             examples = {k: v for _, e in reversed(gathered) for k, v in e.items()}
         total = sum(counts.values())
-        pl_module.log("data/skipped", float(total), rank_zero_only=True)
+        pl_module.log("data/skipped", float(total), sync_dist=True)  # equal on every rank
         if total and trainer.is_global_zero:
             log.warning("skipped %d samples: %s", total, summary(counts, examples))
         self.counts, self.examples = Counter(), {}

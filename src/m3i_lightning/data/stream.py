@@ -57,9 +57,6 @@ class Reader:
                              f"reader {self.index} of {self.count}")
 
 
-Record = tuple  # (image bytes | path, label int | None, caption str | None, name str)
-
-
 def held_out(key: str | bytes, fraction: float) -> bool:
     """Whether the sample with this key (a name, or the image bytes when there is none) is in
     the held-out split: a stable hash, so every reader and every epoch agree without an index."""
