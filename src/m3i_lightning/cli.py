@@ -10,9 +10,15 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from m3i_lightning.checkpointing import (
+    AtomicCheckpointIO,
+    ExactResume,
+    LastCheckpoint,
+    resume_path,
+)
 from m3i_lightning.data.skips import SkipReport
 from m3i_lightning.errors import ConfigError, M3IError
 from m3i_lightning.factory import (
@@ -21,6 +27,8 @@ from m3i_lightning.factory import (
     build_tokenizer_from,
 )
 from m3i_lightning.runfolder import finish_run, run_callbacks, run_loggers
+from m3i_lightning.sharding import consolidated
+from m3i_lightning.strategies import build_strategy
 
 log = logging.getLogger("m3i_lightning")
 
@@ -29,7 +37,6 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if kwargs["precision"] == "auto":
         kwargs["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
-    kwargs["strategy"] = cfg.strategy.name
     return kwargs
 
 
@@ -53,15 +60,19 @@ def pretrain(cfg: DictConfig) -> dict:
     datamodule.fields = model.batch_fields()
     trainer = L.Trainer(
         **trainer_kwargs(cfg),
+        strategy=build_strategy(cfg.strategy, model),
+        plugins=[AtomicCheckpointIO()],
         default_root_dir=out,
         logger=run_loggers(cfg, out),
         callbacks=[*run_callbacks(cfg, datamodule, out),
-                   ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0),
-                   LearningRateMonitor("step"), SkipReport()],
+                   LastCheckpoint(out / "checkpoints", cfg.checkpoint.every_n_steps),
+                   ExactResume(), LearningRateMonitor("step"), SkipReport()],
     )
     if cfg.get("global_batch_size"):
         datamodule.batch_size = per_device_batch(cfg.global_batch_size, trainer.world_size)
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg.resume, out),
+                weights_only=True)
+    model = consolidated(model, lambda: build_model(cfg, datamodule.num_classes, tokenizer))
     results = {"run_dir": str(out), **finish_run(trainer, model, datamodule, tokenizer, cfg, out)}
     if trainer.is_global_zero:
         print(f"run folder: {out}")

@@ -135,4 +135,5 @@ def build_model(cfg: DictConfig, num_classes: int, tokenizer) -> MultiObjective:
         mask_ratio=cfg.mask.ratio, teacher_momentum=cfg.teacher.momentum,
         teacher_final_momentum=cfg.teacher.final_momentum, teacher=teacher,
         optim=_plain(cfg.optim),
-        check_finite_every=cfg.check_finite_every, mix=cfg.mix)
+        check_finite_every=cfg.check_finite_every, mix=cfg.mix,
+        activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)

@@ -14,11 +14,11 @@ runs on local shards (:func:`m3i_lightning.teacher.ema_`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
-
-from m3i_lightning.backbone import Backbone
 
 STEP_METHODS = ("training_step", "validation_step")
 ENGINE_METHODS = ("reconstructions",)  # the engine's own entry points that run the model
@@ -44,8 +44,9 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute the blocks of the ViTs (timm's flag, honoured by :class:`Backbone`) and of the
-    ``transformers`` text tower in the backward pass instead of storing their activations."""
+    """Recompute the blocks of the ViTs (timm's flag, honoured by the library's ``Backbone``)
+    and of the ``transformers`` text tower in the backward pass instead of storing their
+    activations."""
     for module in model.modules():
         if hasattr(module, "set_grad_checkpointing"):
             module.set_grad_checkpointing(True)
@@ -106,13 +107,20 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def gathered_backbone(backbone: Backbone) -> Backbone:
-    """A plain copy of ``backbone`` with full weights, for export and evaluation after a
-    sharded run (a collective: every rank must call it); ``backbone`` itself when unsharded."""
-    state = backbone.state_dict()
-    if not any(isinstance(v, DTensor) for v in state.values()):
-        return backbone
-    copy = Backbone(backbone.arch, **backbone.timm_kwargs)
-    copy.load_state_dict({k: v.full_tensor() if isinstance(v, DTensor) else v
-                          for k, v in state.items()})
-    return copy.to(next(iter(state.values())).device)
+def consolidated(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
+    """The trained ``model`` with full weights, for export and evaluation: ``model`` itself
+    when unsharded; after an FSDP2 run, on rank 0 a fresh ``build()`` holding the gathered
+    weights, on the other ranks ``model`` unchanged. Every rank must call it (the gather is a
+    collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    device = next(model.parameters()).device
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return model
+    state = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not state:  # only rank 0 receives the full state
+        return model
+    full = build()
+    full.load_state_dict(state)
+    return full.to(device)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
+from m3i_lightning.data.sampling import ResumableLoader, ResumableSampler
 from m3i_lightning.data.skips import BadSample
 from m3i_lightning.data.views import RandomView
 from m3i_lightning.errors import M3IError
@@ -22,9 +23,9 @@ class ViewDataset(Dataset):
 
     ``source[i]`` returns ``(image float [3,H,W] in [0,1], label int | None, caption str | None)``
     or raises :class:`BadSample`; a bad sample is replaced by a random other one, which carries
-    the reason in ``skipped`` so the batch size stays fixed (ranks must agree on it). Crops
-    draw from torch's generator of the worker, which ``seed_everything(workers=True)`` seeds
-    per rank and worker, so runs with the same seed and worker count are reproducible.
+    the reason in ``skipped`` so the batch size stays fixed (ranks must agree on it). In
+    training, the random draws of a sample come from the seed its key carries (see
+    :meth:`__getitem__`), so a run is reproducible with any worker count and resumes exactly.
     """
 
     def __init__(self, source: Sequence, view: RandomView, fields: set[str],
@@ -34,7 +35,12 @@ class ViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """``key``: an index, or ``(index, seed)`` from a
+        :class:`~m3i_lightning.data.sampling.ResumableSampler`: every random draw of the sample
+        then comes from ``seed``, whichever worker builds it and whenever."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        rng = random.Random(int(torch.randint(2**62, ())) if seed is None else seed)
         skipped = []
         for _ in range(MAX_REPLACEMENTS):
             try:
@@ -42,22 +48,24 @@ class ViewDataset(Dataset):
                 break
             except BadSample as bad:
                 skipped.append(str(bad))
-                index = int(torch.randint(len(self.source), ()))
+                index = rng.randrange(len(self.source))
         else:
             raise M3IError(f"{MAX_REPLACEMENTS} samples in a row could not be used, so most of "
                            f"the data is broken; the last: {skipped[-1]}")
-        sample = self.build(*record)
+        sample = self.build(*record, rng=rng)
         if skipped:
             sample["skipped"] = skipped
         return sample
 
-    def build(self, image, label: int | None, caption: str | None) -> dict:
-        """The requested fields of one decoded record; streamed datasets share it."""
+    def build(self, image, label: int | None, caption: str | None,
+              rng: random.Random | None = None) -> dict:
+        """The requested fields of one decoded record; streamed datasets share it (their
+        crops draw from the worker's torch generator when no ``rng`` is given)."""
         sample: dict = {}
         if not self.train:
             sample["image"] = self.view.center(image)
         else:
-            rng = random.Random(int(torch.randint(2**62, ())))
+            rng = rng or random.Random(int(torch.randint(2**62, ())))
             for name in ("view1", "view2"):
                 if name in self.fields:
                     sample[name], sample[f"{name}_geometry"] = self.view(image, rng)
@@ -90,12 +98,14 @@ class Collate:
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, tokenizer=None,
-                shuffle: bool = False, drop_last: bool = False) -> DataLoader:
+                shuffle: bool = False, drop_last: bool = False, seed: int = 0) -> DataLoader:
     """The one DataLoader of every data module: decoding, both crops and tokenising run in
     persistent workers and batches arrive pinned on a GPU machine, so the training process
-    does nothing per sample. Streamed datasets shuffle themselves."""
-    return DataLoader(dataset, batch_size=batch_size,
-                      shuffle=shuffle and not isinstance(dataset, IterableDataset),
-                      drop_last=drop_last, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, collate_fn=Collate(tokenizer),
-                      pin_memory=torch.cuda.is_available())
+    does nothing per sample. Streamed datasets shuffle themselves; map-style data shuffles
+    with ``seed`` through a :class:`ResumableLoader`, which resumes mid-epoch exactly."""
+    options = dict(batch_size=batch_size, drop_last=drop_last, num_workers=num_workers,
+                   persistent_workers=num_workers > 0, collate_fn=Collate(tokenizer),
+                   pin_memory=torch.cuda.is_available())
+    if shuffle and not isinstance(dataset, IterableDataset):
+        return ResumableLoader(dataset, ResumableSampler(dataset, seed), **options)
+    return DataLoader(dataset, **options)

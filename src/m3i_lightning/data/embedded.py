@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from m3i_lightning.data.dataset import Collate, ViewDataset
+from m3i_lightning.data.dataset import ViewDataset, make_loader
 from m3i_lightning.data.views import RandomView
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -55,10 +55,10 @@ class EmbeddedDigits(L.LightningDataModule):
                  num_workers: int = 2, val_fraction: float = 0.2, split_seed: int = 0,
                  crop_scale: tuple[float, float] = (0.35, 1.0), flip: bool = True,
                  labels: bool = True, captions: bool = True, tokenizer=None,
-                 fields: set[str] | None = None) -> None:
+                 fields: set[str] | None = None, seed: int = 0) -> None:
         super().__init__()
         self.img_size, self.source_size = img_size, source_size
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.view = RandomView(img_size, crop_scale, flip=flip)
         self.labels_on, self.captions_on = labels, captions
@@ -89,11 +89,8 @@ class EmbeddedDigits(L.LightningDataModule):
                             self.captions_on)
 
     def _loader(self, dataset, shuffle: bool, drop_last: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
-                          drop_last=drop_last, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0,
-                          collate_fn=Collate(self.tokenizer),
-                          pin_memory=torch.cuda.is_available())
+        return make_loader(dataset, self.batch_size, self.num_workers, self.tokenizer,
+                           shuffle=shuffle, drop_last=drop_last, seed=self.seed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(ViewDataset(self.source("train"), self.view, self.fields), True, True)

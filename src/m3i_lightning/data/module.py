@@ -52,7 +52,7 @@ class ViewDataModule(L.LightningDataModule):
     def loader(self, dataset: Dataset, train: bool, num_workers: int | None = None) -> DataLoader:
         workers = self.num_workers if num_workers is None else num_workers
         return make_loader(dataset, self.batch_size, workers, self.tokenizer, shuffle=train,
-                           drop_last=train)
+                           drop_last=train, seed=self.seed)
 
     def val_dataloader(self) -> list[DataLoader]:
         """The online monitors' memory (train split) then queries (val split), whole labelled

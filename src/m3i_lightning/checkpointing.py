@@ -1,0 +1,178 @@
+"""Checkpoints that a preempted or crashed job resumes from exactly.
+
+- :class:`AtomicCheckpointIO` writes each file next to its target and renames it over the
+  target, so a crash while saving leaves the previous ``last.ckpt`` intact.
+- :class:`LastCheckpoint` writes ``last.ckpt`` every N optimizer steps (or per epoch) and at
+  the end of training.
+- :class:`ExactResume` adds what Lightning's checkpoint lacks for an exact continuation: the
+  random generators of every rank, and the data position (see
+  :mod:`m3i_lightning.data.sampling`) restored reliably. Model, teacher, queues (buffers),
+  logit scale, optimizer, LR schedule and loop counters are Lightning's own.
+- :func:`resume_path` finds the checkpoint to resume from: ``resume=auto`` takes the newest of
+  the run folder, for jobs that restart into the same folder.
+
+Everything in a checkpoint is tensors, numbers and strings, so it loads with
+``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import CombinedLoader
+
+from m3i_lightning.errors import ConfigError
+
+log = logging.getLogger("m3i_lightning")
+
+PARTIAL_SUFFIX = ".partial"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Stream the checkpoint into ``<name>.partial`` in the target's folder, flush it to disk,
+    then rename it over the target: a rename within a folder is atomic (POSIX), so readers see
+    the old checkpoint or the new one, never a truncated file. Lightning's own writer stages
+    the file in the system temp folder, which is atomic only when that folder shares the
+    target's filesystem (rarely so on a cluster), and first holds the whole checkpoint in
+    memory. Local and network filesystems, not object stores."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + PARTIAL_SUFFIX)
+        with open(partial, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` only, always under that name (no ``last-v1.ckpt`` when a resumed run
+    finds it), every ``every_n_steps`` optimizer steps (None: Lightning's per-epoch trigger),
+    and once more at the end of training: the final state is always on disk."""
+
+    def __init__(self, dirpath: Path, every_n_steps: int | None = None) -> None:
+        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0,
+                         every_n_train_steps=every_n_steps, enable_version_counter=False)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class ExactResume(Callback):
+    """Saves what an exact continuation needs beyond Lightning's own state, and restores it
+    when the resumed training starts (late on purpose: whatever draws while the run is set up
+    stays out of the random streams):
+
+    - the torch (CPU and CUDA), Python and NumPy generators of every rank, so masks, mixing
+      partners and any other draw continue as if the run had never stopped;
+    - the position of the stateful training loaders. Lightning saves it too but drops it on
+      resume when ``configure_optimizers`` reads ``estimated_stepping_batches``, as the engine
+      does (Lightning issue #20550); loading it twice is harmless.
+    """
+
+    KEY = "m3i_resume"
+
+    def __init__(self) -> None:
+        self._to_restore: dict | None = None
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        state = _capture()
+        ranks = [state]
+        if dist.is_available() and dist.is_initialized():
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, state)
+        checkpoint[self.KEY] = {"random": ranks,
+                                "loaders": [loader.state_dict() for loader in _stateful(trainer)]}
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self._to_restore = checkpoint.get(self.KEY)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        state, self._to_restore = self._to_restore, None
+        if state is None:
+            return
+        loaders = _stateful(trainer)
+        if len(loaders) == len(state["loaders"]):
+            for loader, position in zip(loaders, state["loaders"], strict=True):
+                loader.load_state_dict(position)
+        if len(state["random"]) == trainer.world_size:
+            _restore(state["random"][trainer.global_rank])
+        else:
+            log.warning("resuming %d rank(s) from a checkpoint of %d: random streams restart "
+                        "from the seed", trainer.world_size, len(state["random"]))
+
+
+def _stateful(trainer: Trainer) -> list:
+    """The training loaders that can save their position (``state_dict``)."""
+    if trainer.train_dataloader is None:
+        return []
+    return [loader for loader in CombinedLoader(trainer.train_dataloader).flattened
+            if hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict")]
+
+
+def _capture() -> dict[str, Any]:
+    numpy_state = np.random.get_state(legacy=False)
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {**numpy_state, "state": {
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": numpy_state["state"]["pos"]}},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    np.random.set_state({**numpy_state, "state": {
+        "key": numpy_state["state"]["key"].numpy().astype(np.uint32),
+        "pos": numpy_state["state"]["pos"]}})
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoints_in(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run folder: ``checkpoints/*.ckpt`` and the
+    ``hpc_ckpt_*.ckpt`` Lightning writes when SLURM requeues a job (never ``*.partial``)."""
+    run_dir = Path(run_dir)
+    return [p for p in [*run_dir.glob("*.ckpt"), *(run_dir / "checkpoints").glob("*.ckpt")]
+            if p.is_file()]
+
+
+def resume_path(resume: str | None, run_dir: Path) -> str | None:
+    """``resume``: null (start fresh), ``auto`` (the newest checkpoint of ``run_dir``, or a
+    fresh start when there is none yet) or a checkpoint path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = max(checkpoints_in(run_dir), key=lambda p: p.stat().st_mtime, default=None)
+        if found is None:
+            log.info("resume=auto: no checkpoint in %s yet, starting fresh", run_dir)
+            return None
+        log.info("resume=auto: resuming from %s", found)
+        return str(found)
+    if not Path(resume).is_file():
+        raise ConfigError(f"resume={resume}: no such checkpoint file; use resume=auto to take "
+                          "the newest checkpoint of the run folder")
+    return str(resume)

@@ -1,0 +1,67 @@
+"""The Lightning strategy named by ``conf/strategy``: the one place a name becomes an engine.
+
+- ``auto``: Lightning picks (one device, or DDP over several).
+- ``ddp``: data parallel; contrastive negatives are gathered across ranks by the objectives.
+- ``fsdp``: FSDP2 (``fully_shard`` per transformer block, see :mod:`m3i_lightning.sharding`)
+  through Lightning's ``ModelParallelStrategy``; runs on CPU (gloo) as on GPUs (nccl).
+- ``fsdp1``: Lightning's ``FSDPStrategy`` (FSDP1) wrapping the same blocks; CUDA only.
+
+Sharded runs write consolidated checkpoints (one file, gathered on rank 0), so ``last.ckpt``
+is written atomically like any other and resumes under any strategy or world size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
+
+from m3i_lightning.backbone import Backbone
+from m3i_lightning.errors import ConfigError
+from m3i_lightning.objectives.base import Objective
+from m3i_lightning.pretraining import Pretraining
+from m3i_lightning.sharding import block_classes
+
+STRATEGIES = ("auto", "ddp", "fsdp", "fsdp1")
+
+
+class FullyShardedDataParallel(ModelParallelStrategy):
+    """``ModelParallelStrategy`` as pure FSDP2 data parallelism: one data-parallel group of
+    every process (its defaults would give tensor parallelism within a node instead, and every
+    process of a node the same batch)."""
+
+    def __init__(self) -> None:
+        super().__init__(tensor_parallel_size=1, save_distributed_checkpoint=False)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+def build_strategy(cfg: Mapping, model: Pretraining) -> Strategy | str:
+    """The strategy for ``cfg.name``; ``model`` gives the block classes FSDP1 wraps."""
+    name = cfg["name"]
+    if name in ("auto", "ddp"):
+        return name
+    if name == "fsdp":
+        return FullyShardedDataParallel()
+    if name == "fsdp1":
+        return _fsdp1(model)
+    raise ConfigError(f"unknown strategy '{name}'; choose one of {STRATEGIES}")
+
+
+def _fsdp1(model: Pretraining) -> FSDPStrategy:
+    """FSDP1 flattens each wrapped unit's parameters into one buffer and shards that, so an EMA
+    copy only holds the same slice as its source when both are their own units: the backbone
+    and the teacher are wrapped whole (around their blocks); averaged heads are refused."""
+    if not torch.cuda.is_available():
+        raise ConfigError("strategy=fsdp1 (Lightning FSDPStrategy) needs CUDA GPUs; use "
+                          "strategy=fsdp (FSDP2), which also runs on CPU")
+    averaged = sorted(name for name, objective in model.objectives().items()
+                      if type(objective).ema_update is not Objective.ema_update)
+    if averaged:
+        raise ConfigError(f"strategy=fsdp1 cannot average the heads of {averaged} shard by "
+                          "shard; use strategy=fsdp (FSDP2)")
+    return FSDPStrategy(auto_wrap_policy=block_classes(model) | {Backbone},
+                        state_dict_type="full")

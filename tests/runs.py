@@ -1,0 +1,45 @@
+"""Tiny command-line runs for the scale-out tests: the overrides, the subprocess, the losses."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# A 16 px ViT of depth 1 and tiny heads for [mim_feat, clip, cls]; no validation passes and no
+# export, so a run is mostly its ~10 s of imports.
+TINY_RUN = ["objective=[mim_feat,clip,cls]", "backbone.depth=1", "backbone.embed_dim=32",
+            "backbone.num_heads=2", "backbone.img_size=16", "data.source_size=16",
+            "data.num_workers=0", "trainer.log_every_n_steps=1",
+            "+trainer.limit_val_batches=0", "export=false", "probe.epochs=1",
+            "objective.clip.text_width=32", "objective.clip.proj_dim=32",
+            "objective.clip.text_layers=1", "objective.clip.text_heads=2",
+            "objective.mim_feat.predictor_dim=32", "objective.mim_feat.predictor_depth=1",
+            "objective.mim_feat.predictor_heads=2"]
+TWO_CPU_PROCESSES = ["trainer.accelerator=cpu", "trainer.devices=2"]
+
+
+def run(*args: str, cwd: Path | None = None, prelude: str | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m m3i_lightning *args``, one thread per process (the machine is shared).
+    ``prelude``: Python run first in the same process (to inject a failure)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    if prelude is None:
+        command = [sys.executable, "-m", "m3i_lightning", *args]
+    else:
+        command = [sys.executable, "-c", f"{prelude}\nfrom m3i_lightning.cli import main\nmain()",
+                   *args]
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+    if check:
+        assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
+    """Step → logged value of ``key`` in the run's ``metrics.csv``."""
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return {int(row["step"]): float(row[key]) for row in csv.DictReader(f) if row.get(key)}

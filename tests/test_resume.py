@@ -1,0 +1,106 @@
+"""Exact resume: the data position and crops survive a restart, ``resume=auto`` finds the newest
+checkpoint, and a run killed while writing a checkpoint resumes from the previous one onto
+the very trajectory of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from conftest import digits_module
+from runs import TINY_RUN, losses, run
+
+from m3i_lightning.checkpointing import resume_path
+from m3i_lightning.errors import ConfigError
+
+
+def _batches(loader) -> list[torch.Tensor]:
+    return [batch["view1"] for batch in loader]
+
+
+def test_loader_resumes_mid_epoch_with_the_same_crops_whatever_the_workers(tokenizer):
+    """The order is a function of (seed, epoch) and each sample's crops of its own seed: one
+    worker process or none give the same batches; a fresh loader given the state after 3
+    batches delivers exactly the rest of the epoch; the next epoch starts from its beginning
+    with another order."""
+    loader = digits_module(tokenizer, batch_size=64, seed=7).train_dataloader()
+    epoch = _batches(loader)
+    with_workers = digits_module(tokenizer, batch_size=64, seed=7)
+    with_workers.num_workers = 1
+    assert all(torch.equal(a, b)
+               for a, b in zip(_batches(with_workers.train_dataloader()), epoch, strict=True))
+
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state = loader.state_dict()
+    assert state == {"epoch": 0, "batches": 3}
+    resumed = digits_module(tokenizer, batch_size=64, seed=7).train_dataloader()
+    resumed.load_state_dict(state)
+    rest = _batches(resumed)
+    assert len(rest) == len(epoch) - 3
+    assert all(torch.equal(a, b) for a, b in zip(rest, epoch[3:], strict=True))
+
+    resumed.sampler.set_epoch(1)
+    next_epoch = _batches(resumed)
+    assert len(next_epoch) == len(epoch)
+    assert not torch.equal(next_epoch[0], epoch[0])
+
+
+def test_resume_auto_takes_the_newest_checkpoint_of_the_run_folder(tmp_path):
+    assert resume_path(None, tmp_path) is None
+    assert resume_path("auto", tmp_path) is None  # nothing yet: a fresh start
+    (tmp_path / "checkpoints").mkdir()
+    old, new = tmp_path / "hpc_ckpt_1.ckpt", tmp_path / "checkpoints" / "last.ckpt"
+    for path in (old, new, tmp_path / "checkpoints" / "last.ckpt.partial"):
+        path.write_bytes(b"")
+        time.sleep(0.01)
+    os.utime(old, (time.time() - 60, time.time() - 60))
+    assert resume_path("auto", tmp_path) == str(new)
+    assert resume_path(str(old), tmp_path) == str(old)
+    with pytest.raises(ConfigError, match="no such checkpoint"):
+        resume_path(str(tmp_path / "missing.ckpt"), tmp_path)
+
+
+# Kill the process with SIGKILL half-way through writing its second checkpoint.
+KILL_ON_SECOND_SAVE = """
+import io, os, signal, torch
+real_save, calls = torch.save, []
+def save(obj, f, *args, **kwargs):
+    calls.append(1)
+    if len(calls) < 2:
+        return real_save(obj, f, *args, **kwargs)
+    data = io.BytesIO()
+    real_save(obj, data, *args, **kwargs)
+    f.write(data.getvalue()[: len(data.getvalue()) // 2])
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save
+"""
+
+
+def test_run_killed_while_saving_resumes_exactly(tmp_path):
+    """40 steps of [mim_feat, clip, cls] (batch 64: 22 per epoch), last.ckpt every 15 steps.
+    The run killed while writing the step-30 checkpoint leaves the step-15 last.ckpt loadable
+    (weights_only) and only a torn ``last.ckpt.partial``. Restarted with resume=auto, it
+    resumes from step 15, mid-epoch, and its losses at steps 15..39 (across the epoch
+    boundary) equal the uninterrupted run's exactly: weights, teacher, optimizer, LR schedule,
+    step counters, random streams (masks) and data position (order, crops) are all restored."""
+    args = [*TINY_RUN, "data.batch_size=64", "trainer.max_steps=40",
+            "checkpoint.every_n_steps=15"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run(*args, f"hydra.run.dir={whole}")
+    done = run(*args, f"hydra.run.dir={killed}", prelude=KILL_ON_SECOND_SAVE, check=False)
+    assert done.returncode == -9, done.stderr[-3000:]
+
+    last = killed / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 15
+    with pytest.raises(Exception):  # noqa: B017 - any unpickling error of the torn file
+        torch.load(killed / "checkpoints" / "last.ckpt.partial", weights_only=True)
+
+    run(*args, "resume=auto", f"hydra.run.dir={killed}")
+    resumed, expected = losses(killed), losses(whole)
+    assert sorted(resumed) == list(range(15, 40))
+    assert resumed == {step: expected[step] for step in resumed}
