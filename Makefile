@@ -26,5 +26,9 @@ test: install
 lint: install
 	$(BIN)/ruff check src tests scripts
 
+# Training-step throughput, composition / overhead / masking ratios, peak memory, GPU MFU.
+bench: install
+	$(BIN)/python scripts/benchmark.py $(ARGS)
+
 clean:
 	rm -rf outputs multirun lightning_logs .pytest_cache

@@ -266,9 +266,14 @@ class Pretraining(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
+        self.update_teacher(self.trainer.global_step, int(self.trainer.estimated_stepping_batches))
+
+    def update_teacher(self, step: int, total_steps: int) -> None:
+        """After an optimizer step: the teacher, then the objectives' averaged heads, follow the
+        student. Public so that a loop stepping the optimizer itself (scripts/benchmark.py)
+        runs exactly the Trainer's step."""
         if self.teacher is not None:
-            momentum = self.teacher.update(self.backbone, self.trainer.global_step,
-                                           int(self.trainer.estimated_stepping_batches))
+            momentum = self.teacher.update(self.backbone, step, total_steps)
             for objective in self.objectives().values():
                 objective.ema_update(momentum)
 

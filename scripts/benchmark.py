@@ -1,0 +1,724 @@
+"""Benchmark of the training step: what composing objectives, masking and Lightning cost.
+
+The point of all-in-one pre-training is several objectives for about the price of one, so this
+measures, in one run (DESIGN.md §6):
+
+1. images/s of a training step for each single objective, ``[mim_feat, clip, cls]`` (input
+   shared and native), the M3I experiment and all registered objectives, on the default CPU
+   model and on ViT-B/16;
+2. the composition ratio: one ``[mim_feat, clip, cls]`` step over the sum of the three single
+   steps (each with its reference input, ``input=native``);
+3. the overhead ratio: a step inside a real ``Trainer.fit`` (progress bar, logger) over a
+   hand-written plain-PyTorch step of the same computation;
+4. masked encoding: the encoder's forward+backward at mask ratio 0.75 against 0;
+5. peak memory per configuration;
+6. on CUDA: images/s and MFU of the ViT-B/16 M3I step in bf16, with and without torch.compile.
+
+Every figure is a median over repeated steps after warm-up. On a shared machine the load
+changes while the benchmark runs, so the configurations of one model are stepped in
+interleaved rounds and each ratio is the median of its per-round ratios: a burst of load hits
+numerator and denominator alike. ViT-B models are too big to hold all at once; they run one
+after the other, and their ratios are ratios of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import m3i_lightning
+from m3i_lightning.factory import build_datamodule, build_model, build_tokenizer_from
+from m3i_lightning.objectives import OBJECTIVES
+from m3i_lightning.optim import build_optimizer
+from m3i_lightning.pretraining import MultiObjective
+
+CONF_DIR = Path(m3i_lightning.__file__).resolve().parent / "conf"
+COMPOSED = ("mim_feat", "clip", "cls")
+M3I_FALLBACK = ["mix=true", "objective=[mim_feat,sim_feat,cls,clip]"]
+TARGETS = {  # name: (comparison, target)
+    "composition shared": ("<=", 0.40),
+    "composition native": ("<=", 0.70),
+    "overhead Lightning/plain": ("<=", 1.05),
+    "masked encoding speed-up": (">=", 2.5),
+}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0}
+# The engine logs without a Trainer when a loop calls training_step itself; that is intended.
+warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
+warnings.filterwarnings("ignore", message=r".*does not have many workers")
+
+
+@dataclass
+class Spec:
+    """One configuration: Hydra overrides on top of conf/config.yaml, and its batch size."""
+
+    model: str
+    label: str
+    overrides: list[str]
+    batch_size: int
+
+    def all_overrides(self, extra: list[str]) -> list[str]:
+        return [f"backbone={self.model}", f"data.batch_size={self.batch_size}",
+                "data.num_workers=0", *self.overrides, *extra]
+
+
+@dataclass
+class Case:
+    """A built configuration, stepped as the Trainer would: training_step, backward, gradient
+    clipping when the config asks, AdamW, learning-rate schedule, then the EMA update
+    (:meth:`Pretraining.update_teacher`)."""
+
+    spec: Spec
+    model: MultiObjective
+    batch: dict
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    total_steps: int
+    clip_norm: float | None = None
+    steps: int = 0
+    autocast: contextlib.AbstractContextManager | None = field(default=None, repr=False)
+
+    def step(self, syncs: SyncCounter | None = None) -> None:
+        """One step; ``syncs`` counts the library's host-device syncs (torch's optimizer left
+        out: its CPU-resident step counters read as syncs here and are none on CUDA)."""
+        ours = syncs or contextlib.nullcontext()
+        with self.autocast or contextlib.nullcontext(), ours:
+            loss = self.model.training_step(self.batch, self.steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        with ours:
+            loss.backward()
+            if self.clip_norm:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for group in self.optimizer.param_groups for p in group["params"]],
+                    self.clip_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        with ours:
+            self.model.update_teacher(self.steps, self.total_steps)
+        self.steps += 1
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the operations that make the host wait for the device on CUDA: reading a value
+    (``item``, ``bool``, ``tolist``), data-dependent shapes (``nonzero``, boolean indexing,
+    ``masked_select``, ``unique``, ``repeat_interleave`` without ``output_size``), ``equal``.
+    They are counted wherever the step runs, so a CPU run shows what would stall a GPU."""
+
+    READS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "_unique2",
+                       "unique_dim", "unique_consecutive", "equal", "bincount"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.count += self.waits(func.overloadpacket.__name__, args, kwargs)
+        return func(*args, **kwargs)
+
+    def waits(self, name: str, args: tuple, kwargs: dict) -> bool:
+        if name in self.READS:
+            return True
+        if name == "repeat_interleave":
+            return kwargs.get("output_size") is None
+        if name.startswith("index") and len(args) > 1 and isinstance(args[1], list | tuple):
+            return any(t is not None and t.dtype == torch.bool for t in args[1])
+        return False
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
+
+
+def m3i_overrides() -> list[str]:
+    """``experiment=m3i`` once the recipe exists; until then its objective set, mixed."""
+    if not (CONF_DIR / "experiment" / "m3i.yaml").exists():
+        return M3I_FALLBACK
+    defaults = OmegaConf.load(CONF_DIR / "config.yaml").defaults
+    listed = any(isinstance(d, Mapping) and "experiment" in d for d in defaults)
+    return ["experiment=m3i" if listed else "+experiment=m3i"]
+
+
+def build_case(spec: Spec, extra: list[str], device: torch.device,
+               total_steps: int = 1000) -> Case:
+    """Model, optimizer and one real batch of the embedded data with the fields it needs."""
+    torch.manual_seed(0)
+    cfg = compose(spec.all_overrides(extra))
+    tokenizer = build_tokenizer_from(cfg.text)
+    data = build_datamodule(cfg.data, tokenizer)
+    model = build_model(cfg, data.num_classes, tokenizer).to(device)
+    data.fields = model.batch_fields()
+    data.setup("fit")
+    batch = {k: v.to(device) if torch.is_tensor(v) else v
+             for k, v in next(iter(data.train_dataloader())).items()}
+    optim = build_optimizer(model, model.optim, total_steps)
+    model.train()
+    return Case(spec, model, batch, optim["optimizer"], optim["lr_scheduler"]["scheduler"],
+                total_steps, cfg.trainer.get("gradient_clip_val"))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_rounds(steps: dict[str, Callable[[], None]], warmup: int, repeats: int,
+                device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each step, the steps taking turns round after round."""
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            times[name].append(timed(fn, device))
+    return times
+
+
+def median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    return statistics.median(n / d for n, d in zip(numerator, denominator, strict=True))
+
+
+def specs_for(model: str, batch_size: int, singles: list[str]) -> list[Spec]:
+    composed = f"objective=[{','.join(COMPOSED)}]"
+    specs = [Spec(model, name, [f"objective=[{name}]", "input=native"], batch_size)
+             for name in singles]
+    specs += [Spec(model, "[mim_feat,clip,cls] shared", [composed, "input=shared"], batch_size),
+              Spec(model, "[mim_feat,clip,cls] native", [composed, "input=native"], batch_size),
+              Spec(model, "experiment=m3i", m3i_overrides(), batch_size),
+              Spec(model, f"all {len(OBJECTIVES)}",
+                   [f"objective=[{','.join(OBJECTIVES)}]", "input=shared"], batch_size)]
+    return specs
+
+
+def composition_ratios(times: dict[str, list[float]], model: str, per_round: bool) -> list[dict]:
+    """Composed step over the sum of the three single steps, per input mode."""
+    rows = []
+    singles = [sum(parts) for parts in zip(*(times[n] for n in COMPOSED), strict=True)]
+    for mode in ("shared", "native"):
+        multi = times[f"[mim_feat,clip,cls] {mode}"]
+        value = (median_ratio(multi, singles) if per_round
+                 else statistics.median(multi) / statistics.median(singles))
+        rows.append(ratio_row(f"composition {mode}", model, value))
+    return rows
+
+
+def ratio_row(name: str, model: str, value: float) -> dict:
+    comparison, target = TARGETS[name]
+    met = value <= target if comparison == "<=" else value >= target
+    return {"name": name, "model": model, "value": value, "target": f"{comparison} {target}",
+            "met": met}
+
+
+def count_syncs(case: Case) -> int:
+    counter = SyncCounter()
+    case.step(counter)
+    return counter.count
+
+
+def throughput_row(case: Case, seconds: list[float]) -> dict:
+    spec, ms = case.spec, 1000 * statistics.median(seconds)
+    return {"model": spec.model, "config": spec.label, "batch_size": spec.batch_size,
+            "ms_per_step": ms, "images_per_s": spec.batch_size / (ms / 1000),
+            "steps_timed": len(seconds), "syncs_per_step": count_syncs(case)}
+
+
+def bench_interleaved(specs: list[Spec], extra: list[str], device: torch.device, warmup: int,
+                      repeats: int) -> tuple[list[dict], list[dict]]:
+    """All configurations of a small model held at once and stepped in rounds."""
+    cases = {spec.label: build_case(spec, extra, device) for spec in specs}
+    times = time_rounds({label: case.step for label, case in cases.items()}, warmup, repeats,
+                        device)
+    rows = [throughput_row(cases[label], t) for label, t in times.items()]
+    return rows, composition_ratios(times, specs[0].model, per_round=True)
+
+
+def bench_sequential(specs: list[Spec], extra: list[str], device: torch.device, warmup: int,
+                     repeats: int) -> tuple[list[dict], list[dict]]:
+    """One configuration at a time (models too big to hold together)."""
+    times, rows = {}, []
+    for spec in specs:
+        case = build_case(spec, extra, device)
+        times[spec.label] = time_rounds({spec.label: case.step}, warmup, repeats,
+                                        device)[spec.label]
+        rows.append(throughput_row(case, times[spec.label]))
+        del case
+        gc.collect()
+    return rows, composition_ratios(times, specs[0].model, per_round=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overhead: the composed step through Lightning against the same computation in plain PyTorch.
+
+
+class PlainStep:
+    """``[mim_feat, clip, cls]`` with input=shared written out by hand, independently of the
+    engine: the same modules (backbone, EMA teacher, predictor, text tower, heads) called
+    directly, the same losses, AdamW with the same hyper-parameters and parameter groups, a
+    warmup-cosine learning rate and the EMA update as one foreach lerp. It is what a user
+    would write without the library, the yardstick of the engine's and Lightning's overhead.
+    """
+
+    def __init__(self, model: MultiObjective, total_steps: int) -> None:
+        heads = model.heads
+        if set(heads) != set(COMPOSED) or model.input_mode != "shared" or model.mix:
+            raise ValueError("the plain step is [mim_feat, clip, cls] with input=shared")
+        if model.mask_kind != "random" or heads["mim_feat"].distribution.kind != "mse":
+            raise ValueError("the plain step implements random masks and the MSE loss")
+        self.model, self.total_steps, self.step_index = model, total_steps, 0
+        self.student, self.teacher = model.backbone, model.teacher.encoder
+        self.mim, self.clip, self.cls = heads["mim_feat"], heads["clip"], heads["cls"]
+        self.num_visible = round(self.student.num_patches * (1 - model.mask_ratio))
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                plain = p.ndim <= 1 or name.rsplit(".", 1)[-1] in (
+                    "pos_embed", "cls_token", "mask_token", "logit_scale")
+                (no_decay if plain else decay).append(p)
+        optim = model.optim
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": optim.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=optim.lr, betas=tuple(optim.betas))
+        warmup = int(optim.warmup_fraction * total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: (s + 1) / warmup if s < warmup else optim.min_lr_ratio
+            + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * (s - warmup)
+                                                             / max(total_steps - warmup, 1))))
+        self.teacher_params = list(self.teacher.parameters())
+        self.student_params = list(self.student.parameters())
+        self.momentum = model.teacher.momentum
+
+    def __call__(self, batch: dict) -> None:
+        images = batch["view1"]
+        with torch.no_grad():
+            target_tokens = self.teacher(images).tokens
+        order = torch.rand(images.shape[0], self.student.num_patches,
+                           device=images.device).argsort(dim=1)
+        visible = order[:, : self.num_visible].sort(dim=1).values
+        hidden = order[:, self.num_visible:].sort(dim=1).values
+        encoded = self.student(images, visible, hidden)
+
+        predictor = self.mim.predictor
+        pred = predictor(encoded.tokens, visible, predictor.pos_embed[hidden])
+        target = target_tokens.gather(1, hidden[..., None].expand(-1, -1, target_tokens.shape[-1]))
+        mim = F.mse_loss(pred, F.layer_norm(target, target.shape[-1:]))
+
+        image = F.normalize(self.clip.image_proj(encoded.global_feature), dim=-1)
+        text = F.normalize(self.clip.text_tower(batch["text"], batch["text_mask"]), dim=-1)
+        scale = self.clip.logit_scale.exp().clamp(max=self.clip.max_logit_scale).squeeze()
+        labels = torch.arange(images.shape[0], device=images.device)
+        clip = (F.cross_entropy(scale * image @ text.T, labels)
+                + F.cross_entropy(scale * text @ image.T, labels)) / 2
+
+        logits = self.cls.class_embed(encoded.global_feature)
+        cls = F.cross_entropy(logits, batch["label"])
+
+        loss = self.mim.weight * mim + self.clip.weight * clip + self.cls.weight * cls
+        with torch.no_grad():  # what a loop keeps to print, as the engine logs its terms
+            self.logs = {"loss": loss.detach(), "mim_feat": mim.detach(),
+                         "clip": clip.detach(), "cls": cls.detach(), "logit_scale": scale,
+                         "acc": (logits.argmax(-1) == batch["label"]).float().mean()}
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        progress = min(self.step_index / self.total_steps, 1.0)
+        momentum = 1 - (1 - self.momentum) * (math.cos(math.pi * progress) + 1) / 2
+        with torch.no_grad():
+            torch._foreach_lerp_(self.teacher_params, self.student_params, 1 - momentum)
+        self.step_index += 1
+
+
+class SameBatch(torch.utils.data.Dataset):
+    """``length`` times one prepared batch: data loading costs nothing on either side."""
+
+    def __init__(self, batch: dict, length: int) -> None:
+        self.batch, self.length = batch, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        return self.batch
+
+
+def paired_timer(plain: PlainStep, batch: dict, device: torch.device):
+    """A Callback that times Lightning's steps and runs one plain step after each of them.
+
+    Lightning's step is the gap between consecutive batch starts (fetch, hooks, the step,
+    logging, progress bar) less the plain step run inside it, at the batch end and timed on
+    its own. The two kinds of step alternate one by one, so the load of a shared machine hits
+    both alike; the pairs give the ratio.
+    """
+    import lightning as L
+
+    class PairedTimer(L.Callback):
+        def __init__(self) -> None:
+            self.starts: list[float] = []
+            self.plain: list[float] = []
+
+        def on_train_batch_start(self, *args) -> None:
+            synchronize(device)
+            self.starts.append(time.perf_counter())
+
+        def on_train_batch_end(self, *args) -> None:
+            with torch.enable_grad():
+                self.plain.append(timed(lambda: plain(batch), device))
+
+        def on_train_end(self, *args) -> None:
+            synchronize(device)
+            self.starts.append(time.perf_counter())
+
+        def pairs(self) -> list[tuple[float, float]]:
+            gaps = [b - a for a, b in itertools.pairwise(self.starts)]
+            return [(gap - p, p) for gap, p in zip(gaps, self.plain, strict=True)]
+
+    return PairedTimer()
+
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """The progress bar's text is captured and Lightning's start-up notes are held back, so
+    the benchmark prints its table only; they are still produced, as in a user's run."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def bench_overhead(model_name: str, batch_size: int, extra: list[str], device: torch.device,
+                   warmup: int, repeats: int) -> dict:
+    """``Trainer.fit`` as users run it (progress bar, CSV logger, the CLI's learning-rate
+    monitor) against :class:`PlainStep` on one model, the steps paired one by one."""
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    spec = Spec(model_name, "[mim_feat,clip,cls] shared",
+                [f"objective=[{','.join(COMPOSED)}]", "input=shared"], batch_size)
+    case = build_case(spec, extra, device)
+    steps = warmup + repeats
+    timer = paired_timer(PlainStep(case.model, total_steps=steps), case.batch, device)
+    loader = torch.utils.data.DataLoader(SameBatch(case.batch, steps), batch_size=None)
+    log_every = compose(spec.all_overrides(extra)).trainer.log_every_n_steps
+    with tempfile.TemporaryDirectory() as logdir, quiet_lightning():
+        trainer = L.Trainer(max_steps=steps, accelerator=device.type, devices=1,
+                            precision="32-true", logger=CSVLogger(logdir),
+                            enable_checkpointing=False, log_every_n_steps=log_every,
+                            limit_val_batches=0, num_sanity_val_steps=0,
+                            callbacks=[timer, LearningRateMonitor("step")])
+        trainer.fit(case.model, train_dataloaders=loader)
+    pairs = timer.pairs()[warmup:]
+    lightning_ms = 1000 * statistics.median(a for a, _ in pairs)
+    plain_ms = 1000 * statistics.median(b for _, b in pairs)
+    row = ratio_row("overhead Lightning/plain", model_name,
+                    statistics.median(a / b for a, b in pairs))
+    row["detail"] = f"{lightning_ms:.1f} ms Lightning vs {plain_ms:.1f} ms plain"
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked encoding.
+
+
+def bench_masking(model_name: str, batch_size: int, extra: list[str], device: torch.device,
+                  warmup: int, repeats: int) -> dict:
+    """Student encoder forward+backward on the full view against visible tokens only."""
+    from m3i_lightning.factory import build_backbone
+    from m3i_lightning.masking import build_mask
+
+    cfg = compose(Spec(model_name, "", [], batch_size).all_overrides(extra))
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg.backbone).to(device).train()
+    images = torch.randn(batch_size, 3, cfg.backbone.img_size, cfg.backbone.img_size,
+                         device=device)
+    masks = build_mask("random", backbone.grid_size, 0.75)
+
+    def run(masked: bool) -> Callable[[], None]:
+        def step() -> None:
+            index = masks.split(masks(batch_size, device)) if masked else ()
+            encoded = backbone(images, *index)
+            (encoded.tokens.mean() + encoded.global_feature.mean()).backward()
+            backbone.zero_grad(set_to_none=True)
+        return step
+
+    times = time_rounds({"full": run(False), "masked": run(True)}, warmup, repeats, device)
+    row = ratio_row("masked encoding speed-up", model_name,
+                    median_ratio(times["full"], times["masked"]))
+    row["detail"] = (f"{1000 * statistics.median(times['full']):.1f} ms at ratio 0 vs "
+                     f"{1000 * statistics.median(times['masked']):.1f} ms at 0.75")
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory.
+
+
+def _read_status(key: str) -> int:
+    """A /proc/self/status field in bytes (VmRSS: resident now, VmHWM: its peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def memory_here(specs: list[Spec], extra: list[str], device: torch.device) -> list[float | None]:
+    """Peak MB of each configuration: its weights (student, teacher, heads; counted exactly)
+    plus how far one step, the first, which also creates the optimizer state, raises memory
+    above the built model and its batch.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the kernel's high-water mark of the
+    resident set (VmHWM), reset after the build through /proc/self/clear_refs; None where
+    that does not exist (not Linux). A first configuration is stepped once unmeasured, so
+    one-time allocations of the libraries are not charged to it.
+    """
+    peaks: list[float | None] = []
+    for spec in specs[:1] + specs:
+        case = build_case(spec, extra, device)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                peaks.append(None)
+                continue
+            base = _read_status("VmRSS")
+        case.step()
+        synchronize(device)
+        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                else _read_status("VmHWM"))
+        weights = sum(t.numel() * t.element_size()
+                      for t in itertools.chain(case.model.parameters(), case.model.buffers()))
+        peaks.append((weights + peak - base) / 2**20)
+        del case
+        gc.collect()
+    return peaks[1:]
+
+
+def measure_memory(specs: list[Spec], extra: list[str], device: torch.device) -> dict:
+    """Peak memory of every configuration; on CPU in one fresh process whose allocator returns
+    freed blocks to the system (glibc ``MALLOC_MMAP_THRESHOLD_``), so that one configuration's
+    freed memory cannot hide the next one's peak, and timing runs keep the default allocator."""
+    if device.type == "cuda":
+        peaks = memory_here(specs, extra, device)
+        method = "weights + torch.cuda.max_memory_allocated rise in the first step"
+    else:
+        request = json.dumps({"specs": [vars(s) for s in specs], "extra": extra})
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        done = subprocess.run([sys.executable, __file__, "--memory-worker"], input=request,
+                              capture_output=True, text=True, env=env, check=True)
+        peaks = json.loads(done.stdout.strip().splitlines()[-1])
+        method = "weights + VmHWM rise in the first step (Linux clear_refs), one process"
+    return {"method": method, "peak_mb": {f"{s.model}/{s.label}": p
+                                          for s, p in zip(specs, peaks, strict=True)}}
+
+
+def memory_worker() -> None:
+    request = json.loads(sys.stdin.read())
+    specs = [Spec(**s) for s in request["specs"]]
+    print(json.dumps(memory_here(specs, request["extra"], torch.device("cpu"))))
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: bf16 throughput and model-FLOPs utilisation of the ViT-B/16 M3I step.
+
+
+def peak_tflops(device: torch.device, given: float | None) -> float | None:
+    if given:
+        return given
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name.split()), None)
+
+
+def step_flops(case: Case) -> int:
+    """FLOPs of one step as torch's FlopCounterMode counts them (matmuls, convolutions and
+    attention of the student forward+backward, the teacher, the heads, the text tower)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        case.step()
+    return counter.get_total_flops()
+
+
+def bench_gpu(batch_size: int, extra: list[str], device: torch.device, warmup: int,
+              repeats: int, given_peak: float | None) -> list[dict]:
+    from m3i_lightning.sharding import compile_blocks
+
+    peak = peak_tflops(device, given_peak)
+    rows = []
+    for compiled in (False, True):
+        spec = Spec("vit_base", "experiment=m3i", m3i_overrides(), batch_size)
+        case = build_case(spec, extra, device)
+        case.autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+        if compiled:
+            compile_blocks(case.model)
+        flops = step_flops(case)
+        seconds = time_rounds({"m3i": case.step}, warmup, repeats, device)["m3i"]
+        step_s = statistics.median(seconds)
+        achieved = flops / step_s / 1e12
+        rows.append({"config": "vit_base experiment=m3i bf16", "compiled": compiled,
+                     "batch_size": batch_size, "ms_per_step": 1000 * step_s,
+                     "images_per_s": batch_size / step_s, "tflops_per_step": flops / 1e12,
+                     "achieved_tflops": achieved, "peak_tflops": peak,
+                     "mfu": achieved / peak if peak else None})
+        del case
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Report.
+
+
+def format_tables(result: dict) -> str:
+    memory = result.get("memory", {}).get("peak_mb", {})
+    lines = [f"device: {result['device']}, torch threads: {result['threads']}",
+             "", f"{'model':<9} {'configuration':<28} {'batch':>5} {'ms/step':>9} "
+             f"{'images/s':>9} {'syncs':>5} {'peak MB':>8}"]
+    for row in result["throughput"]:
+        mb = memory.get(f"{row['model']}/{row['config']}")
+        lines.append(f"{row['model']:<9} {row['config']:<28} {row['batch_size']:>5} "
+                     f"{row['ms_per_step']:>9.1f} {row['images_per_s']:>9.1f} "
+                     f"{row['syncs_per_step']:>5} {'-' if mb is None else f'{mb:.0f}':>8}")
+    lines.append("syncs: host-device syncs per step (SyncCounter; the NaN check is one)")
+    if "memory" in result:
+        lines.append(f"peak MB: {result['memory']['method']}")
+    lines += ["", f"{'ratio':<26} {'model':<9} {'value':>6} {'target':>8}  met   detail"]
+    for row in result["ratios"]:
+        lines.append(f"{row['name']:<26} {row['model']:<9} {row['value']:>6.2f} "
+                     f"{row['target']:>8}  {'yes' if row['met'] else 'NO ':<5} "
+                     f"{row.get('detail', '')}")
+    gpu = result["gpu"]
+    lines.append("")
+    if isinstance(gpu, str):
+        lines.append(f"GPU: {gpu}")
+    else:
+        for row in gpu:
+            mfu = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+            lines.append(f"GPU {row['config']} compiled={row['compiled']}: "
+                         f"{row['images_per_s']:.1f} images/s, {row['achieved_tflops']:.1f} "
+                         f"TFLOP/s, MFU {mfu}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="few repeats, the CPU model only: a smoke run")
+    parser.add_argument("--out", default="bench.json", help="where to write the JSON")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--models", nargs="+", help="backbone configs (default: vit_cpu "
+                        "vit_base; --quick: vit_cpu)")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch of the CPU model")
+    parser.add_argument("--vit-b-batch-size", type=int,
+                        help="batch of ViT-B (default: 2 on CPU, 32 on CUDA)")
+    parser.add_argument("--gpu-batch-size", type=int, default=128,
+                        help="batch of the bf16 ViT-B M3I step on CUDA")
+    parser.add_argument("--objectives", nargs="+",
+                        help="single objectives to time (default: all registered; "
+                        "mim_feat, clip and cls are always timed, for the composition ratio)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="Hydra overrides applied to every configuration")
+    parser.add_argument("--repeats", type=int, help="timed steps per configuration")
+    parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the device's dense bf16 peak, when not in the built-in table")
+    parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.memory_worker:
+        memory_worker()
+        return {}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    models = args.models or (["vit_cpu"] if args.quick else ["vit_cpu", "vit_base"])
+    repeats = args.repeats or (2 if args.quick else 5)
+    big_repeats = args.repeats or (1 if args.quick else 2)
+    singles = list(dict.fromkeys([*COMPOSED, *(args.objectives or OBJECTIVES)]))
+    extra = args.set
+    result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
+                    else f"CPU ({platform.processor() or platform.machine()}, "
+                    f"{os.cpu_count()} cores)",
+                    "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "command": " ".join(["scripts/benchmark.py", *(argv or sys.argv[1:])]),
+                    "throughput": [], "ratios": []}
+    def batch_size(model: str) -> int:
+        if model == "vit_cpu":
+            return args.batch_size
+        return args.vit_b_batch_size or (32 if device.type == "cuda" else 2)
+
+    all_specs = []
+    for model in models:
+        small = model == "vit_cpu"
+        batch = batch_size(model)
+        specs = specs_for(model, batch, singles)
+        all_specs += specs
+        bench = bench_interleaved if small else bench_sequential
+        rows, ratios = bench(specs, extra, device, 1, repeats if small else big_repeats)
+        result["throughput"] += rows
+        result["ratios"] += ratios
+        result["ratios"].append(bench_masking(model, batch, extra, device, 1,
+                                              max(repeats, 3) if small else big_repeats + 1))
+    result["ratios"].append(bench_overhead(models[0], batch_size(models[0]), extra, device,
+                                           warmup=2, repeats=2 * repeats))
+    if not args.no_memory:
+        result["memory"] = measure_memory(all_specs, extra, device)
+    if device.type == "cuda":
+        result["gpu"] = bench_gpu(args.gpu_batch_size, extra, device, 3, 10, args.peak_tflops)
+    else:
+        result["gpu"] = "skipped: no CUDA device"
+    print(format_tables(result))
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"\nwritten: {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
