@@ -13,6 +13,8 @@ from m3i_lightning.errors import ConfigError
 class ByteTokenizer:
     """UTF-8 bytes as tokens, plus pad/bos/eos: needs no vocabulary file and no download."""
 
+    padding_side = "right"
+
     def __init__(self, context_length: int = 32) -> None:
         self.context_length = context_length
         self.pad_token_id, self.bos_token_id, self.eos_token_id = 256, 257, 258
@@ -36,6 +38,7 @@ class HFTokenizer:
 
         self.tokenizer = AutoTokenizer.from_pretrained(name)
         self.context_length = context_length
+        self.padding_side = self.tokenizer.padding_side
         self.vocab_size = len(self.tokenizer)
         self.pad_token_id = self.tokenizer.pad_token_id
         if self.pad_token_id is None:
@@ -82,6 +85,12 @@ class TextTower(nn.Module):
             raise ConfigError(f"text.context_length={tokenizer.context_length} exceeds the "
                               f"{positions} positions of the text tower; captions are cut to "
                               f"the context length, so set text.context_length<={positions}")
+        # CLIP pools at the end token and its attention is causal: no position up to the end
+        # token sees the padding after it, so with right padding the mask changes nothing.
+        # Without it transformers need not ask the device whether the batch is padded (a host
+        # sync every step) and attention runs as plain causal SDPA.
+        self.needs_mask = getattr(tokenizer, "padding_side", None) != "right"
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).text_embeds
+        mask = attention_mask if self.needs_mask else None
+        return self.model(input_ids=input_ids, attention_mask=mask).text_embeds

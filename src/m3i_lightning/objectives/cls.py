@@ -27,9 +27,10 @@ class Classification(Objective):
         logits = self.class_embed(encoded.global_feature)
         labels = batch["label"]
         known = labels >= 0
-        if not known.any():  # no labelled sample (-100 = missing): the mean would be 0/0 = NaN
-            return logits.sum() * 0, {}
-        loss = self.distribution(logits, labels)
-        with torch.no_grad():
-            accuracy = (logits.argmax(-1) == labels)[known].float().mean()
+        # No labelled sample (-100 = missing): the mean would be 0/0 = NaN, so the loss then
+        # reads class 0 and is multiplied by 0; decided on the device, never asked (a host sync).
+        labelled = known.any()
+        loss = self.distribution(logits, labels.where(labelled, 0)) * labelled
+        with torch.no_grad():  # NaN without a labelled sample
+            accuracy = ((logits.argmax(-1) == labels) & known).sum() / known.sum()
         return loss, {"acc": accuracy}

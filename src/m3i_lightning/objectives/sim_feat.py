@@ -46,8 +46,9 @@ class SiameseFeature(InterViewObjective):
     def update_correlation(self, target: Tensor) -> Tensor:
         """Fold this batch's target correlation into F and return F [D, D]."""
         batch = mean_over_ranks(feature_correlation(target))
-        rho = self.correlation_momentum if bool(self.correlation_seen) else 0.0
-        self.correlation.mul_(rho).add_(batch, alpha=1.0 - rho)
+        # the first batch is taken whole; a tensor weight, so the device is never asked (a sync)
+        rho = self.correlation_momentum * self.correlation_seen.float()
+        self.correlation.lerp_(batch, 1.0 - rho)
         self.correlation_seen.fill_(True)
         return self.correlation
 

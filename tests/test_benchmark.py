@@ -1,0 +1,92 @@
+"""scripts/benchmark.py in its quickest mode on the tiny ViT: the table and the JSON carry the
+throughput rows, the three ratios with their targets, and the training step stays free of
+host-device syncs but the NaN check."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from m3i_lightning.text import ByteTokenizer, TextTower
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+TINY = ["backbone.img_size=16", "backbone.embed_dim=32", "backbone.depth=2",
+        "backbone.num_heads=2", "data.source_size=16"]
+RATIOS = {"composition shared", "composition native", "overhead Lightning/plain",
+          "masked encoding speed-up"}
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("m3i_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve annotations through it
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+@pytest.fixture(scope="module")
+def quick_run(benchmark, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    benchmark.main(["--quick", "--no-memory", "--batch-size", "4", "--objectives", "cls",
+                    "--set", *TINY, "--out", str(out)])
+    return json.loads(out.read_text())
+
+
+def test_quick_run_reports_every_ratio_with_its_target(quick_run, capsys):
+    ratios = {row["name"]: row for row in quick_run["ratios"]}
+    assert set(ratios) == RATIOS
+    for row in ratios.values():
+        assert math.isfinite(row["value"]) and row["value"] > 0
+        assert row["target"].split()[0] in ("<=", ">=") and isinstance(row["met"], bool)
+    configs = {row["config"] for row in quick_run["throughput"]}
+    assert {"mim_feat", "clip", "cls", "[mim_feat,clip,cls] shared",
+            "[mim_feat,clip,cls] native", "experiment=m3i"} <= configs
+    assert all(row["images_per_s"] > 0 for row in quick_run["throughput"])
+    assert quick_run["gpu"] == "skipped: no CUDA device" or quick_run["gpu"][0]["mfu"]
+
+
+def test_the_step_waits_for_the_device_only_in_the_nan_check(quick_run):
+    """check_finite_every=1 syncs once per step; nothing else in the engine or the objectives
+    (the "all" row holds every registered objective) may read a device value."""
+    assert {row["syncs_per_step"] for row in quick_run["throughput"]} == {1}
+
+
+def test_sync_counter_sees_value_reads_and_data_dependent_shapes(benchmark):
+    x = torch.randn(6)
+    counter = benchmark.SyncCounter()
+    with counter:
+        y = x * 2 + 1
+        y.sum().item()
+        x[x > 0]
+        bool(x.any())
+    assert counter.count == 3
+
+
+def test_memory_is_measured_per_configuration(benchmark):
+    spec = benchmark.Spec("vit_cpu", "cls", ["objective=[cls]"], 4)
+    (peak,) = benchmark.memory_here([spec], TINY, torch.device("cpu"))
+    assert peak is None or peak > 0
+
+
+def test_text_tower_drops_the_padding_mask_only_where_it_changes_nothing():
+    """Right padding after the end token: the pooled caption embedding is the same with and
+    without the mask (causal attention), so the tower leaves the mask and its sync out."""
+    torch.manual_seed(0)
+    tokenizer = ByteTokenizer(context_length=16)
+    tower = TextTower(tokenizer, embed_dim=16, width=16, layers=1, heads=2).eval()
+    tokens = tokenizer(["a two", "a handwritten digit nine"])
+    assert not tower.needs_mask and (tokens["attention_mask"] == 0).any()
+    with torch.no_grad():
+        masked = tower.model(input_ids=tokens["input_ids"],
+                             attention_mask=tokens["attention_mask"]).text_embeds
+        torch.testing.assert_close(tower(tokens["input_ids"], tokens["attention_mask"]), masked)
+    tokenizer.padding_side = "left"
+    assert TextTower(tokenizer, embed_dim=16, width=16, layers=1, heads=2).needs_mask
