@@ -8,16 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-# A 16 px ViT of depth 1 and tiny heads for [mim_feat, clip, cls]; no validation passes and no
-# export, so a run is mostly its ~10 s of imports.
-TINY_RUN = ["objective=[mim_feat,clip,cls]", "backbone.depth=1", "backbone.embed_dim=32",
-            "backbone.num_heads=2", "backbone.img_size=16", "data.source_size=16",
-            "data.num_workers=0", "trainer.log_every_n_steps=1",
-            "+trainer.limit_val_batches=0", "export=false", "probe.epochs=1",
-            "objective.clip.text_width=32", "objective.clip.proj_dim=32",
-            "objective.clip.text_layers=1", "objective.clip.text_heads=2",
-            "objective.mim_feat.predictor_dim=32", "objective.mim_feat.predictor_depth=1",
-            "objective.mim_feat.predictor_heads=2"]
+# A 16 px ViT of depth 1, no validation passes and no export, so a run is mostly its ~10 s of
+# imports; COMPOSED selects [mim_feat, clip, cls] with tiny heads.
+TINY_RUN = ["backbone.depth=1", "backbone.embed_dim=32", "backbone.num_heads=2",
+            "backbone.img_size=16", "data.source_size=16", "data.num_workers=0",
+            "trainer.log_every_n_steps=1", "+trainer.limit_val_batches=0", "export=false",
+            "probe.epochs=1"]
+COMPOSED = ["objective=[mim_feat,clip,cls]", "objective.clip.text_width=32",
+            "objective.clip.proj_dim=32", "objective.clip.text_layers=1",
+            "objective.clip.text_heads=2", "objective.mim_feat.predictor_dim=32",
+            "objective.mim_feat.predictor_depth=1", "objective.mim_feat.predictor_heads=2"]
 TWO_CPU_PROCESSES = ["trainer.accelerator=cpu", "trainer.devices=2"]
 
 

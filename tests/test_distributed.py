@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import digits_module, tiny_backbone, tiny_objective
-from runs import TINY_RUN, TWO_CPU_PROCESSES, losses, run
+from runs import COMPOSED, TINY_RUN, TWO_CPU_PROCESSES, losses, run
 
 from m3i_lightning.pretraining import MultiObjective
 from m3i_lightning.text import ByteTokenizer
@@ -110,8 +110,8 @@ def test_fsdp2_tracks_ddp_keeps_the_teacher_in_step_and_resumes(tmp_path):
     included (rtol 1e-4, atol 1e-6): the shard-local EMA is the full one. Teacher momentum 0.5,
     so that the teacher moves far from its initial copy and stays apart from the student.
     Restarted with resume=auto, the FSDP2 run continues from step 4 to step 6."""
-    common = [*TINY_RUN, *TWO_CPU_PROCESSES, "data.batch_size=16", "teacher.momentum=0.5",
-              "trainer.max_steps=4"]
+    common = [*TINY_RUN, *COMPOSED, *TWO_CPU_PROCESSES, "data.batch_size=16",
+              "teacher.momentum=0.5", "trainer.max_steps=4"]
     fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
     run(*common, "strategy=fsdp", "activation_checkpointing=true", f"hydra.run.dir={fsdp}")
     run(*common, "strategy=ddp", f"hydra.run.dir={ddp}")

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 from conftest import digits_module
-from runs import TINY_RUN, losses, run
+from runs import COMPOSED, TINY_RUN, losses, run
 
 from m3i_lightning.checkpointing import resume_path
 from m3i_lightning.errors import ConfigError
@@ -88,7 +88,7 @@ def test_run_killed_while_saving_resumes_exactly(tmp_path):
     resumes from step 15, mid-epoch, and its losses at steps 15..39 (across the epoch
     boundary) equal the uninterrupted run's exactly: weights, teacher, optimizer, LR schedule,
     step counters, random streams (masks) and data position (order, crops) are all restored."""
-    args = [*TINY_RUN, "data.batch_size=64", "trainer.max_steps=40",
+    args = [*TINY_RUN, *COMPOSED, "data.batch_size=64", "trainer.max_steps=40",
             "checkpoint.every_n_steps=15"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     run(*args, f"hydra.run.dir={whole}")

@@ -1,0 +1,39 @@
+"""A Hydra multirun over two objective sets, end to end on this machine, and its summary."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from runs import TINY_RUN, losses, run
+
+SUMMARIZE = Path(__file__).parents[1] / "scripts" / "summarize_runs.py"
+
+
+def test_multirun_over_objective_sets_and_the_summary_table(tmp_path):
+    """``-m 'objective=[cls],[clip]'``: one folder per job, each with its overrides, metrics and
+    last.ckpt; summarize_runs.py prints the shared overrides once and one row per job with the
+    swept objective set, the final loss of each objective (blank where not trained) and the
+    evaluation results."""
+    sweep = tmp_path / "sweep"
+    run("-m", "objective=[cls],[clip]", *TINY_RUN, "data.batch_size=32", "trainer.max_steps=3",
+        f"hydra.sweep.dir={sweep}")
+    for job, name in (("0", "cls"), ("1", "clip")):
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+        assert sorted(losses(sweep / job, f"train/loss/{name}")) == [0, 1, 2]
+
+    done = subprocess.run([sys.executable, str(SUMMARIZE), str(sweep)], capture_output=True,
+                          text=True, timeout=60, check=True)
+    shared, blank, header, rule, *rows = done.stdout.strip().splitlines()
+    assert "backbone.depth=1" in shared and "trainer.max_steps=3" in shared
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns[:3] == ["run", "objective", "step"]
+    assert {"loss", "loss/cls", "loss/clip", "knn_top1", "zero_shot_top1"} <= set(columns)
+    table = [dict(zip(columns, (c.strip() for c in row.strip("|").split("|")), strict=True))
+             for row in rows]
+    assert [(r["run"], r["objective"], r["step"]) for r in table] == [
+        ("0", "[cls]", "2"), ("1", "[clip]", "2")]
+    assert table[0]["loss/cls"] and not table[0]["loss/clip"]
+    assert table[1]["loss/clip"] and not table[1]["loss/cls"]
+    assert all(r["knn_top1"].endswith("%") for r in table)
