@@ -27,8 +27,7 @@ from m3i_lightning.factory import (
     build_tokenizer_from,
 )
 from m3i_lightning.runfolder import finish_run, run_callbacks, run_loggers
-from m3i_lightning.sharding import consolidated
-from m3i_lightning.strategies import build_strategy
+from m3i_lightning.strategies import build_strategy, consolidated
 
 log = logging.getLogger("m3i_lightning")
 
@@ -72,7 +71,7 @@ def pretrain(cfg: DictConfig) -> dict:
         datamodule.batch_size = per_device_batch(cfg.global_batch_size, trainer.world_size)
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg.resume, out),
                 weights_only=True)
-    model = consolidated(model, lambda: build_model(cfg, datamodule.num_classes, tokenizer))
+    model = consolidated(trainer, lambda: build_model(cfg, datamodule.num_classes, tokenizer))
     results = {"run_dir": str(out), **finish_run(trainer, model, datamodule, tokenizer, cfg, out)}
     if trainer.is_global_zero:
         print(f"run folder: {out}")

@@ -14,19 +14,18 @@ runs on local shards (:func:`m3i_lightning.teacher.ema_`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-STEP_METHODS = ("training_step", "validation_step")
-ENGINE_METHODS = ("reconstructions",)  # the engine's own entry points that run the model
+# The engine's entry points that run the model, each registered as a forward of the root.
+FORWARD_METHODS = ("training_step", "validation_step", "reconstructions")
 
 
 def block_classes(model: nn.Module) -> set[type[nn.Module]]:
     """Classes of the repeated transformer layers in ``model``: those of every timm ViT's
-    ``blocks`` and those each ``transformers`` model names in ``_no_split_modules``."""
+    ``blocks``, and the classes a ``transformers`` model names in ``_no_split_modules`` that
+    it stacks in a ``ModuleList`` (its layers, not its embeddings)."""
     from timm.models.vision_transformer import VisionTransformer
 
     classes: set[type[nn.Module]] = set()
@@ -35,7 +34,8 @@ def block_classes(model: nn.Module) -> set[type[nn.Module]]:
         if isinstance(module, VisionTransformer):
             classes |= {type(block) for block in module.blocks}
         names |= set(getattr(module, "_no_split_modules", None) or ())
-    return classes | {type(m) for m in model.modules() if type(m).__name__ in names}
+    stacked = (layer for m in model.modules() if isinstance(m, nn.ModuleList) for layer in m)
+    return classes | {type(layer) for layer in stacked if type(layer).__name__ in names}
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -69,18 +69,15 @@ def shard(model: nn.Module, mesh) -> None:
     by default): a validation step, which has no backward, then leaves no full copy behind,
     and the EMA update and checkpoints always see shards.
     """
-    from lightning.pytorch.utilities.model_helpers import is_overridden
+    from lightning.pytorch import LightningModule
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh, reshard_after_forward=True)
-    for step in STEP_METHODS:
-        if is_overridden(step, model):
-            register_fsdp_forward_method(model, step)
-    for method in ENGINE_METHODS:
-        if hasattr(model, method):
-            register_fsdp_forward_method(model, method)
+    for name in FORWARD_METHODS:  # those the model defines (not Lightning's empty defaults)
+        if getattr(type(model), name, None) not in (None, getattr(LightningModule, name, None)):
+            register_fsdp_forward_method(model, name)
 
 
 def configure(model: nn.Module, mesh=None, *, activation_checkpointing: bool = False,
@@ -106,21 +103,3 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     """The part of ``tensor`` this rank holds: the local shard of an FSDP2 DTensor."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
-
-def consolidated(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
-    """The trained ``model`` with full weights, for export and evaluation: ``model`` itself
-    when unsharded; after an FSDP2 run, on rank 0 a fresh ``build()`` holding the gathered
-    weights, on the other ranks ``model`` unchanged. Every rank must call it (the gather is a
-    collective)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    device = next(model.parameters()).device
-    if not any(isinstance(p, DTensor) for p in model.parameters()):
-        return model
-    state = get_model_state_dict(
-        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not state:  # only rank 0 receives the full state
-        return model
-    full = build()
-    full.load_state_dict(state)
-    return full.to(device)

@@ -12,9 +12,10 @@ is written atomically like any other and resumes under any strategy or world siz
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 
 from m3i_lightning.backbone import Backbone
@@ -65,3 +66,19 @@ def _fsdp1(model: Pretraining) -> FSDPStrategy:
                           "shard; use strategy=fsdp (FSDP2)")
     return FSDPStrategy(auto_wrap_policy=block_classes(model) | {Backbone},
                         state_dict_type="full")
+
+
+def consolidated(trainer: Trainer, build: Callable[[], Pretraining]) -> Pretraining:
+    """The trained model with full weights, for export and evaluation after ``fit``: the model
+    itself unless its strategy shards it; after a sharded run, on rank 0 a fresh ``build()``
+    holding the weights the strategy gathers, on the other ranks the sharded model. Every rank
+    must call it (the gather is a collective)."""
+    model = trainer.lightning_module
+    if not isinstance(trainer.strategy, FSDPStrategy | ModelParallelStrategy):
+        return model
+    state = trainer.strategy.lightning_module_state_dict()
+    if not trainer.is_global_zero:
+        return model
+    full = build()
+    full.load_state_dict(state)
+    return full.to(trainer.strategy.root_device)
