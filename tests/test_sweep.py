@@ -37,3 +37,13 @@ def test_multirun_over_objective_sets_and_the_summary_table(tmp_path):
     assert table[0]["loss/cls"] and not table[0]["loss/clip"]
     assert table[1]["loss/clip"] and not table[1]["loss/cls"]
     assert all(r["knn_top1"].endswith("%") for r in table)
+
+
+def test_local_multirun_refuses_multi_process_jobs(tmp_path):
+    """Lightning would start a job's other processes by re-running the whole sweep: the first
+    job stops with one clear line instead."""
+    done = run("-m", "objective=[cls],[clip]", *TINY_RUN, "trainer.accelerator=cpu",
+               "trainer.devices=2", "strategy=ddp", f"hydra.sweep.dir={tmp_path}", check=False)
+    assert done.returncode == 2
+    assert "error: a local multirun (-m) cannot start the processes" in done.stderr
+    assert "Traceback" not in done.stderr

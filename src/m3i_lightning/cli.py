@@ -10,6 +10,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,7 +28,7 @@ from m3i_lightning.factory import (
     build_tokenizer_from,
 )
 from m3i_lightning.runfolder import finish_run, run_callbacks, run_loggers
-from m3i_lightning.strategies import build_strategy, consolidated
+from m3i_lightning.strategies import build_strategy, check_launch, consolidated
 
 log = logging.getLogger("m3i_lightning")
 
@@ -67,6 +68,7 @@ def pretrain(cfg: DictConfig) -> dict:
                    LastCheckpoint(out / "checkpoints", cfg.checkpoint.every_n_steps),
                    ExactResume(), LearningRateMonitor("step"), SkipReport()],
     )
+    check_launch(trainer, HydraConfig.get().mode == RunMode.MULTIRUN)
     if cfg.get("global_batch_size"):
         datamodule.batch_size = per_device_batch(cfg.global_batch_size, trainer.world_size)
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg.resume, out),

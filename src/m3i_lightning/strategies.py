@@ -82,3 +82,16 @@ def consolidated(trainer: Trainer, build: Callable[[], Pretraining]) -> Pretrain
     full = build()
     full.load_state_dict(state)
     return full.to(trainer.strategy.root_device)
+
+
+def check_launch(trainer: Trainer, multirun: bool) -> None:
+    """A job of a local multirun (``-m`` without a cluster launcher) runs inside the sweeping
+    process: Lightning would start its other processes by re-running the whole command line,
+    sweep included. Multi-process jobs of a sweep need processes started outside (SLURM
+    tasks, torchrun)."""
+    if multirun and trainer.world_size > 1 and (
+            not trainer.strategy.cluster_environment.creates_processes_externally):
+        raise ConfigError("a local multirun (-m) cannot start the processes of a "
+                          f"{trainer.world_size}-process job: sweep with "
+                          "hydra/launcher=slurm, or run each job on its own (torchrun or "
+                          "python -m m3i_lightning trainer.devices=...)")
