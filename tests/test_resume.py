@@ -102,5 +102,5 @@ def test_run_killed_while_saving_resumes_exactly(tmp_path):
 
     run(*args, "resume=auto", f"hydra.run.dir={killed}")
     resumed, expected = losses(killed), losses(whole)
-    assert sorted(resumed) == list(range(15, 40))
+    assert set(range(15, 40)) <= set(resumed)  # the history before step 15, if saved, is kept
     assert resumed == {step: expected[step] for step in resumed}

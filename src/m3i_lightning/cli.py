@@ -58,12 +58,13 @@ def pretrain(cfg: DictConfig) -> dict:
     model = build_model(cfg, datamodule.num_classes, tokenizer)
     model.check_data(datamodule.provides)
     datamodule.fields = model.batch_fields()
+    ckpt_path = resume_path(cfg.resume, out)
     trainer = L.Trainer(
         **trainer_kwargs(cfg),
         strategy=build_strategy(cfg.strategy, model),
         plugins=[AtomicCheckpointIO()],
         default_root_dir=out,
-        logger=run_loggers(cfg, out),
+        logger=run_loggers(cfg, out, resuming=ckpt_path is not None),
         callbacks=[*run_callbacks(cfg, datamodule, out),
                    LastCheckpoint(out / "checkpoints", cfg.checkpoint.every_n_steps),
                    ExactResume(), LearningRateMonitor("step"), SkipReport()],
@@ -71,8 +72,7 @@ def pretrain(cfg: DictConfig) -> dict:
     check_launch(trainer, HydraConfig.get().mode == RunMode.MULTIRUN)
     if cfg.get("global_batch_size"):
         datamodule.batch_size = per_device_batch(cfg.global_batch_size, trainer.world_size)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg.resume, out),
-                weights_only=True)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     model = consolidated(trainer, lambda: build_model(cfg, datamodule.num_classes, tokenizer))
     results = {"run_dir": str(out), **finish_run(trainer, model, datamodule, tokenizer, cfg, out)}
     if trainer.is_global_zero:

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from m3i_lightning.errors import ConfigError
 from m3i_lightning.eval import evaluate, report
 from m3i_lightning.export import export_model
+from m3i_lightning.metrics_log import ResumedCSVLogger
 from m3i_lightning.monitors import ProbeMonitor
 from m3i_lightning.pictures import ReconstructionGrid, plot_curves
 from m3i_lightning.restore import StoreConfig, TrainedModel
@@ -32,11 +33,13 @@ def evaluable(datamodule) -> bool:
     return "label" in datamodule.provides and hasattr(datamodule, "eval_dataloader")
 
 
-def run_loggers(cfg: DictConfig, out: Path) -> list[Logger]:
+def run_loggers(cfg: DictConfig, out: Path, resuming: bool = False) -> list[Logger]:
+    """CSV (kept and continued when ``resuming``), plus TensorBoard with logger=tensorboard."""
     name = cfg.logger.name
     if name not in LOGGERS:
         raise ConfigError(f"unknown logger '{name}'; choose one of {LOGGERS}")
-    loggers: list[Logger] = [CSVLogger(out, name="", version="")]
+    csv_logger = ResumedCSVLogger if resuming else CSVLogger
+    loggers: list[Logger] = [csv_logger(out, name="", version="")]
     if name == "tensorboard":
         try:
             loggers.append(TensorBoardLogger(out, name="", version="tensorboard"))
