@@ -135,5 +135,5 @@ def test_fsdp2_tracks_ddp_keeps_the_teacher_in_step_and_resumes(tmp_path):
 
     run(*common[:-1], "trainer.max_steps=6", "strategy=fsdp", "resume=auto",
         f"hydra.run.dir={fsdp}")
-    assert sorted(losses(fsdp)) == [4, 5]
+    assert sorted(losses(fsdp)) == [0, 1, 2, 3, 4, 5]  # history kept, steps 4-5 added
     assert _checkpoint(fsdp)["global_step"] == 6
