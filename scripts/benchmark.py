@@ -14,17 +14,22 @@ measures, in one run (DESIGN.md §6):
 5. peak memory per configuration;
 6. on CUDA: images/s and MFU of the ViT-B/16 M3I step in bf16, with and without torch.compile.
 
-Every figure is a median over repeated steps after warm-up. On a shared machine the load
-changes while the benchmark runs, so the configurations of one model are stepped in
-interleaved rounds and each ratio is the median of its per-round ratios: a burst of load hits
-numerator and denominator alike. ViT-B models are too big to hold all at once; they run one
-after the other, and their ratios are ratios of medians.
+Every figure is a median over repeated steps after a warm-up step, which also counts the
+step's host-device syncs and measures its peak memory. On a shared machine the load changes
+while the benchmark runs, so the configurations of one model are stepped in interleaved rounds
+and each ratio is the median of its per-round ratios: a burst of load hits numerator and
+denominator alike. ViT-B models are too big to hold all at once; they run one after the
+other, and their ratios are ratios of medians. On CPU torch runs one intra-op thread unless
+``--threads`` says otherwise: on a busy 2-core machine two threads wait on each other and a
+step's time becomes a matter of luck (the composed CPU-model step: 3.9 s with two threads
+against 0.8 s with one, same load). The CPU run is for ratios; absolute figures are the GPU's.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import gc
 import io
 import itertools
@@ -34,7 +39,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,6 +67,10 @@ TARGETS = {  # name: (comparison, target)
     "overhead Lightning/plain": ("<=", 1.05),
     "masked encoding speed-up": (">=", 2.5),
 }
+MEMORY_METHOD = {
+    "cpu": "weights + rise of the resident set's high-water mark in the first step "
+           "(VmHWM after malloc_trim, reset by /proc/self/clear_refs)",
+    "cuda": "weights + rise of torch.cuda.max_memory_allocated in the first step"}
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0}
 # The engine logs without a Trainer when a loop calls training_step itself; that is intended.
 warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
@@ -243,38 +251,54 @@ def ratio_row(name: str, model: str, value: float) -> dict:
             "met": met}
 
 
-def count_syncs(case: Case) -> int:
-    counter = SyncCounter()
-    case.step(counter)
-    return counter.count
+def first_step(case: Case, device: torch.device) -> dict:
+    """The warm-up step of a configuration, which also counts its encoder passes (student
+    and teacher transformer stacks run) and host-device syncs and measures its peak memory
+    (the first step creates the optimizer state too)."""
+    model, counter = case.model, SyncCounter()
+    stacks = {"student": model.backbone.model.blocks}
+    if model.teacher is not None:
+        stacks["teacher"] = model.teacher.encoder.model.blocks
+    passes = dict.fromkeys(stacks, 0)
+    hooks = [stack.register_forward_pre_hook(lambda *_, name=name: passes.update(
+        {name: passes[name] + 1})) for name, stack in stacks.items()]
+    with PeakMemory(device) as memory:
+        case.step(counter)
+    for hook in hooks:
+        hook.remove()
+    weights = sum(t.numel() * t.element_size()
+                  for t in itertools.chain(model.parameters(), model.buffers()))
+    peak = None if memory.rise is None else (weights + memory.rise) / 2**20
+    return {"student_passes": passes["student"], "teacher_passes": passes.get("teacher", 0),
+            "syncs_per_step": counter.count, "peak_mb": peak}
 
 
-def throughput_row(case: Case, seconds: list[float]) -> dict:
-    spec, ms = case.spec, 1000 * statistics.median(seconds)
+def throughput_row(spec: Spec, seconds: list[float], first: dict) -> dict:
+    ms = 1000 * statistics.median(seconds)
     return {"model": spec.model, "config": spec.label, "batch_size": spec.batch_size,
             "ms_per_step": ms, "images_per_s": spec.batch_size / (ms / 1000),
-            "steps_timed": len(seconds), "syncs_per_step": count_syncs(case)}
+            "steps_timed": len(seconds), **first}
 
 
-def bench_interleaved(specs: list[Spec], extra: list[str], device: torch.device, warmup: int,
+def bench_interleaved(specs: list[Spec], extra: list[str], device: torch.device,
                       repeats: int) -> tuple[list[dict], list[dict]]:
     """All configurations of a small model held at once and stepped in rounds."""
     cases = {spec.label: build_case(spec, extra, device) for spec in specs}
-    times = time_rounds({label: case.step for label, case in cases.items()}, warmup, repeats,
-                        device)
-    rows = [throughput_row(cases[label], t) for label, t in times.items()]
+    firsts = {label: first_step(case, device) for label, case in cases.items()}
+    times = time_rounds({label: case.step for label, case in cases.items()}, 0, repeats, device)
+    rows = [throughput_row(cases[label].spec, t, firsts[label]) for label, t in times.items()]
     return rows, composition_ratios(times, specs[0].model, per_round=True)
 
 
-def bench_sequential(specs: list[Spec], extra: list[str], device: torch.device, warmup: int,
+def bench_sequential(specs: list[Spec], extra: list[str], device: torch.device,
                      repeats: int) -> tuple[list[dict], list[dict]]:
     """One configuration at a time (models too big to hold together)."""
     times, rows = {}, []
     for spec in specs:
         case = build_case(spec, extra, device)
-        times[spec.label] = time_rounds({spec.label: case.step}, warmup, repeats,
-                                        device)[spec.label]
-        rows.append(throughput_row(case, times[spec.label]))
+        first = first_step(case, device)
+        times[spec.label] = time_rounds({spec.label: case.step}, 0, repeats, device)[spec.label]
+        rows.append(throughput_row(spec, times[spec.label], first))
         del case
         gc.collect()
     return rows, composition_ratios(times, specs[0].model, per_round=False)
@@ -499,64 +523,39 @@ def _read_status(key: str) -> int:
     raise KeyError(key)
 
 
-def memory_here(specs: list[Spec], extra: list[str], device: torch.device) -> list[float | None]:
-    """Peak MB of each configuration: its weights (student, teacher, heads; counted exactly)
-    plus how far one step, the first, which also creates the optimizer state, raises memory
-    above the built model and its batch.
+class PeakMemory:
+    """How far the enclosed code raises memory above what is held when it starts (``rise``,
+    bytes; None where it cannot be measured).
 
     CUDA: ``torch.cuda.max_memory_allocated``. CPU: the kernel's high-water mark of the
-    resident set (VmHWM), reset after the build through /proc/self/clear_refs; None where
-    that does not exist (not Linux). A first configuration is stepped once unmeasured, so
-    one-time allocations of the libraries are not charged to it.
+    resident set (VmHWM), reset through /proc/self/clear_refs (Linux). glibc keeps freed
+    blocks resident for reuse, which would hide a peak built from them, so free heap pages
+    are first handed back (``malloc_trim``): whatever the code then touches counts.
     """
-    peaks: list[float | None] = []
-    for spec in specs[:1] + specs:
-        case = build_case(spec, extra, device)
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.base, self.rise = device, None, None
+
+    def __enter__(self) -> PeakMemory:
         gc.collect()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                peaks.append(None)
-                continue
-            base = _read_status("VmRSS")
-        case.step()
-        synchronize(device)
-        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                else _read_status("VmHWM"))
-        weights = sum(t.numel() * t.element_size()
-                      for t in itertools.chain(case.model.parameters(), case.model.buffers()))
-        peaks.append((weights + peak - base) / 2**20)
-        del case
-        gc.collect()
-    return peaks[1:]
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")
+            self.base = _read_status("VmRSS")
+        except (OSError, AttributeError, KeyError):
+            self.base = None
+        return self
 
-
-def measure_memory(specs: list[Spec], extra: list[str], device: torch.device) -> dict:
-    """Peak memory of every configuration; on CPU in one fresh process whose allocator returns
-    freed blocks to the system (glibc ``MALLOC_MMAP_THRESHOLD_``), so that one configuration's
-    freed memory cannot hide the next one's peak, and timing runs keep the default allocator."""
-    if device.type == "cuda":
-        peaks = memory_here(specs, extra, device)
-        method = "weights + torch.cuda.max_memory_allocated rise in the first step"
-    else:
-        request = json.dumps({"specs": [vars(s) for s in specs], "extra": extra})
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        done = subprocess.run([sys.executable, __file__, "--memory-worker"], input=request,
-                              capture_output=True, text=True, env=env, check=True)
-        peaks = json.loads(done.stdout.strip().splitlines()[-1])
-        method = "weights + VmHWM rise in the first step (Linux clear_refs), one process"
-    return {"method": method, "peak_mb": {f"{s.model}/{s.label}": p
-                                          for s, p in zip(specs, peaks, strict=True)}}
-
-
-def memory_worker() -> None:
-    request = json.loads(sys.stdin.read())
-    specs = [Spec(**s) for s in request["specs"]]
-    print(json.dumps(memory_here(specs, request["extra"], torch.device("cpu"))))
+    def __exit__(self, *exc) -> None:
+        synchronize(self.device)
+        if self.device.type == "cuda":
+            self.rise = torch.cuda.max_memory_allocated(self.device) - self.base
+        elif self.base is not None:
+            self.rise = _read_status("VmHWM") - self.base
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,7 +566,7 @@ def peak_tflops(device: torch.device, given: float | None) -> float | None:
     if given:
         return given
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name.split()), None)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 def step_flops(case: Case) -> int:
@@ -585,15 +584,17 @@ def bench_gpu(batch_size: int, extra: list[str], device: torch.device, warmup: i
               repeats: int, given_peak: float | None) -> list[dict]:
     from m3i_lightning.sharding import compile_blocks
 
+    """The same model eager, then with its transformer blocks compiled (the library's
+    ``compile`` option); FLOPs are counted once, eagerly: compiling changes no arithmetic."""
     peak = peak_tflops(device, given_peak)
+    case = build_case(Spec("vit_base", "experiment=m3i", m3i_overrides(), batch_size), extra,
+                      device)
+    case.autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    flops = step_flops(case)
     rows = []
     for compiled in (False, True):
-        spec = Spec("vit_base", "experiment=m3i", m3i_overrides(), batch_size)
-        case = build_case(spec, extra, device)
-        case.autocast = torch.autocast("cuda", dtype=torch.bfloat16)
         if compiled:
             compile_blocks(case.model)
-        flops = step_flops(case)
         seconds = time_rounds({"m3i": case.step}, warmup, repeats, device)["m3i"]
         step_s = statistics.median(seconds)
         achieved = flops / step_s / 1e12
@@ -602,9 +603,6 @@ def bench_gpu(batch_size: int, extra: list[str], device: torch.device, warmup: i
                      "images_per_s": batch_size / step_s, "tflops_per_step": flops / 1e12,
                      "achieved_tflops": achieved, "peak_tflops": peak,
                      "mfu": achieved / peak if peak else None})
-        del case
-        gc.collect()
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -612,19 +610,22 @@ def bench_gpu(batch_size: int, extra: list[str], device: torch.device, warmup: i
 # Report.
 
 
+def progress(message: str) -> None:
+    print(f"[benchmark {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def format_tables(result: dict) -> str:
-    memory = result.get("memory", {}).get("peak_mb", {})
     lines = [f"device: {result['device']}, torch threads: {result['threads']}",
              "", f"{'model':<9} {'configuration':<28} {'batch':>5} {'ms/step':>9} "
-             f"{'images/s':>9} {'syncs':>5} {'peak MB':>8}"]
+             f"{'images/s':>9} {'passes':>6} {'syncs':>5} {'peak MB':>8}"]
     for row in result["throughput"]:
-        mb = memory.get(f"{row['model']}/{row['config']}")
+        mb, passes = row["peak_mb"], f"{row['student_passes']}+{row['teacher_passes']}"
         lines.append(f"{row['model']:<9} {row['config']:<28} {row['batch_size']:>5} "
-                     f"{row['ms_per_step']:>9.1f} {row['images_per_s']:>9.1f} "
+                     f"{row['ms_per_step']:>9.1f} {row['images_per_s']:>9.1f} {passes:>6} "
                      f"{row['syncs_per_step']:>5} {'-' if mb is None else f'{mb:.0f}':>8}")
-    lines.append("syncs: host-device syncs per step (SyncCounter; the NaN check is one)")
-    if "memory" in result:
-        lines.append(f"peak MB: {result['memory']['method']}")
+    lines.append("passes: student + teacher encoder passes per step; syncs: host-device syncs "
+                 "per step (SyncCounter; the NaN check is one)")
+    lines.append(f"peak MB: {result['memory_method']}")
     lines += ["", f"{'ratio':<26} {'model':<9} {'value':>6} {'target':>8}  met   detail"]
     for row in result["ratios"]:
         lines.append(f"{row['name']:<26} {row['model']:<9} {row['value']:>6.2f} "
@@ -649,10 +650,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="few repeats, the CPU model only: a smoke run")
     parser.add_argument("--out", default="bench.json", help="where to write the JSON")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int,
+                        help="torch intra-op threads (default on CPU: 1, see the module doc)")
     parser.add_argument("--models", nargs="+", help="backbone configs (default: vit_cpu "
                         "vit_base; --quick: vit_cpu)")
-    parser.add_argument("--batch-size", type=int, default=64, help="batch of the CPU model")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch of the CPU model")
     parser.add_argument("--vit-b-batch-size", type=int,
                         help="batch of ViT-B (default: 2 on CPU, 32 on CUDA)")
     parser.add_argument("--gpu-batch-size", type=int, default=128,
@@ -663,21 +665,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="Hydra overrides applied to every configuration")
     parser.add_argument("--repeats", type=int, help="timed steps per configuration")
-    parser.add_argument("--no-memory", action="store_true", help="skip peak memory")
     parser.add_argument("--peak-tflops", type=float,
                         help="the device's dense bf16 peak, when not in the built-in table")
-    parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.memory_worker:
-        memory_worker()
-        return {}
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.threads or device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
     models = args.models or (["vit_cpu"] if args.quick else ["vit_cpu", "vit_base"])
     repeats = args.repeats or (2 if args.quick else 5)
     big_repeats = args.repeats or (1 if args.quick else 2)
@@ -694,23 +691,26 @@ def main(argv: list[str] | None = None) -> dict:
             return args.batch_size
         return args.vit_b_batch_size or (32 if device.type == "cuda" else 2)
 
-    all_specs = []
+    # one unmeasured step first: the libraries' one-time allocations are nobody's peak memory
+    build_case(specs_for(models[0], 2, singles)[0], extra, device).step()
     for model in models:
         small = model == "vit_cpu"
         batch = batch_size(model)
         specs = specs_for(model, batch, singles)
-        all_specs += specs
+        progress(f"{model}: {len(specs)} configurations, batch {batch}")
         bench = bench_interleaved if small else bench_sequential
-        rows, ratios = bench(specs, extra, device, 1, repeats if small else big_repeats)
+        rows, ratios = bench(specs, extra, device, repeats if small else big_repeats)
         result["throughput"] += rows
         result["ratios"] += ratios
+        progress(f"{model}: masked encoding")
         result["ratios"].append(bench_masking(model, batch, extra, device, 1,
                                               max(repeats, 3) if small else big_repeats + 1))
+    progress(f"{models[0]}: Trainer.fit against the plain step")
     result["ratios"].append(bench_overhead(models[0], batch_size(models[0]), extra, device,
                                            warmup=2, repeats=2 * repeats))
-    if not args.no_memory:
-        result["memory"] = measure_memory(all_specs, extra, device)
+    result["memory_method"] = MEMORY_METHOD[device.type]
     if device.type == "cuda":
+        progress("vit_base: bf16 M3I step, eager and compiled")
         result["gpu"] = bench_gpu(args.gpu_batch_size, extra, device, 3, 10, args.peak_tflops)
     else:
         result["gpu"] = "skipped: no CUDA device"
