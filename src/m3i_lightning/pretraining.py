@@ -277,17 +277,17 @@ class Pretraining(L.LightningModule):
             for objective in self.objectives().values():
                 objective.ema_update(momentum)
 
-    def configure_optimizers(self):
-        if self.backbone is None:
-            raise ConfigError(f"{type(self).__name__} has no backbone: pass backbone=... to "
-                              "train it on its own, or add it to a MultiObjective")
-        return build_optimizer(self, self.optim, int(self.trainer.estimated_stepping_batches))
     def configure_model(self) -> None:
         """Lightning's hook once the processes exist: activation checkpointing, compiled blocks
         and, under ``ModelParallelStrategy``, FSDP2 sharding (:mod:`m3i_lightning.sharding`)."""
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
         sharding.configure(self, mesh, **self.scaling)
 
+    def configure_optimizers(self):
+        if self.backbone is None:
+            raise ConfigError(f"{type(self).__name__} has no backbone: pass backbone=... to "
+                              "train it on its own, or add it to a MultiObjective")
+        return build_optimizer(self, self.optim, int(self.trainer.estimated_stepping_batches))
 
 
 def _mean(values: list[Tensor]) -> Tensor:
