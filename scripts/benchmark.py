@@ -260,8 +260,13 @@ def first_step(case: Case, device: torch.device) -> dict:
     if model.teacher is not None:
         stacks["teacher"] = model.teacher.encoder.model.blocks
     passes = dict.fromkeys(stacks, 0)
-    hooks = [stack.register_forward_pre_hook(lambda *_, name=name: passes.update(
-        {name: passes[name] + 1})) for name, stack in stacks.items()]
+
+    def count(name: str) -> Callable:
+        def hook(*_) -> None:
+            passes[name] += 1
+        return hook
+
+    hooks = [stack.register_forward_pre_hook(count(name)) for name, stack in stacks.items()]
     with PeakMemory(device) as memory:
         case.step(counter)
     for hook in hooks:
@@ -322,7 +327,7 @@ class PlainStep:
             raise ValueError("the plain step is [mim_feat, clip, cls] with input=shared")
         if model.mask_kind != "random" or heads["mim_feat"].distribution.kind != "mse":
             raise ValueError("the plain step implements random masks and the MSE loss")
-        self.model, self.total_steps, self.step_index = model, total_steps, 0
+        self.total_steps, self.step_index = total_steps, 0
         self.student, self.teacher = model.backbone, model.teacher.encoder
         self.mim, self.clip, self.cls = heads["mim_feat"], heads["clip"], heads["cls"]
         self.num_visible = round(self.student.num_patches * (1 - model.mask_ratio))
@@ -337,10 +342,14 @@ class PlainStep:
             [{"params": decay, "weight_decay": optim.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=optim.lr, betas=tuple(optim.betas))
         warmup = int(optim.warmup_fraction * total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: (s + 1) / warmup if s < warmup else optim.min_lr_ratio
-            + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * (s - warmup)
-                                                             / max(total_steps - warmup, 1))))
+
+        def lr_factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            cosine = math.cos(math.pi * (step - warmup) / max(total_steps - warmup, 1))
+            return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * (1 + cosine) / 2
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
         self.teacher_params = list(self.teacher.parameters())
         self.student_params = list(self.student.parameters())
         self.momentum = model.teacher.momentum
@@ -582,10 +591,10 @@ def step_flops(case: Case) -> int:
 
 def bench_gpu(batch_size: int, extra: list[str], device: torch.device, warmup: int,
               repeats: int, given_peak: float | None) -> list[dict]:
-    from m3i_lightning.sharding import compile_blocks
-
     """The same model eager, then with its transformer blocks compiled (the library's
     ``compile`` option); FLOPs are counted once, eagerly: compiling changes no arithmetic."""
+    from m3i_lightning.sharding import compile_blocks
+
     peak = peak_tflops(device, given_peak)
     case = build_case(Spec("vit_base", "experiment=m3i", m3i_overrides(), batch_size), extra,
                       device)
@@ -686,6 +695,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "command": " ".join(["scripts/benchmark.py", *(argv or sys.argv[1:])]),
                     "throughput": [], "ratios": []}
+
     def batch_size(model: str) -> int:
         if model == "vit_cpu":
             return args.batch_size
