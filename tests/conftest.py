@@ -85,3 +85,30 @@ def tiny_objective(name: str, tokenizer, backbone: Backbone | None = None, **ove
         options.setdefault("grid_size", (4, 4))
         options.setdefault("patch_size", TINY_VIT["patch_size"])
     return OBJECTIVES[name](**options)
+
+
+def fit_fixed_batch(objective, batch: dict, steps: int = 30, lr: float = 1e-3):
+    """A plain torch loop on one fixed batch (the same mask every step), the teacher and the
+    averaged heads following by EMA as the engine does. Returns the loss curve and the spread
+    across the batch (mean std) of the normalised, mean-pooled patch features of view1 before
+    and after: a fresh ViT's class token hardly differs between images, so it would say little
+    about collapse."""
+    name = next(iter(objective.objectives()))
+    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=lr)
+
+    def spread() -> float:
+        with torch.no_grad():
+            features = objective.backbone(batch["view1"]).tokens.mean(dim=1)
+            return torch.nn.functional.normalize(features, dim=-1).std(dim=0).mean().item()
+
+    start, losses = spread(), []
+    for step in range(steps):
+        torch.manual_seed(0)
+        loss = objective.forward_terms(batch)[0][name]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if objective.teacher is not None:
+            objective.ema_update(objective.teacher.update(objective.backbone, step, steps))
+    return losses, start, spread()

@@ -11,8 +11,7 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import tiny_backbone
+from conftest import fit_fixed_batch, tiny_backbone
 
 from m3i_lightning import MultiObjective
 from m3i_lightning.geometry import relative_geometry
@@ -231,30 +230,10 @@ def test_gradients_reach_the_student_and_heads_never_the_teacher_or_targets(back
 
 
 def train(name: str, batch: dict, steps: int = 30, lr: float = 1e-3):
-    """A plain torch loop on one fixed batch (same mask every step), the teacher following by
-    EMA as the engine does; returns the losses and the spread across the batch (mean std) of
-    the normalised mean-pooled patch features of the full view1, before and after (a fresh
-    ViT's class token hardly differs between images, so it would say little)."""
+    """:func:`conftest.fit_fixed_batch` of one inter-view objective in native mode."""
     torch.manual_seed(0)
     objective = OBJECTIVES[name](**TINY, backbone=tiny_backbone(), input_mode="native")
-    optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=lr)
-
-    def spread():
-        with torch.no_grad():
-            features = objective.backbone(batch["view1"]).tokens.mean(dim=1)
-            return F.normalize(features, dim=-1).std(dim=0).mean().item()
-
-    start, losses = spread(), []
-    for step in range(steps):
-        torch.manual_seed(0)
-        loss, _ = objective.loss(*objective._readings(batch)[name][0])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if objective.teacher is not None:
-            objective.ema_update(objective.teacher.update(objective.backbone, step, steps))
-    return losses, start, spread()
+    return fit_fixed_batch(objective, batch, steps, lr)
 
 
 @pytest.mark.parametrize("name", INTER)
