@@ -219,3 +219,20 @@ def test_engine_configuration_errors(tokenizer):
                        input_mode="sideways")
     with pytest.raises(ConfigError, match="needs a backbone"):
         tiny_objective("cls", tokenizer, embed_dim=None)
+
+
+def test_ranks_draw_their_own_masks_after_building_identical_weights():
+    """All processes share one seed (identical initial weights); at fit start each rank moves
+    to its own random stream, so ranks do not hide the same patches at every step."""
+    from types import SimpleNamespace
+
+    masks, weights = [], []
+    for rank in (0, 1):
+        torch.manual_seed(0)
+        model = MultiObjective(tiny_backbone(), {"mim_feat": tiny_objective("mim_feat", None)})
+        weights.append(model.backbone.model.pos_embed.detach().clone())
+        model._trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        model.on_fit_start()
+        masks.append(model.mask_generator(8, "cpu"))
+    assert torch.equal(*weights)
+    assert not torch.equal(*masks)

@@ -163,6 +163,14 @@ class Pretraining(L.LightningModule):
                     f"objective '{name}' needs {sorted(missing)} but the data provides only "
                     f"{sorted(provides)}")
 
+    def on_fit_start(self) -> None:
+        """Every process starts from one seed, so that all build identical weights; from here on
+        each draws its own masks and mixing partners, or all ranks would hide the same patches
+        of their different images at every step. (A resumed run restores each rank's streams
+        afterwards, at train start.)"""
+        if self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "provides"):
