@@ -236,3 +236,18 @@ def test_ranks_draw_their_own_masks_after_building_identical_weights():
         masks.append(model.mask_generator(8, "cpu"))
     assert torch.equal(*weights)
     assert not torch.equal(*masks)
+
+
+def test_finite_check_interval(monkeypatch):
+    """auto: every step on CPU; on a GPU only when Lightning reads the loss for logging."""
+    from omegaconf import OmegaConf
+
+    from m3i_lightning.factory import finite_check_interval
+
+    cfg = OmegaConf.create({"check_finite_every": "auto", "trainer": {"log_every_n_steps": 50}})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert finite_check_interval(cfg) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert finite_check_interval(cfg) == 50
+    cfg.check_finite_every = 7
+    assert finite_check_interval(cfg) == 7

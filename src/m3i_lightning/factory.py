@@ -10,6 +10,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from m3i_lightning.backbone import Backbone
@@ -120,6 +121,16 @@ def build_teacher(cfg: DictConfig) -> FrozenTeacher | None:
         raise ConfigError(f"frozen teacher '{arch}': {err}") from None
 
 
+def finite_check_interval(cfg: DictConfig) -> int:
+    """``check_finite_every: auto``: every step on CPU, where reading the loss costs nothing;
+    on a GPU, every ``trainer.log_every_n_steps`` steps, when Lightning reads it anyway, so the
+    check adds no stall of its own (a bad step is then caught within that many steps)."""
+    value = cfg.check_finite_every
+    if value != "auto":
+        return int(value)
+    return cfg.trainer.log_every_n_steps if torch.cuda.is_available() else 1
+
+
 def build_model(cfg: DictConfig, num_classes: int, tokenizer) -> MultiObjective:
     """The backbone and the selected objectives as one MultiObjective."""
     backbone = build_backbone(cfg.backbone)
@@ -135,5 +146,5 @@ def build_model(cfg: DictConfig, num_classes: int, tokenizer) -> MultiObjective:
         mask_ratio=cfg.mask.ratio, teacher_momentum=cfg.teacher.momentum,
         teacher_final_momentum=cfg.teacher.final_momentum, teacher=teacher,
         optim=_plain(cfg.optim),
-        check_finite_every=cfg.check_finite_every, mix=cfg.mix,
+        check_finite_every=finite_check_interval(cfg), mix=cfg.mix,
         activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
