@@ -657,6 +657,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="few repeats, the CPU model only: a smoke run")
+    parser.add_argument("--data", action="store_true",
+                        help="the loader benchmark instead (scripts/bench_data.py; its options "
+                             "follow: --path, --workers, --batches, --json)")
     parser.add_argument("--out", default="bench.json", help="where to write the JSON")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int,
@@ -680,6 +683,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--data" in argv:  # the loader section: scripts/bench_data.py, same folder
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_data
+
+        bench_data.main([a for a in argv if a != "--data"])
+        return {}
     args = parse_args(argv)
     device = torch.device(args.device)
     if args.threads or device.type == "cpu":
