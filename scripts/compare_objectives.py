@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -60,15 +59,12 @@ def describe(label: str) -> tuple[str, str, str]:
     return source, target, form
 
 
-def knn_of(run_dir: Path, stdout: str) -> float | None:
-    """kNN top-1 the run reported: eval.json when written, else its printed line."""
+def knn_of(run_dir: Path) -> float | None:
+    """kNN top-1 the run wrote to its ``eval.json``."""
     report = run_dir / "eval.json"
-    if report.exists():
-        value = json.loads(report.read_text()).get("knn_top1")
-        if value is not None:
-            return float(value)
-    match = re.search(r"kNN top-1[^:]*:\s*([\d.]+)%", stdout)
-    return float(match.group(1)) / 100 if match else None
+    if not report.exists():
+        return None
+    return json.loads(report.read_text())["results"].get("knn_top1")
 
 
 def main() -> None:
@@ -91,7 +87,7 @@ def main() -> None:
             seconds = time.perf_counter() - start
             if proc.returncode:
                 print(f"{label}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-            knn = knn_of(run_dir, proc.stdout) if proc.returncode == 0 else None
+            knn = knn_of(run_dir) if proc.returncode == 0 else None
             source, target, form = describe(label)
             results.append({"objective": label, "input": source, "target": target,
                             "form": form, "knn_top1": knn, "seconds": round(seconds, 1)})
