@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from m3i_lightning.losses import clip_loss
-from m3i_lightning.objectives.clip import CLIP, captioned_clip_loss
+from m3i_lightning.objectives.clip import CLIP
 from m3i_lightning.objectives.cls import Classification
 from m3i_lightning.objectives.mim_feat import MaskedFeature
 from m3i_lightning.pretraining import MultiObjective
@@ -22,13 +22,13 @@ def embeddings(n: int = 8, dim: int = 6):
 def test_clip_loss_over_the_captioned_pairs_only():
     image, text = embeddings()
     valid = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1], dtype=torch.bool)
-    masked = captioned_clip_loss(image, text, 14.0, 0, image, text, valid)
+    masked = clip_loss(image, text, 14.0, 0, image, text, all_valid=valid)
     masked.backward()
     expected = clip_loss(image[valid].detach(), text[valid].detach(), 14.0)
     assert torch.allclose(masked, expected)
     assert image.grad[~valid].abs().sum() == 0 and text.grad[~valid].abs().sum() == 0
     assert image.grad[valid].abs().sum() > 0
-    full = captioned_clip_loss(image, text, 14.0, 0, image, text, torch.ones(8, dtype=torch.bool))
+    full = clip_loss(image, text, 14.0, 0, image, text, all_valid=torch.ones(8, dtype=torch.bool))
     assert torch.allclose(full, clip_loss(image, text, 14.0))
 
 
@@ -36,7 +36,7 @@ def test_clip_rank_slice_uses_its_offset():
     """A rank scoring rows 4..7 of a gathered batch of 8 (open_clip's local loss)."""
     image, text = embeddings()
     valid = torch.tensor([1, 0, 1, 1, 1, 1, 0, 1], dtype=torch.bool)
-    local = captioned_clip_loss(image[4:], text[4:], 10.0, 4, image, text, valid)
+    local = clip_loss(image[4:], text[4:], 10.0, 4, image, text, all_valid=valid)
     logits = 10.0 * image @ text[valid].T
     rows = torch.tensor([4, 5, 7])
     targets = valid.cumsum(0)[rows] - 1
@@ -48,7 +48,7 @@ def test_clip_rank_slice_uses_its_offset():
 def test_nothing_captioned_or_labelled_is_zero_not_nan():
     image, text = embeddings()
     none = torch.zeros(8, dtype=torch.bool)
-    loss = captioned_clip_loss(image, text, 14.0, 0, image, text, none)
+    loss = clip_loss(image, text, 14.0, 0, image, text, all_valid=none)
     loss.backward()
     assert loss.item() == 0 and torch.isfinite(image.grad).all()
     head = Classification(num_classes=3, embed_dim=6, grid_size=(2, 2))

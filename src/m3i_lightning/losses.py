@@ -44,7 +44,7 @@ def boltzmann_nll(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) 
 
 def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float,
               offset: int = 0, all_image_emb: Tensor | None = None,
-              all_text_emb: Tensor | None = None) -> Tensor:
+              all_text_emb: Tensor | None = None, all_valid: Tensor | None = None) -> Tensor:
     """Symmetric InfoNCE of CLIP (Radford et al., 2021; open_clip ``ClipLoss``).
 
     ``image_emb``, ``text_emb``: [B, D] L2-normalised embeddings of matching pairs;
@@ -52,13 +52,27 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float,
     For data parallelism pass the embeddings gathered from all ranks as ``all_*`` and this
     rank's position ``offset`` in them: the local rows are scored against every candidate
     (open_clip's ``local_loss``), which averaged over ranks equals the loss on the whole batch.
+    ``all_valid`` [B_all] bool marks the (gathered) pairs that have a caption: the others are
+    left out as queries and as candidates, shapes unchanged so every rank gathers the same
+    sizes; the loss is then the mean over this rank's valid pairs (0, with a graph, if none).
     """
     all_image_emb = image_emb if all_image_emb is None else all_image_emb
     all_text_emb = text_emb if all_text_emb is None else all_text_emb
     labels = torch.arange(image_emb.shape[0], device=image_emb.device) + offset
     logits_per_image = logit_scale * image_emb @ all_text_emb.T
     logits_per_text = logit_scale * text_emb @ all_image_emb.T
-    return (boltzmann_nll(logits_per_image, labels) + boltzmann_nll(logits_per_text, labels)) / 2
+    if all_valid is None:
+        return (boltzmann_nll(logits_per_image, labels)
+                + boltzmann_nll(logits_per_text, labels)) / 2
+    local = all_valid[offset: offset + image_emb.shape[0]]
+    labels = labels.masked_fill(~local, -100)  # cross_entropy's ignore_index: 0 for that row
+    # the lowest finite logit, not -inf: a row with no candidate left must stay finite
+    lowest = torch.finfo(logits_per_image.dtype).min
+    nll = (F.cross_entropy(logits_per_image.masked_fill(~all_valid, lowest), labels,
+                           reduction="none")
+           + F.cross_entropy(logits_per_text.masked_fill(~all_valid, lowest), labels,
+                             reduction="none"))
+    return nll.sum() / (2 * local.sum().clamp(min=1))
 
 
 def info_nce(query: Tensor, key: Tensor, temperature: float = 0.2, offset: int = 0) -> Tensor:

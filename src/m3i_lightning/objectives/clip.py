@@ -46,32 +46,9 @@ class CLIP(Objective):
         scale = self.logit_scale[0].exp().clamp(max=self.max_logit_scale)
         all_image, offset = gather_with_grad(image)
         all_text, _ = gather_with_grad(text)
+        all_valid = None
         if "text_valid" in batch:
-            all_valid, _ = gather_with_grad(batch["text_valid"].to(image.dtype))
-            loss = captioned_clip_loss(image, text, scale, offset, all_image, all_text,
-                                       all_valid > 0.5)
-        else:
-            loss = clip_loss(image, text, scale, offset, all_image, all_text)
+            all_valid = gather_with_grad(batch["text_valid"].to(image.dtype))[0] > 0.5
+        loss = clip_loss(image, text, scale, offset, all_image, all_text, all_valid)
         return loss, {"logit_scale": scale.detach()}
 
-
-def captioned_clip_loss(image_emb, text_emb, logit_scale, offset, all_image_emb, all_text_emb,
-                        all_valid):
-    """:func:`~m3i_lightning.losses.clip_loss` over the pairs that have a caption only.
-
-    ``all_valid`` [B_all] marks the gathered pairs with a caption. Shapes stay those of the
-    whole batch, so every rank gathers the same sizes: uncaptioned pairs are masked out of the
-    candidates and of the mean instead of being removed. Equals ``clip_loss`` on the captioned
-    pairs of the global batch; 0 (with a graph, for DDP) when this rank has none.
-    """
-    local = all_valid[offset: offset + image_emb.shape[0]]
-    labels = torch.arange(image_emb.shape[0], device=image_emb.device) + offset
-    labels = labels.masked_fill(~local, -100)  # cross_entropy's ignore_index: 0 for that row
-    per_image = logit_scale * image_emb @ all_text_emb.T
-    per_text = logit_scale * text_emb @ all_image_emb.T
-    # the lowest finite logit, not -inf: a row with no candidate left must stay finite
-    per_image = per_image.masked_fill(~all_valid, torch.finfo(per_image.dtype).min)
-    per_text = per_text.masked_fill(~all_valid, torch.finfo(per_text.dtype).min)
-    nll = (F.cross_entropy(per_image, labels, reduction="none")
-           + F.cross_entropy(per_text, labels, reduction="none"))
-    return nll.sum() / (2 * local.sum().clamp(min=1))
