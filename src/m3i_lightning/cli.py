@@ -57,7 +57,6 @@ def pretrain(cfg: DictConfig) -> dict:
     datamodule = build_datamodule(cfg.data, tokenizer)
     model = build_model(cfg, datamodule.num_classes, tokenizer)
     model.check_data(datamodule.provides)
-    datamodule.fields = model.batch_fields()
     ckpt_path = resume_path(cfg.resume, out)
     trainer = L.Trainer(
         **trainer_kwargs(cfg),

@@ -172,9 +172,12 @@ class Pretraining(L.LightningModule):
             torch.manual_seed(torch.initial_seed() + self.global_rank)
 
     def setup(self, stage: str) -> None:
+        """Check the data, then ask it for only the fields the objectives read (before any
+        loader exists), so a plain ``Trainer().fit(model, datamodule)`` builds nothing extra."""
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "provides"):
             self.check_data(datamodule.provides)
+            datamodule.fields = self.batch_fields()
 
     def forward_terms(self, batch: dict) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Weighted loss term per objective, and their extra logs.

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from m3i_lightning.data.dataset import ViewDataset, make_loader
 from m3i_lightning.data.views import RandomView
+from m3i_lightning.text import ByteTokenizer
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTION_TEMPLATES = (
@@ -62,7 +63,7 @@ class EmbeddedDigits(L.LightningDataModule):
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.view = RandomView(img_size, crop_scale, flip=flip)
         self.labels_on, self.captions_on = labels, captions
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer or ByteTokenizer()
         self.provides = {"view1", "view2", "geometry"}
         self.provides |= {"label"} if labels else set()
         self.provides |= {"text"} if captions else set()
