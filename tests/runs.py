@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -43,3 +44,12 @@ def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
     """Step → logged value of ``key`` in the run's ``metrics.csv``."""
     with open(Path(run_dir) / "metrics.csv") as f:
         return {int(row["step"]): float(row[key]) for row in csv.DictReader(f) if row.get(key)}
+
+
+def assert_each_term_logged(run_dir: Path, names, steps: int) -> None:
+    """Every objective's ``train/loss/<name>`` column of the run holds ``steps`` finite values."""
+    with open(Path(run_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    for name in names:
+        values = [float(r[f"train/loss/{name}"]) for r in rows if r.get(f"train/loss/{name}")]
+        assert len(values) == steps and all(math.isfinite(v) for v in values), (name, values)

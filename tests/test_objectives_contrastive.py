@@ -5,7 +5,6 @@ two real processes, and a CLI run of the three together."""
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import subprocess
@@ -18,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import digits_module, tiny_backbone, tiny_objective
+from runs import assert_each_term_logged
 
 from m3i_lightning import losses
 from m3i_lightning.backbone import Encoded
@@ -476,9 +476,5 @@ def test_cli_runs_the_three_objectives_together(variant, input_mode, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    with open(run_dir / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    for name in ("inst_disc", "dense_id", "sim_global"):
-        values = [float(r[f"train/loss/{name}"]) for r in rows if r.get(f"train/loss/{name}")]
-        assert len(values) == 3 and all(math.isfinite(v) for v in values), name
+    assert_each_term_logged(run_dir, ("inst_disc", "dense_id", "sim_global"), steps=3)
     assert Path(run_dir / "checkpoints" / "last.ckpt").is_file()

@@ -4,7 +4,6 @@ a fixed batch, no collapse, and the command line."""
 
 from __future__ import annotations
 
-import csv
 import math
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import sys
 import pytest
 import torch
 from conftest import fit_fixed_batch, tiny_backbone
+from runs import assert_each_term_logged
 
 from m3i_lightning import MultiObjective
 from m3i_lightning.geometry import relative_geometry
@@ -266,8 +266,4 @@ def test_inter_objectives_run_together_from_the_command_line(mode, tmp_path):
                              "objective=[" + ",".join(INTER) + "]", *tiny],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    with open(run_dir / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    for name in INTER:
-        values = [float(r[f"train/loss/{name}"]) for r in rows if r.get(f"train/loss/{name}")]
-        assert len(values) == 3 and all(math.isfinite(v) for v in values), name
+    assert_each_term_logged(run_dir, INTER, steps=3)

@@ -4,7 +4,6 @@ learning on a fixed batch, no collapse, and the command line."""
 
 from __future__ import annotations
 
-import csv
 import math
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 import torch
 from conftest import TINY_VIT, fit_fixed_batch, tiny_backbone
 from hydra import compose, initialize_config_dir
+from runs import assert_each_term_logged
 
 from m3i_lightning import MultiObjective
 from m3i_lightning.export import export_backbone
@@ -255,8 +255,4 @@ def test_all_intra_objectives_run_together_from_the_command_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "m3i_lightning", objectives, *tiny],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    with open(run_dir / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    for name in INTRA:
-        values = [float(r[f"train/loss/{name}"]) for r in rows if r.get(f"train/loss/{name}")]
-        assert len(values) == 3 and all(math.isfinite(v) for v in values), name
+    assert_each_term_logged(run_dir, INTRA, steps=3)
