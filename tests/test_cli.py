@@ -120,3 +120,16 @@ def test_bad_values_fail_with_one_clear_message(case, tmp_path):
     for text in expected:
         assert text in output, (text, output[-2000:])
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_all_fourteen_objectives_in_one_run(tmp_path):
+    """Every row of the unified table selected together: one run, each term logged."""
+    from runs import TINY_RUN, assert_each_term_logged, run
+
+    from m3i_lightning.objectives import OBJECTIVES
+
+    names = sorted(OBJECTIVES)
+    assert len(names) == 14
+    run(*TINY_RUN, "objective=[" + ",".join(names) + "]", "data.batch_size=32",
+        "trainer.max_steps=2", f"hydra.run.dir={tmp_path}")
+    assert_each_term_logged(tmp_path, names, steps=2)
