@@ -250,11 +250,7 @@ class HFData(ViewDataModule):
             return self.loader(ViewDataset(self.sources["train"], self.view, self.fields),
                                train=True)
         rank, world_size, epoch, _ = self.placement()
-        kept = int(self.num_samples * (1 - self.val_fraction))
-        batches = kept // (world_size * self.batch_size)
-        if batches == 0:
-            raise ConfigError(f"{kept} training rows are fewer than one batch of "
-                              f"{self.batch_size} per rank on {world_size} rank(s)")
+        batches = self.stream_batches(world_size)
         stream = ViewStream(HFStream(self.train, self.columns, self.val_fraction, "train"),
                             self.view, self.fields, batch_size=self.batch_size, batches=batches,
                             rank=rank, world=world_size, epoch=epoch, seed=str(self.seed),

@@ -71,6 +71,16 @@ class ViewDataModule(L.LightningDataModule):
             return (*world(), 0, 0)
         return trainer.global_rank, trainer.world_size, trainer.current_epoch, trainer.global_step
 
+    def stream_batches(self, world_size: int) -> int:
+        """Batches every rank yields per epoch of a stream: the same on all ranks, so none
+        waits at the end of an epoch for another that ran out."""
+        kept = int(self.num_samples * (1 - self.val_fraction))
+        batches = kept // (world_size * self.batch_size)
+        if batches == 0:
+            raise ConfigError(f"{kept} training samples are fewer than one batch of "
+                              f"{self.batch_size} per rank on {world_size} rank(s)")
+        return batches
+
 
 def require_usable(records: Iterable, where: str) -> None:
     """Raise :class:`ConfigError` unless some record of ``records`` decodes, so a folder or

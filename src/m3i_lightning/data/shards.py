@@ -292,11 +292,7 @@ class WebDatasetData(ViewDataModule):
 
     def train_dataloader(self):
         rank, world_size, epoch, step = self.placement()
-        kept = int(self.num_samples * (1 - self.val_fraction))
-        batches = kept // (world_size * self.batch_size)
-        if batches == 0:
-            raise ConfigError(f"{kept} training samples are fewer than one batch of "
-                              f"{self.batch_size} per rank on {world_size} rank(s)")
+        batches = self.stream_batches(world_size)
         seed = f"{self.seed}/step {step}" if self.resampled else str(self.seed)
         source = ShardSource(self.shards, self.num_classes, self.val_fraction, "train",
                              self.resampled)
