@@ -53,10 +53,10 @@ from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import m3i_lightning
+from m3i_lightning.engine import MultiObjective
 from m3i_lightning.factory import build_datamodule, build_model, build_tokenizer_from
 from m3i_lightning.objectives import OBJECTIVES
 from m3i_lightning.optim import build_optimizer
-from m3i_lightning.pretraining import MultiObjective
 
 CONF_DIR = Path(m3i_lightning.__file__).resolve().parent / "conf"
 COMPOSED = ("mim_feat", "clip", "cls")

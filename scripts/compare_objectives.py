@@ -30,11 +30,11 @@ M3I = ["experiment=m3i", "backbone=vit_cpu", "global_batch_size=128", *SMALL_HEA
 def runs() -> list[tuple[str, list[str]]]:
     """(row label, overrides) for every row of the comparison."""
     rows = []
-    for name in OBJECTIVES:
-        if name == "inst_disc":
-            rows += [(f"inst_disc ({v})", ["objective=[inst_disc]", "input=native",
-                                           f"objective.inst_disc.variant={v}"])
-                     for v in ("moco", "byol", "barlow")]
+    for name, family in OBJECTIVES.items():
+        if family.variants:
+            rows += [(f"{name} ({v})", [f"objective=[{name}]", "input=native",
+                                        f"objective.{name}.variant={v}"])
+                     for v in family.variants]
         else:
             rows.append((name, [f"objective=[{name}]", "input=native"]))
     rows.append(("[mim_feat,clip,cls] shared", ["objective=[mim_feat,clip,cls]"]))
@@ -50,13 +50,11 @@ def describe(label: str) -> tuple[str, str, str]:
         shared = "masked view1 (A+B mixed)" if "mix)" in label else "masked view1"
         return shared, "per objective", "Gaussian + Boltzmann"
     obj = OBJECTIVES[name]
+    if obj.variants:
+        obj = obj.variants[label.split("(")[1].rstrip(")")]
     source = ("masked " if obj.masked_input else "") + obj.input_view
     target = obj.target_repr + (f" of {obj.target_view}" if obj.target_view else "")
-    form = obj.form
-    if name == "inst_disc":
-        form = {"moco": "Boltzmann", "byol": "Gaussian", "barlow": "decorrelation"}[
-            label.split("(")[1].rstrip(")")]
-    return source, target, form
+    return source, target, obj.form
 
 
 def knn_of(run_dir: Path) -> float | None:

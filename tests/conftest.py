@@ -73,7 +73,7 @@ TINY_HEADS = {
 def tiny_objective(name: str, tokenizer, backbone: Backbone | None = None, **overrides):
     """Objective ``name`` with tiny heads: standalone with ``backbone``, else sized for
     :data:`TINY_VIT` and ready to be put in a MultiObjective."""
-    from m3i_lightning.objectives import OBJECTIVES
+    from m3i_lightning.factory import objective_class
 
     options = {**TINY_HEADS.get(name, {}), **overrides}
     if name == "clip":
@@ -84,7 +84,7 @@ def tiny_objective(name: str, tokenizer, backbone: Backbone | None = None, **ove
         options.setdefault("embed_dim", TINY_VIT["embed_dim"])
         options.setdefault("grid_size", (4, 4))
         options.setdefault("patch_size", TINY_VIT["patch_size"])
-    return OBJECTIVES[name](**options)
+    return objective_class(name, options)(**options)
 
 
 def fit_fixed_batch(objective, batch: dict, steps: int = 30, lr: float = 1e-3):
@@ -109,6 +109,5 @@ def fit_fixed_batch(objective, batch: dict, steps: int = 30, lr: float = 1e-3):
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-        if objective.teacher is not None:
-            objective.ema_update(objective.teacher.update(objective.backbone, step, steps))
+        objective.update_teacher(step, steps)
     return losses, start, spread()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from m3i_lightning.engine import MultiObjective
 from m3i_lightning.losses import clip_loss
 from m3i_lightning.objectives.clip import CLIP
 from m3i_lightning.objectives.cls import Classification
 from m3i_lightning.objectives.mim_feat import MaskedFeature
-from m3i_lightning.pretraining import MultiObjective
 
 
 def embeddings(n: int = 8, dim: int = 6):

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from conftest import digits_module, tiny_backbone, tiny_objective
 from runs import COMPOSED, TINY_RUN, TWO_CPU_PROCESSES, losses, run
 
-from m3i_lightning.pretraining import MultiObjective
+from m3i_lightning.engine import MultiObjective
 from m3i_lightning.text import ByteTokenizer
 
 GLOBAL_BATCH = 8
@@ -45,9 +45,7 @@ def _train(batch: dict, rows: slice, average) -> dict:
                                 if p.grad is not None})
         optimizer.step()
         optimizer.zero_grad()
-        momentum = model.teacher.update(model.backbone, step, 10)
-        for objective in objectives.values():
-            objective.ema_update(momentum)
+        model.update_teacher(step, 10)
     record["teacher"] = {n: p.detach().clone() for n, p in model.teacher.named_parameters()}
     record["momentum_heads"] = {n: p.detach().clone() for n, p in
                                 objectives["inst_disc"].momentum_projector.named_parameters()}

@@ -10,9 +10,10 @@ import pytest
 import torch
 from conftest import digits_module, tiny_backbone, tiny_objective
 
+from m3i_lightning.engine import MultiObjective
 from m3i_lightning.errors import ConfigError, NonFiniteLossError
 from m3i_lightning.objectives.base import Objective
-from m3i_lightning.pretraining import MultiObjective, Route
+from m3i_lightning.plan import Input, Reading
 
 COMPOSED = ["mim_feat", "clip", "cls"]
 
@@ -117,7 +118,7 @@ def test_terms_are_weighted_and_summed(tokenizer, batch):
     torch.testing.assert_close(total, terms["cls"] + terms["clip"])
 
 
-class ViewTwoProbe(Objective):
+class ViewTwoProbe(Objective, register=False):
     """A minimal objective reading view2, for routing tests."""
 
     name = "probe"
@@ -127,7 +128,7 @@ class ViewTwoProbe(Objective):
         return encoded.global_feature.pow(2).mean(), {}
 
 
-class InterViewProbe(ViewTwoProbe):
+class InterViewProbe(ViewTwoProbe, register=False):
     name = "inter"
     target_view = "view1"
 
@@ -143,26 +144,29 @@ def test_routes_and_batch_fields_per_mode(tokenizer):
                                                                          grid_size=(4, 4))}
         return MultiObjective(tiny_backbone(), heads, input_mode=mode)
 
+    def readings(model):
+        return model.plan.objectives["probe"].readings
+
     shared = probe_model("shared", ViewTwoProbe)
-    assert shared.routes()["probe"] == Route("view1", False, None)
+    assert readings(shared) == (Reading(Input("view1", False), None),)
     assert shared.batch_fields() == {"view1", "label"}
     native = probe_model("native", ViewTwoProbe)
-    assert native.routes()["probe"] == Route("view2", False, None)
+    assert readings(native) == (Reading(Input("view2", False), None),)
     assert native.batch_fields() == {"view1", "view2", "geometry", "label"}
 
     # an inter-view target: view2 → view1 natively, view1 → view2 in shared mode
     shared = probe_model("shared", InterViewProbe)
-    assert shared.routes()["probe"] == Route("view1", False, "view2")
+    assert readings(shared) == (Reading(Input("view1", False), "view2"),)
     native = probe_model("native", InterViewProbe)
-    assert native.routes()["probe"] == Route("view2", False, "view1")
+    assert readings(native) == (Reading(Input("view2", False), "view1"),)
     for model in (shared, native):
         assert model.batch_fields() == {"view1", "view2", "geometry", "label"}
 
     # any masked objective masks the one shared input
     masked = multi(tokenizer, input_mode="shared")
-    assert {r.masked for r in masked.routes().values()} == {True}
+    assert {r.input.masked for p in masked.plan.objectives.values() for r in p.readings} == {True}
     native = multi(tokenizer, input_mode="native")
-    assert {n: r.masked for n, r in native.routes().items()} == {
+    assert {n: p.readings[0].input.masked for n, p in native.plan.objectives.items()} == {
         "mim_feat": True, "clip": False, "cls": False}
 
 

@@ -6,10 +6,10 @@ import torch
 from conftest import tiny_backbone
 
 from m3i_lightning.backbone import gather_tokens
+from m3i_lightning.engine import MultiObjective
 from m3i_lightning.masking import RandomMask
 from m3i_lightning.mixing import encode_mixed, mixed_masks, partner_rows
 from m3i_lightning.objectives import Classification, MaskedFeature
-from m3i_lightning.pretraining import MultiObjective
 
 
 def test_mixed_masks_are_disjoint_with_equal_counts():

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import digits_module, tiny_backbone, tiny_objective
 
+from m3i_lightning.engine import MultiObjective
 from m3i_lightning.objectives import CLIP, Classification, MaskedFeature
 from m3i_lightning.optim import OptimConfig, build_optimizer
-from m3i_lightning.pretraining import MultiObjective
 from m3i_lightning.teacher import cosine_momentum
 
 NAMES = ["cls", "clip", "mim_feat"]

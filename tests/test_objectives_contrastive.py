@@ -21,16 +21,19 @@ from runs import assert_each_term_logged
 
 from m3i_lightning import losses
 from m3i_lightning.backbone import Encoded
+from m3i_lightning.engine import MultiObjective
+from m3i_lightning.errors import ConfigError
 from m3i_lightning.heads import GlobalBatchNorm1d
 from m3i_lightning.objectives import (
     OBJECTIVES,
     DenseContrast,
     InstanceDiscrimination,
-    MaskedSiamese,
+    SiameseGlobal,
+    Targets,
 )
-from m3i_lightning.objectives.inst_disc import VARIANTS
 from m3i_lightning.optim import OptimConfig, build_optimizer
-from m3i_lightning.pretraining import MultiObjective, Targets
+
+VARIANTS = ("moco", "byol", "barlow")
 
 TINY = {
     "inst_disc": dict(hidden_dim=32, out_dim=16),
@@ -226,17 +229,23 @@ def test_gradient_routing_and_momentum_heads_move_only_by_ema(name, options, bat
     for n, p in frozen_params.items():
         assert torch.equal(p, before[n]), n
 
-    objective.ema_update(0.9)
+    momentum = 0.9
+    if model.teacher is not None:
+        model.teacher.momentum = momentum  # the cosine schedule's value at step 0
+    model.update_teacher(0, 1)
     for head_name, module in frozen.items():
         source = getattr(objective, head_name.removeprefix("momentum_"))
         for (n, p), q in zip(module.named_parameters(), source.parameters(), strict=True):
-            torch.testing.assert_close(p, 0.9 * before[f"{head_name}.{n}"] + 0.1 * q.detach())
+            want = momentum * before[f"{head_name}.{n}"] + (1 - momentum) * q.detach()
+            torch.testing.assert_close(p, want)
 
 
 def test_registered_under_their_config_names():
     assert OBJECTIVES["inst_disc"] is InstanceDiscrimination
     assert OBJECTIVES["dense_id"] is DenseContrast
-    assert OBJECTIVES["sim_global"] is MaskedSiamese
+    assert OBJECTIVES["sim_global"] is SiameseGlobal
+    assert {v: c.__name__ for v, c in InstanceDiscrimination.variants.items()} == {
+        "moco": "MoCoV3", "byol": "BYOL", "barlow": "BarlowTwins"}
 
 
 def test_each_variant_declares_its_encoder_passes():
@@ -247,7 +256,7 @@ def test_each_variant_declares_its_encoder_passes():
     assert not barlow.uses_teacher and not barlow.symmetric and barlow.student_target
     assert not hasattr(barlow, "predictor") and not momentum_heads(barlow)
     assert InstanceDiscrimination.symmetric is False  # class default stays the engine's
-    with pytest.raises(ValueError, match="variant"):
+    with pytest.raises(ConfigError, match="variant 'simclr'.*barlow"):
         tiny_objective("inst_disc", None, variant="simclr")
 
 
@@ -255,9 +264,9 @@ def test_each_variant_declares_its_encoder_passes():
 def test_barlow_encodes_its_target_view_with_the_student_and_no_teacher(input_mode, batch):
     model = build("inst_disc", input_mode, variant="barlow")
     assert model.teacher is None
-    target_view = model.route_table["inst_disc"].target_view
-    assert model.student_target_views == [target_view]
-    readings = model._readings(batch)["inst_disc"]
+    target_view = model.plan.objectives["inst_disc"].readings[0].target_view
+    assert model.plan.student_views == (target_view,)
+    readings = model.readings(batch)["inst_disc"]
     assert len(readings) == 1
     _, encoded, targets = readings[0]
     assert targets.teacher is None and targets.student.global_feature.requires_grad
@@ -271,7 +280,7 @@ def test_barlow_encodes_its_target_view_with_the_student_and_no_teacher(input_mo
 def test_native_mode_sums_both_view_orders_shared_mode_keeps_one(variant, batch):
     model = build("inst_disc", "native", variant=variant).train()
     objective = model.heads["inst_disc"]
-    assert model.teacher_views == ["view1", "view2"]
+    assert model.plan.teacher_views == ("view1", "view2")
     terms, _ = model.forward_terms(batch)
     enc = {v: model.backbone(batch[v]) for v in ("view1", "view2")}
     teacher = {v: model.teacher(batch[v]) for v in ("view1", "view2")}
@@ -280,8 +289,8 @@ def test_native_mode_sums_both_view_orders_shared_mode_keeps_one(variant, batch)
     torch.testing.assert_close(terms["inst_disc"], want)
 
     shared = build("inst_disc", "shared", variant=variant)
-    assert not shared.route_table["inst_disc"].symmetric
-    assert len(shared._readings(batch)["inst_disc"]) == 1
+    assert len(shared.plan.objectives["inst_disc"].readings) == 1
+    assert len(shared.readings(batch)["inst_disc"]) == 1
 
 
 def test_dense_queues_are_buffers_filled_with_the_keys_after_the_loss(batch):
@@ -334,10 +343,7 @@ def fit(model: MultiObjective, batch: dict, steps: int, lr: float = 2e-3,
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
-        if model.teacher is not None:
-            momentum = model.teacher.update(model.backbone, step, steps)
-            for objective in model.objectives().values():
-                objective.ema_update(momentum)
+        model.update_teacher(step, steps)
         history.append({"loss": total.item(), **{k: v.item() for k, v in logs.items()}})
     return history
 

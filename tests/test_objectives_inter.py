@@ -31,7 +31,7 @@ def build(name: str, backbone, **options):
 def readings(model: MultiObjective, batch: dict) -> dict:
     """The (batch, encoded, targets) each objective reads, as the engine builds them."""
     torch.manual_seed(0)
-    return {name: r[0] for name, r in model._readings(batch).items()}
+    return {name: r[0] for name, r in model.readings(batch).items()}
 
 
 # --- hand-written references: the formulas as the papers state them --------------------------
@@ -176,13 +176,13 @@ def test_routing_and_geometry_in_both_input_modes(mode, backbone, batch, monkeyp
         monkeypatch.setattr(objective.predictor, "forward",
                             spy(objective.predictor.forward, seen, name))
     got = readings(model, batch)
-    assert model.teacher_views == [target]
+    assert model.plan.teacher_views == (target,)
     for name in INTER:
         _, encoded, targets = got[name]
         masked = mode == "shared" or name != "nvs"
         assert (targets.input_view, targets.view) == (source, target)
         assert (encoded.visible_index is not None) == masked
-        assert model.route_table[name].view == source
+        assert model.plan.objectives[name].readings[0].input.view == source
         model.heads[name].loss(*got[name])
         _, input_geometry, target_geometry = seen[name]
         assert input_geometry is batch[f"{source}_geometry"]

@@ -127,7 +127,7 @@ def test_teacher_dino_head_and_center_get_no_gradient(backbone, batch):
     torch.stack(list(terms.values())).sum().backward()
     dino = model.heads["global_distill"]
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
-    assert all(p.grad is None and not p.requires_grad for p in dino.teacher_head.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in dino.momentum_head.parameters())
     assert "center" not in dict(dino.named_parameters()) and not dino.center.requires_grad
     assert all(p.grad is not None for p in dino.head.parameters())
     assert all(p.grad is not None for p in model.backbone.parameters() if p.requires_grad)
@@ -137,17 +137,18 @@ def test_dino_teacher_head_moves_only_by_ema_and_center_by_its_running_mean(back
     model = teacher_model(backbone)
     dino = model.heads["global_distill"]
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    before = [p.clone() for p in dino.teacher_head.parameters()]
+    before = [p.clone() for p in dino.momentum_head.parameters()]
     with torch.no_grad():
-        teacher_logits = dino.teacher_head(model.teacher(batch["view1"]).global_feature)
+        teacher_logits = dino.momentum_head(model.teacher(batch["view1"]).global_feature)
     terms, _ = model.forward_terms(batch)
     torch.stack(list(terms.values())).sum().backward()
     optimizer.step()
-    assert all(torch.equal(a, b) for a, b in zip(before, dino.teacher_head.parameters(),
+    assert all(torch.equal(a, b) for a, b in zip(before, dino.momentum_head.parameters(),
                                                  strict=True))
     assert torch.allclose(dino.center, 0.1 * teacher_logits.mean(0), atol=1e-6)
-    dino.ema_update(0.9)
-    for old, new, student in zip(before, dino.teacher_head.parameters(), dino.head.parameters(),
+    model.teacher.momentum = 0.9  # the cosine schedule's value at step 0
+    model.update_teacher(0, 1)
+    for old, new, student in zip(before, dino.momentum_head.parameters(), dino.head.parameters(),
                                  strict=True):
         assert torch.allclose(new, 0.9 * old + 0.1 * student, atol=1e-6)
 
@@ -223,7 +224,7 @@ def train(name: str, batch: dict, steps: int = 30):
     if name == "global_distill":
         with torch.no_grad():
             teacher = objective.teacher(batch["view1"]).global_feature
-            objective.center.copy_(objective.teacher_head(teacher).mean(0))
+            objective.center.copy_(objective.momentum_head(teacher).mean(0))
     return fit_fixed_batch(objective, batch, steps)
 
 

@@ -16,6 +16,7 @@ import torch
 from conftest import digits_module, tiny_backbone, tiny_objective
 from PIL import Image
 
+from m3i_lightning.engine import MultiObjective
 from m3i_lightning.errors import ConfigError
 from m3i_lightning.pictures import (
     CURVES_DPI,
@@ -25,7 +26,6 @@ from m3i_lightning.pictures import (
     plot_curves,
 )
 from m3i_lightning.pixels import normalize_patches, patchify, reconstruction_panels
-from m3i_lightning.pretraining import MultiObjective
 from m3i_lightning.restore import CONFIG_KEY
 from m3i_lightning.runfolder import run_loggers
 

@@ -12,8 +12,8 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from m3i_lightning import sharding
 from m3i_lightning.backbone import Backbone
+from m3i_lightning.engine import MultiObjective
 from m3i_lightning.errors import ConfigError
-from m3i_lightning.pretraining import MultiObjective
 from m3i_lightning.strategies import FullyShardedDataParallel, build_strategy
 
 

@@ -1,9 +1,25 @@
-"""m3i_lightning: visual pre-training objectives that compose, after M3I (CVPR 2023)."""
+"""m3i_lightning: visual pre-training objectives that compose, after M3I (CVPR 2023).
 
-from m3i_lightning.backbone import Backbone, Encoded
-from m3i_lightning.objectives import OBJECTIVES, Objective
-from m3i_lightning.pretraining import MultiObjective, Pretraining
-from m3i_lightning.teacher import EMATeacher
+The names below load on first use, so importing one part of the library (a bare loss, one
+objective head) does not import the rest, the training engine included.
+"""
 
-__all__ = ["OBJECTIVES", "Backbone", "EMATeacher", "Encoded", "MultiObjective", "Objective",
-           "Pretraining"]
+import importlib
+
+_EXPORTS = {
+    "Backbone": "m3i_lightning.backbone",
+    "Encoded": "m3i_lightning.backbone",
+    "EMATeacher": "m3i_lightning.teacher",
+    "Engine": "m3i_lightning.engine",
+    "MultiObjective": "m3i_lightning.engine",
+    "OBJECTIVES": "m3i_lightning.objectives",
+    "Objective": "m3i_lightning.objectives",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'm3i_lightning' has no attribute '{name}'")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -15,9 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from m3i_lightning.backbone import Backbone
 from m3i_lightning.data import DATA_MODULES
+from m3i_lightning.engine import MultiObjective
 from m3i_lightning.errors import ConfigError
 from m3i_lightning.objectives import OBJECTIVES, Objective
-from m3i_lightning.pretraining import MultiObjective, Pretraining
 from m3i_lightning.teacher import FrozenTeacher
 from m3i_lightning.text import build_tokenizer
 
@@ -27,16 +27,12 @@ def _plain(cfg: Any) -> dict:
 
 
 def accepted_options(factory) -> set[str]:
-    """Keyword parameters of a class of this library, over its own constructors' chain.
-
-    The engine options of :class:`Pretraining` are left out for objectives: inside a
-    MultiObjective they would be silently unused.
-    """
+    """Keyword parameters of a class over its constructors' chain (each passes ``**kwargs``
+    on): the classes of this library, and every objective class wherever it is defined."""
     chain = [k for k in factory.__mro__ if "__init__" in vars(k)
-             and k.__module__.startswith("m3i_lightning")
-             and (issubclass(k, Objective) or not issubclass(k, Pretraining))]
+             and (k.__module__.startswith("m3i_lightning") or issubclass(k, Objective))]
     names = set().union(*(inspect.signature(k.__init__).parameters for k in chain))
-    return names - {"self", "kwargs", "engine", "backbone"}
+    return names - {"self", "kwargs"}
 
 
 def call_checked(factory, what: str, options: Mapping, context: Mapping):
@@ -73,17 +69,43 @@ def build_tokenizer_from(cfg: Mapping):
         raise ConfigError(f"tokenizer '{text['tokenizer']}' could not be loaded: {err}") from None
 
 
+def objective_class(name: str, options: dict) -> type[Objective]:
+    """The class of objective ``name``; for a family (``inst_disc``) the variant that
+    ``options`` names, which is taken out of them."""
+    if name not in OBJECTIVES:
+        raise ConfigError(f"unknown objective '{name}'; choose from {sorted(OBJECTIVES)}")
+    family = OBJECTIVES[name]
+    if not family.variants:
+        return family
+    variant = options.pop("variant", None) or family.default_variant
+    if variant not in family.variants:
+        raise ConfigError(f"objective '{name}': unknown variant '{variant}'; choose one of "
+                          f"{sorted(family.variants)}")
+    return family.variants[variant]
+
+
 def build_objectives(cfg: Mapping, context: Mapping) -> dict[str, Objective]:
     selected = _plain(cfg)
     if not selected:
         raise ConfigError(f"no objective selected; choose from {sorted(OBJECTIVES)}")
     objectives = {}
     for name, options in selected.items():
-        if name not in OBJECTIVES:
-            raise ConfigError(f"unknown objective '{name}'; choose from {sorted(OBJECTIVES)}")
-        objectives[name] = call_checked(OBJECTIVES[name], f"objective '{name}'", options or {},
-                                        context)
+        options = dict(options or {})
+        factory = objective_class(name, options)
+        objectives[name] = call_checked(factory, f"objective '{name}'", options, context)
     return objectives
+
+
+def objective_context(backbone: Backbone, num_classes: int, tokenizer,
+                      teacher: FrozenTeacher | None = None) -> dict:
+    """What the factory passes to every objective that takes it: the backbone's sizes, the
+    data's class count, the tokenizer, and a frozen teacher's width (``target_dim``)."""
+    context = {"embed_dim": backbone.embed_dim, "grid_size": backbone.grid_size,
+               "patch_size": backbone.patch_size, "num_classes": num_classes,
+               "tokenizer": tokenizer}
+    if teacher is not None:
+        context["target_dim"] = teacher.embed_dim
+    return context
 
 
 def build_datamodule(cfg: Mapping, tokenizer, fields: set[str] | None = None):
@@ -134,13 +156,9 @@ def finite_check_interval(cfg: DictConfig) -> int:
 def build_model(cfg: DictConfig, num_classes: int, tokenizer) -> MultiObjective:
     """The backbone and the selected objectives as one MultiObjective."""
     backbone = build_backbone(cfg.backbone)
-    context = {"embed_dim": backbone.embed_dim, "grid_size": backbone.grid_size,
-               "patch_size": backbone.patch_size, "num_classes": num_classes,
-               "tokenizer": tokenizer}
     teacher = build_teacher(cfg)
-    if teacher is not None:
-        context["target_dim"] = teacher.embed_dim
-    objectives = build_objectives(cfg.objective, context)
+    objectives = build_objectives(cfg.objective,
+                                  objective_context(backbone, num_classes, tokenizer, teacher))
     return MultiObjective(
         backbone, objectives, input_mode=cfg.input, mask=cfg.mask.kind,
         mask_ratio=cfg.mask.ratio, teacher_momentum=cfg.teacher.momentum,

@@ -60,7 +60,7 @@ def save_grid(panels: Mapping[str, Tensor], path: Path) -> Path:
 
 class ReconstructionGrid(L.Callback):
     """Every ``every_n_epochs`` epochs and at the end of training, a grid PNG per objective
-    that returns pictures (``Objective.reconstruct``): ``<objective>_epoch<N>.png`` and
+    that returns pictures (``Objective.pictures``): ``<objective>_epoch<N>.png`` and
     ``<objective>_final.png`` in ``out_dir``.
 
     The same first ``num_images`` training samples and the same masks (own seed, the training
@@ -106,7 +106,7 @@ class ReconstructionGrid(L.Callback):
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), trainer.precision_plugin.forward_context():
             torch.manual_seed(self.seed)
-            pictures = pl_module.reconstructions(batch)
+            pictures = pl_module.objective_pictures(batch)
         pl_module.train(was_training)
         return pictures
 

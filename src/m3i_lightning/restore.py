@@ -18,7 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from m3i_lightning.backbone import Backbone
 from m3i_lightning.errors import ConfigError
-from m3i_lightning.factory import build_backbone, build_objectives, build_tokenizer_from
+from m3i_lightning.factory import (
+    build_backbone,
+    build_objectives,
+    build_tokenizer_from,
+    objective_context,
+)
 from m3i_lightning.objectives.clip import CLIP
 
 CONFIG_KEY = "m3i_config"
@@ -66,9 +71,7 @@ def load_checkpoint(path: str | Path) -> TrainedModel:
     if "clip" not in cfg.objective:
         return TrainedModel(backbone, config=cfg)
     tokenizer = build_tokenizer_from(cfg.text)
-    context = {"embed_dim": backbone.embed_dim, "grid_size": backbone.grid_size,
-               "patch_size": backbone.patch_size, "num_classes": checkpoint[NUM_CLASSES_KEY],
-               "tokenizer": tokenizer}
+    context = objective_context(backbone, checkpoint[NUM_CLASSES_KEY], tokenizer)
     clip = build_objectives({"clip": cfg.objective.clip}, context)["clip"]
     clip.load_state_dict(_with_prefix(state, "heads.clip."))
     return TrainedModel(backbone, clip, tokenizer, cfg)

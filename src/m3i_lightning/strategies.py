@@ -19,9 +19,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 
 from m3i_lightning.backbone import Backbone
+from m3i_lightning.engine import Engine
 from m3i_lightning.errors import ConfigError
-from m3i_lightning.objectives.base import Objective
-from m3i_lightning.pretraining import Pretraining
 from m3i_lightning.sharding import block_classes
 
 STRATEGIES = ("auto", "ddp", "fsdp", "fsdp1")
@@ -40,7 +39,7 @@ class FullyShardedDataParallel(ModelParallelStrategy):
         super().setup_environment()
 
 
-def build_strategy(cfg: Mapping, model: Pretraining) -> Strategy | str:
+def build_strategy(cfg: Mapping, model: Engine) -> Strategy | str:
     """The strategy for ``cfg.name``; ``model`` gives the block classes FSDP1 wraps."""
     name = cfg["name"]
     if name in ("auto", "ddp"):
@@ -52,7 +51,7 @@ def build_strategy(cfg: Mapping, model: Pretraining) -> Strategy | str:
     raise ConfigError(f"unknown strategy '{name}'; choose one of {STRATEGIES}")
 
 
-def _fsdp1(model: Pretraining) -> FSDPStrategy:
+def _fsdp1(model: Engine) -> FSDPStrategy:
     """FSDP1 flattens each wrapped unit's parameters into one buffer and shards that, so an EMA
     copy only holds the same slice as its source when both are their own units: the backbone
     and the teacher are wrapped whole (around their blocks); averaged heads are refused."""
@@ -60,7 +59,7 @@ def _fsdp1(model: Pretraining) -> FSDPStrategy:
         raise ConfigError("strategy=fsdp1 (Lightning FSDPStrategy) needs CUDA GPUs; use "
                           "strategy=fsdp (FSDP2), which also runs on CPU")
     averaged = sorted(name for name, objective in model.objectives().items()
-                      if type(objective).ema_update is not Objective.ema_update)
+                      if objective.momentum_pairs())
     if averaged:
         raise ConfigError(f"strategy=fsdp1 cannot average the heads of {averaged} shard by "
                           "shard; use strategy=fsdp (FSDP2)")
@@ -68,7 +67,7 @@ def _fsdp1(model: Pretraining) -> FSDPStrategy:
                         state_dict_type="full")
 
 
-def consolidated(trainer: Trainer, build: Callable[[], Pretraining]) -> Pretraining:
+def consolidated(trainer: Trainer, build: Callable[[], Engine]) -> Engine:
     """The trained model with full weights, for export and evaluation after ``fit``: the model
     itself unless its strategy shards it; after a sharded run, on rank 0 a fresh ``build()``
     holding the weights the strategy gathers, on the other ranks the sharded model. Every rank

@@ -7,10 +7,9 @@ from torch import Tensor
 from m3i_lightning.backbone import Encoded, gather_tokens
 from m3i_lightning.errors import ConfigError
 from m3i_lightning.losses import mae_loss
-from m3i_lightning.objectives.base import Objective
+from m3i_lightning.objectives.base import Objective, Targets
 from m3i_lightning.pixels import patchify, reconstruction_panels
 from m3i_lightning.predictor import TokenPredictor
-from m3i_lightning.pretraining import Targets
 
 
 class AutoEncoder(Objective):
@@ -36,7 +35,7 @@ class AutoEncoder(Objective):
         self.decoder = TokenPredictor(self.embed_dim, 3 * self.patch_size**2, self.grid_size,
                                       decoder_dim, decoder_depth, decoder_heads)
 
-    def reconstructed(self, encoded: Encoded) -> Tensor | None:
+    def patches_to_predict(self, encoded: Encoded) -> Tensor | None:
         """Indices [B, Q] of the patches to reconstruct; None for all of them."""
         return None
 
@@ -44,7 +43,7 @@ class AutoEncoder(Objective):
                         targets: Targets) -> tuple[Tensor, Tensor, Tensor | None]:
         """(predicted patches, their target patches, their indices or None for all)."""
         patches = patchify(targets.pixels, self.patch_size)
-        index = self.reconstructed(encoded)
+        index = self.patches_to_predict(encoded)
         if index is None:
             query = self.decoder.pos_embed.expand(patches.shape[0], -1, -1)
         else:
@@ -57,7 +56,7 @@ class AutoEncoder(Objective):
         pred, patches, _ = self.predict_patches(encoded, targets)
         return mae_loss(pred, patches, norm_pix=self.norm_pix), {}
 
-    def reconstruct(self, batch, encoded, targets):
+    def pictures(self, batch, encoded, targets):
         pred, _, index = self.predict_patches(encoded, targets)
         return reconstruction_panels(batch[targets.input_view], targets.pixels, pred, index,
                                      encoded.masked_index, self.patch_size, self.norm_pix)

@@ -1,22 +1,54 @@
-"""The objective plugin: one row of the unified table, one term of Eq. 4."""
+"""The objective plugin: one row of the unified table, one term of Eq. 4.
+
+An objective is a head: its predictor f_ψ, its distribution form and what it reads. It knows
+nothing of optimisers, masks or teachers; the engine (:mod:`m3i_lightning.engine`) encodes the
+inputs and builds the targets it declares. Given ``backbone=...`` an objective is built as a
+complete LightningModule that trains on its own (see :meth:`Objective.__new__`); only then is
+the engine imported.
+"""
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from typing import ClassVar
 
-from torch import Tensor
+import lightning as L
+from torch import Tensor, nn
 
-from m3i_lightning.backbone import Backbone, Encoded
+from m3i_lightning.backbone import Encoded
 from m3i_lightning.errors import ConfigError
-from m3i_lightning.pretraining import Pretraining, Targets
+
+# Every objective class that names itself, by config name (a family such as ``inst_disc`` by
+# its family name; its variants are in ``family.variants``). Filled as classes are defined.
+OBJECTIVES: dict[str, type[Objective]] = {}
 
 
-class Objective(Pretraining):
+@dataclass
+class Targets:
+    """What an objective may predict: the target view's pixels and the teacher's encoding.
+
+    ``input_view`` / ``view`` name the batch keys of the encoded input and of the target, so an
+    inter-view objective can read both crops' geometry (``batch[f"{view}_geometry"]``).
+    ``student`` is the student's own full encoding of the target view, with gradients, for
+    objectives whose target branch is the trained network itself (Barlow Twins: f_φ = f_θ).
+    """
+
+    input_view: str
+    view: str | None
+    pixels: Tensor | None = None
+    teacher: Encoded | None = None
+    student: Encoded | None = None
+
+
+class Objective(L.LightningModule):
     """Owns its predictor f_ψ and distribution form; declares its input and target.
 
-    Inside a :class:`~m3i_lightning.MultiObjective` an objective has no backbone and only
-    computes :meth:`loss`. Given ``backbone=...`` it is a complete LightningModule trainable on
-    its own with ``Trainer().fit``, through the same engine as the multi-objective case.
+    The class variables are the objective's row of the unified table; the engine plans every
+    encoder pass from them. ``embed_dim`` / ``grid_size`` / ``patch_size`` size the head for
+    the backbone it will read (the factory passes the backbone's). Subclasses that name
+    themselves (``name``) are registered in :data:`OBJECTIVES`; pass ``register=False`` in
+    the class statement for a throw-away subclass.
     """
 
     name: ClassVar[str]
@@ -31,34 +63,65 @@ class Objective(Pretraining):
     # In native mode the loss is also taken with the views swapped, the directions summed.
     symmetric: ClassVar[bool] = False
     requires: ClassVar[frozenset[str]] = frozenset()
+    # Smallest per-process batch the loss means something at (BatchNorm heads, batch negatives).
+    min_batch_size: ClassVar[int] = 1
+    # A family (``inst_disc``): its variants by name, and the one the config gets by default.
+    variants: ClassVar[dict[str, type[Objective]]] = {}
+    default_variant: ClassVar[str | None] = None
 
-    def __init__(self, *, weight: float = 1.0, backbone: Backbone | None = None,
-                 embed_dim: int | None = None, grid_size: tuple[int, int] | None = None,
-                 patch_size: int | None = None, **engine) -> None:
-        super().__init__(backbone, **engine)
-        if backbone is not None:
-            embed_dim, grid_size = backbone.embed_dim, backbone.grid_size
-            patch_size = backbone.patch_size
+    def __init_subclass__(cls, register: bool = True, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if not register:
+            return
+        if "variant" in vars(cls):
+            if cls.variants is Objective.variants:
+                raise TypeError(f"{cls.__name__} is a variant: its family class must define "
+                                "its own `variants = {}`")
+            cls.variants[cls.variant] = cls
+        elif "name" in vars(cls):
+            OBJECTIVES[cls.name] = cls
+
+    def __new__(cls, *args, backbone=None, **kwargs):
+        """With a backbone, the object is of the engine-hosting subclass of ``cls`` (made once
+        per class, :func:`m3i_lightning.engine.standalone`): the same objective, plus the
+        engine's training steps. Without one, a plain head for a MultiObjective."""
+        if backbone is None:
+            return super().__new__(cls)
+        from m3i_lightning.engine import standalone
+
+        return super().__new__(standalone(cls))
+
+    def __init__(self, *, weight: float = 1.0, embed_dim: int | None = None,
+                 grid_size: tuple[int, int] | None = None, patch_size: int | None = None) -> None:
+        super().__init__()
         if embed_dim is None or grid_size is None:
             raise ConfigError(f"{type(self).__name__} needs a backbone or its embed_dim and "
                               "grid_size")
         self.weight = weight
         self.embed_dim, self.grid_size = embed_dim, tuple(grid_size)
         self.patch_size = patch_size  # only pixel objectives need it, to size their output
-        self._build_engine()
+        # Width of the teacher features the head reads; objectives taking ``target_dim`` widen it.
+        self.target_width = embed_dim
+        self._momentum_heads: tuple[str, ...] = ()
 
-    def objectives(self) -> dict[str, Objective]:
-        return {self.name: self}
+    def add_momentum_copy(self, head: str) -> None:
+        """Register ``momentum_<head>``: a stop-gradient copy of the sub-module ``head`` that
+        follows it by EMA with the teacher's momentum, as the reference methods average their
+        projectors / heads (MoCo, BYOL, DINO, MSN, DenseCL). The engine updates every pair."""
+        online = getattr(self, head)
+        setattr(self, f"momentum_{head}", copy.deepcopy(online).requires_grad_(False))
+        self._momentum_heads = (*self._momentum_heads, head)
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(averaged copy, online head) for every head registered by :meth:`add_momentum_copy`."""
+        return [(getattr(self, f"momentum_{head}"), getattr(self, head))
+                for head in self._momentum_heads]
 
     def loss(self, batch: dict, encoded: Encoded, targets: Targets) -> tuple[Tensor, dict]:
         """−log P̂(z_y | ẑ_y) for this batch, and extra scalars to log. Never calls self.log."""
         raise NotImplementedError
 
-    def ema_update(self, momentum: float) -> None:
-        """Called after each teacher update with its momentum: objectives whose reference
-        method also averages a head (MoCo / BYOL projectors, DINO heads) update it here."""
-
-    def reconstruct(self, batch: dict, encoded: Encoded, targets: Targets) -> dict[str, Tensor]:
+    def pictures(self, batch: dict, encoded: Encoded, targets: Targets) -> dict[str, Tensor]:
         """Pictures of what the objective predicts, for people to look at: name → images
         [B, 3, H, W] in the views' normalised space, in display order (pixel objectives return
         :func:`~m3i_lightning.pixels.reconstruction_panels`). Empty for objectives whose

@@ -27,6 +27,7 @@ class CLIP(Objective):
     form = "Boltzmann"
     target_repr = "paired text"
     requires = frozenset({"text"})
+    min_batch_size = 2  # the other captions of the batch are the negatives
 
     def __init__(self, tokenizer, proj_dim: int = 128, text_width: int = 128,
                  text_layers: int = 2, text_heads: int = 4, text_pretrained: str | None = None,

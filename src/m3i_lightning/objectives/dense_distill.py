@@ -29,7 +29,8 @@ class DenseDistill(Objective):
     def __init__(self, loss: str = "smooth_l1", beta: float = 2.0, target_dim: int | None = None,
                  **kwargs) -> None:
         super().__init__(**kwargs)
-        self.head = nn.Linear(self.embed_dim, target_dim or self.embed_dim)
+        self.target_width = target_dim or self.embed_dim
+        self.head = nn.Linear(self.embed_dim, self.target_width)
         self.distribution = Gaussian(loss, beta)
 
     def loss(self, batch, encoded, targets):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -12,7 +10,6 @@ from m3i_lightning.distributed import gather_with_grad
 from m3i_lightning.heads import mlp
 from m3i_lightning.losses import dense_info_nce, queue_info_nce
 from m3i_lightning.objectives.base import Objective
-from m3i_lightning.teacher import ema_
 
 
 class DenseContrast(Objective):
@@ -43,8 +40,8 @@ class DenseContrast(Objective):
         self.temperature, self.dense_weight = temperature, dense_weight
         self.global_head = mlp(self.embed_dim, hidden_dim, out_dim, 2, None, nn.ReLU)
         self.dense_head = mlp(self.embed_dim, hidden_dim, out_dim, 2, None, nn.ReLU)
-        self.momentum_global_head = copy.deepcopy(self.global_head).requires_grad_(False)
-        self.momentum_dense_head = copy.deepcopy(self.dense_head).requires_grad_(False)
+        self.add_momentum_copy("global_head")
+        self.add_momentum_copy("dense_head")
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, out_dim), dim=-1))
         self.register_buffer("dense_queue",
                              F.normalize(torch.randn(queue_size, out_dim), dim=-1))
@@ -79,7 +76,3 @@ class DenseContrast(Objective):
         self.queue[slots] = keys
         self.dense_queue[slots] = pooled
         self.queue_ptr.copy_((self.queue_ptr + len(keys)) % size)
-
-    def ema_update(self, momentum: float) -> None:
-        ema_(self.momentum_global_head, self.global_head, momentum)
-        ema_(self.momentum_dense_head, self.dense_head, momentum)

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m3i_lightning.distributed import mean_over_ranks
-from m3i_lightning.errors import ConfigError
 from m3i_lightning.heads import mlp
 from m3i_lightning.losses import dino_loss
 from m3i_lightning.objectives.base import Objective
-from m3i_lightning.teacher import ema_
 
 
 class DINOHead(nn.Module):
@@ -61,19 +57,14 @@ class GlobalDistill(Objective):
                  center_momentum: float = 0.9, **kwargs) -> None:
         super().__init__(**kwargs)
         self.head = DINOHead(self.embed_dim, out_dim, hidden_dim, bottleneck_dim, head_layers)
-        self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
+        self.add_momentum_copy("head")
         self.register_buffer("center", torch.zeros(out_dim))
         self.student_temp, self.teacher_temp = student_temp, teacher_temp
         self.center_momentum = center_momentum
 
     def loss(self, batch, encoded, targets):
-        teacher = targets.teacher.global_feature
-        if teacher.shape[-1] != self.embed_dim:
-            raise ConfigError(f"global_distill: the teacher head is an EMA copy of the student "
-                              f"head, so the teacher must be {self.embed_dim} wide, not "
-                              f"{teacher.shape[-1]}")
         with torch.no_grad():
-            teacher_logits = self.teacher_head(teacher)
+            teacher_logits = self.momentum_head(targets.teacher.global_feature)
             probs = F.softmax((teacher_logits - self.center) / self.teacher_temp, dim=-1)
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
         student_logits = self.head(encoded.global_feature)
@@ -87,6 +78,3 @@ class GlobalDistill(Objective):
     def _update_center(self, teacher_logits: Tensor) -> None:
         batch_center = mean_over_ranks(teacher_logits.float().mean(dim=0))
         self.center.lerp_(batch_center, 1.0 - self.center_momentum)
-
-    def ema_update(self, momentum: float) -> None:
-        ema_(self.teacher_head, self.head, momentum)

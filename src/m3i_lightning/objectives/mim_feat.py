@@ -25,14 +25,13 @@ class MaskedFeature(Objective):
     def __init__(self, loss: str = "mse", predictor_dim: int = 128, predictor_depth: int = 2,
                  predictor_heads: int = 4, target_dim: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.predictor = TokenPredictor(self.embed_dim, target_dim or self.embed_dim,
+        self.target_width = target_dim or self.embed_dim
+        self.predictor = TokenPredictor(self.embed_dim, self.target_width,
                                         self.grid_size, predictor_dim, predictor_depth,
                                         predictor_heads)
         self.distribution = Gaussian(loss)
 
     def loss(self, batch, encoded, targets):
-        if encoded.masked_index is None:
-            raise ValueError("mim_feat needs a masked input; set mask_ratio > 0")
         query = self.predictor.position(encoded.masked_index)
         pred = self.predictor(encoded.tokens, encoded.visible_index, query)
         target = gather_tokens(targets.teacher.tokens, encoded.masked_index)

@@ -24,11 +24,13 @@ class MaskedGlobal(Objective):
     masked_input = True
     target_view = "view1"
     uses_teacher = True
+    min_batch_size = 2  # BatchNorm in the predictor
 
     def __init__(self, predictor_dim: int = 2048, predictor_layers: int = 2,
                  target_dim: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.predictor = mlp(self.embed_dim, predictor_dim, target_dim or self.embed_dim,
+        self.target_width = target_dim or self.embed_dim
+        self.predictor = mlp(self.embed_dim, predictor_dim, self.target_width,
                              predictor_layers, norm="bn", act=nn.ReLU)
         self.distribution = Gaussian("cosine")
 

@@ -17,7 +17,5 @@ class MaskedPixel(AutoEncoder):
     name = "mim_pixel"
     masked_input = True
 
-    def reconstructed(self, encoded):
-        if encoded.masked_index is None:
-            raise ValueError("mim_pixel needs a masked input; set mask_ratio > 0")
+    def patches_to_predict(self, encoded):
         return encoded.masked_index

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from m3i_lightning.errors import ConfigError
 from m3i_lightning.losses import mae_loss
-from m3i_lightning.objectives.inter_view import InterViewObjective
+from m3i_lightning.objectives.relative_query import RelativeQueryObjective
 from m3i_lightning.pixels import patchify, reconstruction_panels
 
 
-class NovelViewSynthesis(InterViewObjective):
+class NovelViewSynthesis(RelativeQueryObjective):
     """The full view2 predicts every patch of view1, per-patch normalised pixels (MAE's
     ``norm_pix_loss``), with a Gaussian NLL: the MSE over all target patches. Each decoder query
     sits at its view1 patch's position relative to view2, with view1's relative scale and flip.
@@ -31,7 +31,7 @@ class NovelViewSynthesis(InterViewObjective):
         patches = patchify(targets.pixels, self.patch_size)
         return mae_loss(pred, patches, norm_pix=self.norm_pix), {}
 
-    def reconstruct(self, batch, encoded, targets):
+    def pictures(self, batch, encoded, targets):
         return reconstruction_panels(batch[targets.input_view], targets.pixels,
                                      self.predict(batch, encoded, targets), None,
                                      encoded.masked_index, self.patch_size, self.norm_pix)

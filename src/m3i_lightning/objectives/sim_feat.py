@@ -8,10 +8,10 @@ from torch import Tensor
 
 from m3i_lightning.distributed import mean_over_ranks
 from m3i_lightning.losses import feature_correlation, unigrad_loss
-from m3i_lightning.objectives.inter_view import InterViewObjective
+from m3i_lightning.objectives.relative_query import RelativeQueryObjective
 
 
-class SiameseFeature(InterViewObjective):
+class SiameseFeature(RelativeQueryObjective):
     """SiameseIM (Tao et al., CVPR 2023): the masked view2 predicts, at every patch of view1,
     the EMA teacher's dense feature of the full view1, normalised by a LayerNorm without affine
     parameters. Queries carry view1's position, scale and flip relative to view2, so the

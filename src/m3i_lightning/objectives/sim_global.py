@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,10 +10,9 @@ from m3i_lightning.distributed import gather_with_grad
 from m3i_lightning.heads import mlp
 from m3i_lightning.losses import msn_loss
 from m3i_lightning.objectives.base import Objective
-from m3i_lightning.teacher import ema_
 
 
-class MaskedSiamese(Objective):
+class SiameseGlobal(Objective):
     """Masked Siamese Networks (Assran et al., ECCV 2022): the masked view2 (anchor) and the
     teacher's full view1 (target) are soft-assigned to K learnable prototypes; the anchor's
     assignment (τ = 0.1) is trained towards the sharpened target assignment (τ⁺ = 0.025,
@@ -36,6 +33,7 @@ class MaskedSiamese(Objective):
     masked_input = True
     target_view = "view1"
     uses_teacher = True
+    min_batch_size = 2  # BatchNorm in the projector
 
     def __init__(self, hidden_dim: int = 2048, out_dim: int = 256, num_prototypes: int = 1024,
                  anchor_temperature: float = 0.1, target_temperature: float = 0.025,
@@ -48,7 +46,7 @@ class MaskedSiamese(Objective):
             if isinstance(layer, nn.Linear):
                 nn.init.trunc_normal_(layer.weight, std=0.02)
                 nn.init.zeros_(layer.bias)
-        self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.add_momentum_copy("projector")
         bound = out_dim ** -0.5
         self.prototypes = nn.Parameter(torch.empty(num_prototypes, out_dim).uniform_(-bound, bound))
 
@@ -65,6 +63,3 @@ class MaskedSiamese(Objective):
             used[nearest] = 1.0
         return loss, {"std": F.normalize(anchor.detach(), dim=-1).std(0).mean(),
                       "prototypes_used": used.sum()}
-
-    def ema_update(self, momentum: float) -> None:
-        ema_(self.momentum_projector, self.projector, momentum)

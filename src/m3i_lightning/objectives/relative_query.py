@@ -1,4 +1,4 @@
-"""Relative queries: the decoder mechanism shared by the inter-view objectives (nvs, sim_*).
+"""Relative queries: the decoder shared by the inter-view objectives (nvs, sim_pixel, sim_feat).
 
 An inter-view objective encodes one crop and predicts every patch of another crop of the same
 image. Its decoder gets one query per target patch, placed at that patch's position in the
@@ -12,9 +12,8 @@ from torch import Tensor, nn
 
 from m3i_lightning.backbone import Encoded
 from m3i_lightning.geometry import relative_geometry
-from m3i_lightning.objectives.base import Objective
+from m3i_lightning.objectives.base import Objective, Targets
 from m3i_lightning.predictor import TokenPredictor
-from m3i_lightning.pretraining import Targets
 
 
 class RelativePredictor(nn.Module):
@@ -49,8 +48,9 @@ class RelativePredictor(nn.Module):
         return self.decoder(encoded.tokens, encoded.visible_index, query)
 
 
-class InterViewObjective(Objective):
-    """Base of the objectives whose input is one view and whose target is the other.
+class RelativeQueryObjective(Objective):
+    """Base of the objectives that decode every patch of one view from another view through
+    relative queries (:class:`RelativePredictor`).
 
     Natively the input is view2 and the target view1; in the shared input mode the engine
     swaps them (input view1, target view2). :meth:`predict` reads the two crops' geometry from

@@ -1,0 +1,319 @@
+"""The training engine of Eq. 4: encode each distinct input once, run the teacher once per
+target view, sum the weighted NLL of every objective, then update the EMA teacher and the
+objectives' averaged heads.
+
+The engine hosts objectives in two ways: a :class:`MultiObjective` holds several heads on one
+backbone, and an objective built with ``backbone=...`` hosts itself (:func:`standalone`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Mapping
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from m3i_lightning import sharding
+from m3i_lightning.backbone import Backbone, Encoded
+from m3i_lightning.errors import ConfigError, NonFiniteLossError
+from m3i_lightning.masking import MASKS, build_mask
+from m3i_lightning.mixing import check_mixable, encode_mixed, partner_rows
+from m3i_lightning.objectives.base import Objective, Targets
+from m3i_lightning.optim import OptimConfig, build_optimizer
+from m3i_lightning.plan import INPUT_MODES, Input, Plan, Reading, build_plan
+from m3i_lightning.teacher import EMATeacher, TargetEncoder, ema_
+
+Readings = dict[str, list[tuple[dict, Encoded, Targets]]]
+
+
+class Engine(L.LightningModule):
+    """Shared mechanism of :class:`MultiObjective` and of every objective trained on its own.
+
+    Subclasses provide :meth:`objectives` and call :meth:`build_engine` once those exist.
+    """
+
+    def objectives(self) -> dict[str, Objective]:
+        raise NotImplementedError
+
+    def build_engine(self, backbone: Backbone, *, input_mode: str = "shared",
+                     mask: str = "random", mask_ratio: float = 0.75,
+                     teacher_momentum: float = 0.996, teacher_final_momentum: float = 1.0,
+                     teacher: TargetEncoder | None = None,
+                     optim: OptimConfig | Mapping | None = None, check_finite_every: int = 1,
+                     mix: bool = False, activation_checkpointing: bool = False,
+                     compile: bool = False) -> None:
+        """``input_mode='shared'`` is M3I's Eq. 4 with a single z_x, ``'native'`` gives each
+        objective its reference method's input, ``mix=True`` is M3I's multi-input pre-training
+        (see :mod:`m3i_lightning.plan`). ``teacher`` is a given target encoder (a
+        :class:`~m3i_lightning.teacher.FrozenTeacher`); without one, an EMA of the backbone
+        is built when an objective needs a teacher. Every bad value is a ConfigError here."""
+        if input_mode not in INPUT_MODES:
+            raise ConfigError(f"unknown input mode '{input_mode}'; choose one of {INPUT_MODES}")
+        if mix and input_mode != "shared":
+            raise ConfigError("mix=true mixes two images into the one shared input: it needs "
+                              "input=shared")
+        objectives = self.objectives()
+        self.backbone = backbone
+        self.input_mode, self.mix = input_mode, mix
+        self.plan: Plan = build_plan(objectives, input_mode, mix)
+        self.mask_generator = _mask_generator(self.plan, objectives, backbone, mask, mask_ratio)
+        self.teacher: TargetEncoder | None = None
+        if self.plan.teacher_views:
+            self.teacher = teacher or EMATeacher(backbone, teacher_momentum,
+                                                 teacher_final_momentum)
+            _check_teacher_width(self.teacher, objectives)
+        self.optim = OptimConfig(**optim) if isinstance(optim, Mapping) else optim or OptimConfig()
+        self.check_finite_every = check_finite_every
+        self.scaling = {"activation_checkpointing": activation_checkpointing, "compile": compile}
+
+    def batch_fields(self) -> set[str]:
+        """Batch keys the data must provide for the selected objectives."""
+        return self.plan.fields({n: o.requires for n, o in self.objectives().items()})
+
+    def check_data(self, provides: set[str]) -> None:
+        """Fail before training when an objective needs something the data lacks."""
+        for name, obj in self.objectives().items():
+            missing = obj.requires - set(provides)
+            if missing:
+                raise ConfigError(
+                    f"objective '{name}' needs {sorted(missing)} but the data provides only "
+                    f"{sorted(provides)}")
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """Contrastive losses and BatchNorm heads mean nothing on one sample per process."""
+        for name, obj in self.objectives().items():
+            if batch_size < obj.min_batch_size:
+                raise ConfigError(
+                    f"objective '{name}' needs a per-process batch of at least "
+                    f"{obj.min_batch_size} (negatives / BatchNorm across the batch), got "
+                    f"{batch_size}: raise data.batch_size (or global_batch_size)")
+
+    def on_fit_start(self) -> None:
+        """Every process starts from one seed, so that all build identical weights; from here on
+        each draws its own masks and mixing partners, or all ranks would hide the same patches
+        of their different images at every step. (A resumed run restores each rank's streams
+        afterwards, at train start.)"""
+        if self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
+
+    def setup(self, stage: str) -> None:
+        """Check the data, then ask it for only the fields the objectives read (before any
+        loader exists), so a plain ``Trainer().fit(model, datamodule)`` builds nothing extra."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "provides"):
+            self.check_data(datamodule.provides)
+            datamodule.fields = self.batch_fields()
+        if stage == "fit" and isinstance(getattr(datamodule, "batch_size", None), int):
+            self.check_batch_size(datamodule.batch_size)
+
+    def readings(self, batch: dict) -> Readings:
+        """(batch, encoded input, targets) of every reading of the plan, each input encoded
+        once and each teacher view encoded once."""
+        plan = self.plan
+        partner = None
+        if plan.mixed:
+            partner = partner_rows(batch["view1"].shape[0], batch["view1"].device)
+        encoded = self._encode_inputs(batch, partner)
+        teacher = {view: self.teacher(batch[view]) for view in plan.teacher_views}
+        student = {view: encoded[Input(view, False)] for view in plan.student_views}
+        sources = {False: (batch, teacher, student)}
+        if partner is not None:
+            sources[True] = _partner_view(batch, teacher, student, partner)
+        return {name: [_reading(r, encoded, *sources[r.partner]) for r in p.readings]
+                for name, p in plan.objectives.items()}
+
+    def _encode_inputs(self, batch: dict, partner: Tensor | None) -> dict[Input, Encoded]:
+        """Every input of the plan; a mix encodes images A and B (view1 and its partner
+        rows) in one pass."""
+        encoded = {}
+        if partner is not None:
+            encoded[Input("view1", True, "a")], encoded[Input("view1", True, "b")] = (
+                encode_mixed(self.backbone, batch["view1"], partner, self.mask_generator))
+        for key in self.plan.inputs:
+            if key not in encoded:
+                encoded[key] = self._encode(batch[key.view], key.masked)
+        return encoded
+
+    def _encode(self, images: Tensor, masked: bool) -> Encoded:
+        if not masked:
+            return self.backbone(images)
+        mask = self.mask_generator(images.shape[0], images.device)
+        visible, hidden = self.mask_generator.split(mask)
+        return self.backbone(images, visible, hidden)
+
+    def forward_terms(self, batch: dict) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Weighted loss term per objective, its readings reduced as the plan says, and their
+        extra logs (averaged over the readings)."""
+        terms, logs = {}, {}
+        objectives = self.objectives()
+        for name, readings in self.readings(batch).items():
+            objective = objectives[name]
+            results = [objective.loss(*reading) for reading in readings]
+            losses = torch.stack([loss for loss, _ in results])
+            reduce = self.plan.objectives[name].reduce
+            terms[name] = objective.weight * (losses.sum() if reduce == "sum" else losses.mean())
+            for key in results[0][1]:
+                logs[f"{name}/{key}"] = torch.stack([extra[key] for _, extra in results]).mean()
+        return terms, logs
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        terms, logs = self.forward_terms(batch)
+        stacked = torch.stack(list(terms.values()))
+        if self.check_finite_every and self.global_step % self.check_finite_every == 0:
+            self._raise_if_nonfinite(terms, stacked)
+        total = stacked.sum()
+        batch_size = batch["view1"].shape[0]
+        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        for name, term in terms.items():
+            self.log(f"train/loss/{name}", term, batch_size=batch_size)
+        for key, value in logs.items():
+            self.log(f"train/{key}", value, batch_size=batch_size)
+        return total
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Detached global features of whole images. Lightning runs validation only when a
+        module defines this step; the metrics themselves live in callbacks
+        (:class:`~m3i_lightning.monitors.ProbeMonitor`), so the engine stays metric-free."""
+        return self.backbone(batch["image"]).global_feature.detach()
+
+    def objective_pictures(self, batch: dict) -> dict[str, dict[str, Tensor]]:
+        """Pictures of every objective that draws some (:meth:`Objective.pictures`), from the
+        first reading of each; drawn by :class:`~m3i_lightning.pictures.ReconstructionGrid`.
+        A step method like the two above, so a sharded engine gathers its weights for it."""
+        objectives = self.objectives()
+        pictures = {name: objectives[name].pictures(*readings[0])
+                    for name, readings in self.readings(batch).items()}
+        return {name: panels for name, panels in pictures.items() if panels}
+
+    def _raise_if_nonfinite(self, terms: dict[str, Tensor], stacked: Tensor) -> None:
+        bad = ~torch.isfinite(stacked.detach())
+        if bad.any():
+            names = [n for n, b in zip(terms, bad.tolist(), strict=True) if b]
+            raise NonFiniteLossError(
+                f"loss of objective(s) {names} is NaN/inf at step {self.global_step}; "
+                "lower the learning rate or check the data")
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.update_teacher(self.trainer.global_step, int(self.trainer.estimated_stepping_batches))
+
+    def update_teacher(self, step: int, total_steps: int) -> None:
+        """After an optimizer step: the teacher, then every averaged head, follow the student
+        with the teacher's momentum. Public so that a loop stepping the optimizer itself
+        (scripts/benchmark.py) runs exactly the Trainer's step."""
+        if self.teacher is None:
+            return
+        momentum = self.teacher.update(self.backbone, step, total_steps)
+        for objective in self.objectives().values():
+            for averaged, online in objective.momentum_pairs():
+                ema_(averaged, online, momentum)
+
+    def configure_model(self) -> None:
+        """Lightning's hook once the processes exist: activation checkpointing, compiled blocks
+        and, under ``ModelParallelStrategy``, FSDP2 sharding (:mod:`m3i_lightning.sharding`)."""
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        sharding.configure(self, mesh, **self.scaling)
+
+    def configure_optimizers(self):
+        return build_optimizer(self, self.optim, int(self.trainer.estimated_stepping_batches))
+
+
+# The keyword options of the engine, which a standalone objective takes beside its own.
+ENGINE_OPTIONS = frozenset(inspect.signature(Engine.build_engine).parameters) - {"self",
+                                                                               "backbone"}
+
+
+class MultiObjective(Engine):
+    """Several objectives on one backbone: the all-in-one pre-training of M3I (Eq. 4)."""
+
+    def __init__(self, backbone: Backbone, objectives: Mapping[str, Objective], **engine) -> None:
+        super().__init__()
+        if not objectives:
+            raise ConfigError("MultiObjective needs at least one objective")
+        for name, objective in objectives.items():
+            if isinstance(objective, Engine):
+                raise ConfigError(f"objective '{name}' owns a backbone; inside a "
+                                  "MultiObjective objectives share the MultiObjective's one")
+        self.heads = nn.ModuleDict(objectives)
+        self.build_engine(backbone, **engine)
+
+    def objectives(self) -> dict[str, Objective]:
+        return dict(self.heads.items())
+
+
+@functools.cache
+def standalone(objective: type[Objective]) -> type[Objective]:
+    """``objective`` hosting the engine itself: ``SiameseFeature(backbone=b, mask_ratio=0.75)``
+    is a SiameseFeature (``isinstance`` holds) and a complete LightningModule, sized for ``b``,
+    taking the engine's options (:data:`ENGINE_OPTIONS`) beside its own."""
+
+    def __init__(self, *, backbone: Backbone, **options) -> None:
+        engine = {k: options.pop(k) for k in ENGINE_OPTIONS & set(options)}
+        objective.__init__(self, embed_dim=backbone.embed_dim, grid_size=backbone.grid_size,
+                           patch_size=backbone.patch_size, **options)
+        self.build_engine(backbone, **engine)
+
+    def objectives(self) -> dict[str, Objective]:
+        return {self.name: self}
+
+    return type(objective.__name__, (Engine, objective),
+                {"__init__": __init__, "objectives": objectives, "__module__": __name__,
+                 "__doc__": objective.__doc__})
+
+
+def _reading(reading: Reading, encoded: dict[Input, Encoded], batch: dict,
+             teacher: dict[str, Encoded], student: dict[str, Encoded]):
+    view = reading.target_view
+    targets = Targets(reading.input.view, view, batch.get(view) if view else None,
+                      teacher.get(view), student.get(view))
+    return batch, encoded[reading.input], targets
+
+
+def _partner_view(batch: dict, teacher: dict[str, Encoded], student: dict[str, Encoded],
+                  partner: Tensor):
+    """The batch, teacher and student encodings as image B of the mix sees them."""
+    size = partner.shape[0]
+    batch = {k: v[partner] if torch.is_tensor(v) and v.shape[:1] == (size,) else v
+             for k, v in batch.items()}
+    return (batch, {v: enc.select(partner) for v, enc in teacher.items()},
+            {v: enc.select(partner) for v, enc in student.items()})
+
+
+def _mask_generator(plan: Plan, objectives: Mapping[str, Objective], backbone: Backbone,
+                    kind: str, ratio: float):
+    """The mask of the masked inputs, None when nothing is masked; a ratio that hides no
+    patch (or every patch) is refused here rather than as a NaN loss later."""
+    if kind not in MASKS:
+        raise ConfigError(f"unknown mask kind '{kind}' (mask.kind); choose one of "
+                          f"{sorted(MASKS)}")
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"mask ratio (mask.ratio) must be in [0, 1), got {ratio}")
+    if not plan.masked:
+        return None
+    generator = build_mask(kind, backbone.grid_size, ratio)
+    if generator.num_masked == 0 or generator.num_visible == 0:
+        masked = sorted(n for n, o in objectives.items() if o.masked_input) or ["mix"]
+        raise ConfigError(f"mask ratio (mask.ratio) {ratio} hides {generator.num_masked} of "
+                          f"{generator.num_patches} patches, but {masked} need masked and "
+                          "visible patches: choose a ratio in (0, 1), e.g. 0.75")
+    if plan.mixed:
+        try:
+            check_mixable(generator)
+        except ValueError as err:
+            raise ConfigError(f"{err} (mask.ratio)") from None
+    return generator
+
+
+def _check_teacher_width(teacher: TargetEncoder, objectives: Mapping[str, Objective]) -> None:
+    """A teacher of another width fits only heads sized for it (``target_dim``)."""
+    width = teacher.embed_dim
+    wrong = sorted(n for n, o in objectives.items() if o.uses_teacher and o.target_width != width)
+    if wrong:
+        raise ConfigError(
+            f"the teacher's features are {width} wide but objective(s) {wrong} read "
+            f"{sorted({objectives[n].target_width for n in wrong})}-wide targets: set their "
+            "target_dim to the teacher's width where the objective takes one, or use a "
+            "teacher as wide as the student")
