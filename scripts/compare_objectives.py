@@ -21,10 +21,8 @@ from pathlib import Path
 
 from m3i_lightning.objectives import OBJECTIVES
 
-SMALL_HEADS = ["objective.mim_feat.predictor_dim=128", "objective.mim_feat.predictor_depth=2",
-               "objective.mim_feat.predictor_heads=4", "objective.sim_feat.predictor_dim=128",
-               "objective.sim_feat.predictor_depth=2", "objective.sim_feat.predictor_heads=4"]
-M3I = ["experiment=m3i", "backbone=vit_cpu", "global_batch_size=128", *SMALL_HEADS]
+# backbone=vit_cpu brings the CPU-sized heads of conf/scale/cpu.yaml to the recipe too.
+M3I = ["experiment=m3i", "backbone=vit_cpu", "global_batch_size=128"]
 
 
 def runs() -> list[tuple[str, list[str]]]:

@@ -3,12 +3,15 @@ named errors."""
 
 from __future__ import annotations
 
+import ast
 import math
+import subprocess
+import sys
 
 import lightning as L
 import pytest
 import torch
-from conftest import digits_module, tiny_backbone, tiny_objective
+from conftest import CONF_DIR, TINY_VIT, digits_module, tiny_backbone, tiny_objective
 
 from m3i_lightning.engine import MultiObjective
 from m3i_lightning.errors import ConfigError, NonFiniteLossError
@@ -255,3 +258,116 @@ def test_finite_check_interval(monkeypatch):
     assert finite_check_interval(cfg) == 50
     cfg.check_finite_every = 7
     assert finite_check_interval(cfg) == 7
+
+
+def test_heads_load_no_engine_module():
+    """An objective head (and the bare losses) import without the training engine."""
+    code = ("import sys, m3i_lightning.objectives.base, m3i_lightning.objectives, "
+            "m3i_lightning.losses; print(sorted(m for m in sys.modules "
+            "if m.startswith('m3i_lightning')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    loaded = set(ast.literal_eval(out))
+    engine = {"m3i_lightning.engine", "m3i_lightning.plan", "m3i_lightning.factory",
+              "m3i_lightning.strategies", "m3i_lightning.mixing", "m3i_lightning.masking",
+              "m3i_lightning.teacher", "m3i_lightning.optim"}
+    assert "m3i_lightning.objectives.base" in loaded and not loaded & engine
+
+
+def test_standalone_objective_is_its_class_and_a_head_is_not_an_engine(tokenizer):
+    from m3i_lightning.engine import Engine
+    from m3i_lightning.objectives import Classification
+
+    head = tiny_objective("cls", tokenizer)
+    alone = tiny_objective("cls", tokenizer, backbone=tiny_backbone(depth=1))
+    assert type(head) is Classification and not isinstance(head, Engine)
+    assert isinstance(alone, Classification) and isinstance(alone, Engine)
+    assert type(alone) is type(tiny_objective("cls", tokenizer, backbone=tiny_backbone(depth=1)))
+    assert alone.objectives() == {"cls": alone}
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.01, 1.0, 1.5, -0.5])
+def test_mask_ratios_that_cannot_work_are_refused_when_built(tokenizer, ratio):
+    with pytest.raises(ConfigError, match=r"mask\.ratio"):
+        multi(tokenizer, mask_ratio=ratio)
+
+
+def test_unknown_mask_kind_names_the_choices(tokenizer):
+    with pytest.raises(ConfigError, match=r"mask\.kind.*\['block', 'random'\]"):
+        multi(tokenizer, mask="nope")
+
+
+def test_a_teacher_of_another_width_needs_heads_sized_for_it(tokenizer):
+    from m3i_lightning.teacher import TargetEncoder
+
+    wide = TargetEncoder(tiny_backbone(embed_dim=48, depth=1))
+    with pytest.raises(ConfigError, match=r"48 wide.*\['global_distill'\].*\[32\]"):
+        MultiObjective(tiny_backbone(), {"global_distill": tiny_objective(
+            "global_distill", None, out_dim=16, hidden_dim=16, bottleneck_dim=8)}, teacher=wide)
+    sized = tiny_objective("mim_feat", None, target_dim=48)
+    model = MultiObjective(tiny_backbone(), {"mim_feat": sized}, teacher=wide)
+    assert model.teacher is wide
+
+
+@pytest.mark.parametrize("name", ["clip", "inst_disc", "mim_global", "sim_global"])
+def test_objectives_that_compare_samples_refuse_a_batch_of_one(tokenizer, name):
+    model = multi(tokenizer, names=[name])
+    model.check_batch_size(2)
+    with pytest.raises(ConfigError, match=rf"'{name}' needs a per-process batch of at least 2"):
+        model.check_batch_size(1)
+
+
+FIFTEENTH = '''
+"""A new row of the table: the global feature regresses the teacher's (cosine)."""
+import torch.nn.functional as F
+
+from m3i_lightning.objectives.base import Objective
+
+
+class GlobalRegression(Objective):
+    name = "global_regression"
+    form = "Gaussian"
+    target_repr = "global feature"
+    target_view = "view1"
+    uses_teacher = True
+
+    def __init__(self, scale: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = scale
+
+    def loss(self, batch, encoded, targets):
+        cos = F.cosine_similarity(encoded.global_feature, targets.teacher.global_feature)
+        return self.scale * (1 - cos).mean(), {}
+'''
+
+
+def test_a_fifteenth_objective_is_one_class_file_and_one_yaml(tmp_path, monkeypatch, batch):
+    """No registry is edited: defining the class registers it, its YAML selects it."""
+    import importlib
+
+    from hydra import compose, initialize_config_dir
+
+    from m3i_lightning.factory import build_model
+    from m3i_lightning.objectives import OBJECTIVES
+
+    (tmp_path / "global_regression.py").write_text(FIFTEENTH)
+    conf = tmp_path / "conf" / "objective"
+    conf.mkdir(parents=True)
+    (conf / "global_regression.yaml").write_text(
+        "# @package objective.global_regression\nweight: 0.5\nscale: null\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(OBJECTIVES, "global_regression", raising=False)
+    importlib.import_module("global_regression")
+    try:
+        assert "global_regression" in OBJECTIVES
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=[
+                *[f"backbone.{k}={v}" for k, v in TINY_VIT.items()],
+                f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+                "objective=[global_regression,cls]"])
+        model = build_model(cfg, num_classes=10, tokenizer=None)
+        terms, _ = model.forward_terms(batch)
+        assert set(terms) == {"global_regression", "cls"} and model.teacher is not None
+        assert model.heads["global_regression"].weight == 0.5
+    finally:
+        OBJECTIVES.pop("global_regression", None)

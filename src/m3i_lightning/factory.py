@@ -84,13 +84,19 @@ def objective_class(name: str, options: dict) -> type[Objective]:
     return family.variants[variant]
 
 
-def build_objectives(cfg: Mapping, context: Mapping) -> dict[str, Objective]:
+def build_objectives(cfg: Mapping, context: Mapping,
+                     sizes: Mapping | None = None) -> dict[str, Objective]:
+    """The selected objectives (``cfg``: name → options). An option left null takes the class
+    default, the reference method's value, unless the scale (``sizes``: name → head sizes,
+    ``cfg.heads``, see conf/scale/) gives one; an option set in ``cfg`` wins over both."""
     selected = _plain(cfg)
     if not selected:
         raise ConfigError(f"no objective selected; choose from {sorted(OBJECTIVES)}")
+    sizes = _plain(sizes or {})
     objectives = {}
     for name, options in selected.items():
-        options = dict(options or {})
+        options = {**(sizes.get(name) or {}),
+                   **{k: v for k, v in (options or {}).items() if v is not None}}
         factory = objective_class(name, options)
         objectives[name] = call_checked(factory, f"objective '{name}'", options, context)
     return objectives
@@ -158,7 +164,8 @@ def build_model(cfg: DictConfig, num_classes: int, tokenizer) -> MultiObjective:
     backbone = build_backbone(cfg.backbone)
     teacher = build_teacher(cfg)
     objectives = build_objectives(cfg.objective,
-                                  objective_context(backbone, num_classes, tokenizer, teacher))
+                                  objective_context(backbone, num_classes, tokenizer, teacher),
+                                  cfg.get("heads"))
     return MultiObjective(
         backbone, objectives, input_mode=cfg.input, mask=cfg.mask.kind,
         mask_ratio=cfg.mask.ratio, teacher_momentum=cfg.teacher.momentum,

@@ -72,6 +72,6 @@ def load_checkpoint(path: str | Path) -> TrainedModel:
         return TrainedModel(backbone, config=cfg)
     tokenizer = build_tokenizer_from(cfg.text)
     context = objective_context(backbone, checkpoint[NUM_CLASSES_KEY], tokenizer)
-    clip = build_objectives({"clip": cfg.objective.clip}, context)["clip"]
+    clip = build_objectives({"clip": cfg.objective.clip}, context, cfg.get("heads"))["clip"]
     clip.load_state_dict(_with_prefix(state, "heads.clip."))
     return TrainedModel(backbone, clip, tokenizer, cfg)

@@ -29,8 +29,8 @@ class CLIP(Objective):
     requires = frozenset({"text"})
     min_batch_size = 2  # the other captions of the batch are the negatives
 
-    def __init__(self, tokenizer, proj_dim: int = 128, text_width: int = 128,
-                 text_layers: int = 2, text_heads: int = 4, text_pretrained: str | None = None,
+    def __init__(self, tokenizer, proj_dim: int = 512, text_width: int = 512,
+                 text_layers: int = 12, text_heads: int = 8, text_pretrained: str | None = None,
                  init_temperature: float = 0.07, max_logit_scale: float = 100.0,
                  **kwargs) -> None:
         super().__init__(**kwargs)

@@ -22,8 +22,8 @@ class MaskedFeature(Objective):
     target_view = "view1"
     uses_teacher = True
 
-    def __init__(self, loss: str = "mse", predictor_dim: int = 128, predictor_depth: int = 2,
-                 predictor_heads: int = 4, target_dim: int | None = None, **kwargs) -> None:
+    def __init__(self, loss: str = "mse", predictor_dim: int = 768, predictor_depth: int = 4,
+                 predictor_heads: int = 16, target_dim: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.target_width = target_dim or self.embed_dim
         self.predictor = TokenPredictor(self.embed_dim, self.target_width,
