@@ -111,3 +111,32 @@ def fit_fixed_batch(objective, batch: dict, steps: int = 30, lr: float = 1e-3):
         losses.append(loss.item())
         objective.update_teacher(step, steps)
     return losses, start, spread()
+
+
+CLIP_TINY = ["objective=[clip]", "objective.clip.text_width=32", "objective.clip.proj_dim=32",
+             "objective.clip.text_layers=1", "objective.clip.text_heads=2",
+             "text.context_length=32"]  # 32 bytes keep the digit's name in every caption
+
+
+@pytest.fixture(scope="session")
+def clip_checkpoint(tmp_path_factory):
+    """300 steps of clip alone on the digits (~10 s), saved with its config."""
+    import lightning as L
+
+    from m3i_lightning.factory import build_datamodule, build_model, build_tokenizer_from
+    from m3i_lightning.restore import StoreConfig
+
+    cfg = compose_config(*CLIP_TINY, "data.batch_size=64", "optim.lr=2e-3")
+    L.seed_everything(0)
+    tokenizer = build_tokenizer_from(cfg.text)
+    dm = build_datamodule(cfg.data, tokenizer)
+    model = build_model(cfg, dm.num_classes, tokenizer)
+    dm.fields = model.batch_fields()
+    trainer = L.Trainer(max_steps=300, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1,
+                        callbacks=[StoreConfig(cfg, dm.num_classes)])
+    trainer.fit(model, datamodule=dm)
+    path = tmp_path_factory.mktemp("clip_run") / "last.ckpt"
+    trainer.save_checkpoint(path)
+    return path

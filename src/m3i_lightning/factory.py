@@ -52,8 +52,14 @@ def call_checked(factory, what: str, options: Mapping, context: Mapping):
         raise ConfigError(f"{what}: {err}") from None
 
 
-def build_backbone(cfg: Mapping) -> Backbone:
+def build_backbone(cfg: Mapping, mix: bool = False) -> Backbone:
+    """The student from ``cfg.backbone``. Its global feature is the one the objectives train,
+    and so the one evaluation and export read: M3I's mix (``mix``) pools each image over its
+    own tokens, which has no class token of its own, so a mixed run's backbone pools by the
+    mean of the normalised patch tokens (timm ``global_pool='avg', fc_norm=False``)."""
     options = _plain(cfg)
+    if mix and options.get("global_pool", "token") == "token":
+        options.update(global_pool="avg", fc_norm=False)
     arch = options.pop("arch")
     try:
         return Backbone(arch, **options)
@@ -161,7 +167,7 @@ def finite_check_interval(cfg: DictConfig) -> int:
 
 def build_model(cfg: DictConfig, num_classes: int, tokenizer) -> MultiObjective:
     """The backbone and the selected objectives as one MultiObjective."""
-    backbone = build_backbone(cfg.backbone)
+    backbone = build_backbone(cfg.backbone, cfg.mix)
     teacher = build_teacher(cfg)
     objectives = build_objectives(cfg.objective,
                                   objective_context(backbone, num_classes, tokenizer, teacher),

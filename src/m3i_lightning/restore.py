@@ -66,7 +66,7 @@ def load_checkpoint(path: str | Path) -> TrainedModel:
                           "written by `python -m m3i_lightning`; export its backbone instead")
     cfg = OmegaConf.create(checkpoint[CONFIG_KEY])
     state = checkpoint["state_dict"]
-    backbone = build_backbone(cfg.backbone)
+    backbone = build_backbone(cfg.backbone, cfg.get("mix", False))
     backbone.load_state_dict(_with_prefix(state, "backbone."))
     if "clip" not in cfg.objective:
         return TrainedModel(backbone, config=cfg)
