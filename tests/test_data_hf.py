@@ -9,7 +9,7 @@ from data_files import image_bytes, pretrain
 from m3i_lightning.data import HFData
 from m3i_lightning.data.hf import HFStream
 from m3i_lightning.data.stream import ViewStream
-from m3i_lightning.data.views import RandomView
+from m3i_lightning.data.views import CropSet
 from m3i_lightning.errors import ConfigError
 from m3i_lightning.text import ByteTokenizer, HFTokenizer, TextTower
 
@@ -77,7 +77,7 @@ def test_parquet_streaming_split_by_node(saved):
     dm = hf_module(saved / "*.parquet", streaming=True, label_column="index", num_classes=N)
     assert dm.num_samples == N  # from the parquet footers
     parts = [[sample["label"] for sample in ViewStream(
-        HFStream(dm.train, dm.columns, 0.0, "train"), RandomView(8), {"view1", "label"},
+        HFStream(dm.train, dm.columns, 0.0, "train"), CropSet(8, (0.2, 1.0)), {"view1", "label"},
         batch_size=4, batches=None, train=False, rank=rank, world=2)] for rank in range(2)]
     assert not set(parts[0]) & set(parts[1])
     assert sorted(parts[0] + parts[1]) == [i for i in range(N) if i != 4]  # row 4 is broken

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import lightning as L
 import torch
@@ -23,7 +23,7 @@ from m3i_lightning.masking import MASKS, build_mask
 from m3i_lightning.mixing import check_mixable, encode_mixed, partner_rows
 from m3i_lightning.objectives.base import Objective, Targets
 from m3i_lightning.optim import OptimConfig, build_optimizer
-from m3i_lightning.plan import INPUT_MODES, Input, Plan, Reading, build_plan
+from m3i_lightning.plan import INPUT_MODES, Input, Plan, Reading, build_plan, local_view_names
 from m3i_lightning.teacher import EMATeacher, TargetEncoder, ema_
 
 Readings = dict[str, list[tuple[dict, Encoded, Targets]]]
@@ -43,11 +43,12 @@ class Engine(L.LightningModule):
                      teacher_momentum: float = 0.996, teacher_final_momentum: float = 1.0,
                      teacher: TargetEncoder | None = None,
                      optim: OptimConfig | Mapping | None = None, check_finite_every: int = 1,
-                     mix: bool = False, activation_checkpointing: bool = False,
-                     compile: bool = False) -> None:
+                     mix: bool = False, local_crops: int = 0,
+                     activation_checkpointing: bool = False, compile: bool = False) -> None:
         """``input_mode='shared'`` is M3I's Eq. 4 with a single z_x, ``'native'`` gives each
         objective its reference method's input, ``mix=True`` is M3I's multi-input pre-training
-        (see :mod:`m3i_lightning.plan`). ``teacher`` is a given target encoder (a
+        (see :mod:`m3i_lightning.plan`); ``local_crops``: how many local crops the data gives
+        (DINO / MSN multi-crop, batch keys ``local1`` ...). ``teacher`` is a given target encoder (a
         :class:`~m3i_lightning.teacher.FrozenTeacher`); without one, an EMA of the backbone
         is built when an objective needs a teacher. Every bad value is a ConfigError here."""
         if input_mode not in INPUT_MODES:
@@ -58,8 +59,10 @@ class Engine(L.LightningModule):
         objectives = self.objectives()
         self.backbone = backbone
         self.input_mode, self.mix = input_mode, mix
-        self.plan: Plan = build_plan(objectives, input_mode, mix)
-        self.mask_generator = _mask_generator(self.plan, objectives, backbone, mask, mask_ratio)
+        self.plan: Plan = build_plan(objectives, input_mode, mix, local_view_names(local_crops))
+        self.mask_generator = _mask_generator(self.plan, objectives, backbone.grid_size, mask,
+                                              mask_ratio)
+        self._mask_kind, self._mask_ratio, self._grid_masks = mask, mask_ratio, {}
         self.teacher: TargetEncoder | None = None
         if self.plan.teacher_views:
             self.teacher = teacher or EMATeacher(backbone, teacher_momentum,
@@ -117,7 +120,9 @@ class Engine(L.LightningModule):
         if plan.mixed:
             partner = partner_rows(batch["view1"].shape[0], batch["view1"].device)
         encoded = self._encode_inputs(batch, partner)
-        teacher = {view: self.teacher(batch[view]) for view in plan.teacher_views}
+        teacher = _encode_grouped(batch, [Input(v, False) for v in plan.teacher_views],
+                                  lambda images, _: self.teacher(images))
+        teacher = {key.view: enc for key, enc in teacher.items()}
         student = {view: encoded[Input(view, False)] for view in plan.student_views}
         sources = {False: (batch, teacher, student)}
         if partner is not None:
@@ -132,17 +137,27 @@ class Engine(L.LightningModule):
         if partner is not None:
             encoded[Input("view1", True, "a")], encoded[Input("view1", True, "b")] = (
                 encode_mixed(self.backbone, batch["view1"], partner, self.mask_generator))
-        for key in self.plan.inputs:
-            if key not in encoded:
-                encoded[key] = self._encode(batch[key.view], key.masked)
-        return encoded
+        others = [key for key in self.plan.inputs if key not in encoded]
+        return {**encoded, **_encode_grouped(batch, others, self._encode)}
 
     def _encode(self, images: Tensor, masked: bool) -> Encoded:
         if not masked:
             return self.backbone(images)
-        mask = self.mask_generator(images.shape[0], images.device)
-        visible, hidden = self.mask_generator.split(mask)
+        generator = self._mask_for(images)
+        visible, hidden = generator.split(generator(images.shape[0], images.device))
         return self.backbone(images, visible, hidden)
+
+    def _mask_for(self, images: Tensor):
+        """The mask generator of the images' patch grid: the backbone's, or one per local-crop
+        size (MSN masks its focal views too)."""
+        grid = tuple(side // self.backbone.patch_size for side in images.shape[-2:])
+        if grid == tuple(self.backbone.grid_size):
+            return self.mask_generator
+        if grid not in self._grid_masks:
+            objectives = {n: o for n, o in self.objectives().items() if o.masked_input}
+            self._grid_masks[grid] = _mask_generator(self.plan, objectives, grid,
+                                                     self._mask_kind, self._mask_ratio)
+        return self._grid_masks[grid]
 
     def forward_terms(self, batch: dict) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Weighted loss term per objective, its readings reduced as the plan says, and their
@@ -151,12 +166,9 @@ class Engine(L.LightningModule):
         objectives = self.objectives()
         for name, readings in self.readings(batch).items():
             objective = objectives[name]
-            results = [objective.loss(*reading) for reading in readings]
-            losses = torch.stack([loss for loss, _ in results])
-            reduce = self.plan.objectives[name].reduce
-            terms[name] = objective.weight * (losses.sum() if reduce == "sum" else losses.mean())
-            for key in results[0][1]:
-                logs[f"{name}/{key}"] = torch.stack([extra[key] for _, extra in results]).mean()
+            term, extra = objective.term(readings, self.plan.objectives[name].reduce)
+            terms[name] = objective.weight * term
+            logs.update({f"{name}/{key}": value for key, value in extra.items()})
         return terms, logs
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -264,6 +276,29 @@ def standalone(objective: type[Objective]) -> type[Objective]:
                  "__doc__": objective.__doc__})
 
 
+def _encode_grouped(batch: dict, keys: list[Input],
+                    encode: Callable[[Tensor, bool], Encoded]) -> dict[Input, Encoded]:
+    """``encode`` each input, inputs of one image size and masking in ONE batched pass (the
+    two global views together, all local crops together), as multi-crop references do."""
+    groups: dict[tuple, list[Input]] = {}
+    for key in keys:
+        groups.setdefault((key.masked, *batch[key.view].shape[1:]), []).append(key)
+    encoded = {}
+    for (masked, *_), group in groups.items():
+        images = [batch[key.view] for key in group]
+        together = encode(torch.cat(images) if len(images) > 1 else images[0], masked)
+        start = 0
+        for key, part in zip(group, images, strict=True):
+            encoded[key] = _rows(together, start, start + part.shape[0])
+            start += part.shape[0]
+    return encoded
+
+
+def _rows(encoded: Encoded, start: int, stop: int) -> Encoded:
+    return Encoded(*(None if t is None else t[start:stop] for t in (
+        encoded.tokens, encoded.global_feature, encoded.visible_index, encoded.masked_index)))
+
+
 def _reading(reading: Reading, encoded: dict[Input, Encoded], batch: dict,
              teacher: dict[str, Encoded], student: dict[str, Encoded]):
     view = reading.target_view
@@ -282,7 +317,7 @@ def _partner_view(batch: dict, teacher: dict[str, Encoded], student: dict[str, E
             {v: enc.select(partner) for v, enc in student.items()})
 
 
-def _mask_generator(plan: Plan, objectives: Mapping[str, Objective], backbone: Backbone,
+def _mask_generator(plan: Plan, objectives: Mapping[str, Objective], grid: tuple[int, int],
                     kind: str, ratio: float):
     """The mask of the masked inputs, None when nothing is masked; a ratio that hides no
     patch (or every patch) is refused here rather than as a NaN loss later."""
@@ -293,7 +328,7 @@ def _mask_generator(plan: Plan, objectives: Mapping[str, Objective], backbone: B
         raise ConfigError(f"mask ratio (mask.ratio) must be in [0, 1), got {ratio}")
     if not plan.masked:
         return None
-    generator = build_mask(kind, backbone.grid_size, ratio)
+    generator = build_mask(kind, grid, ratio)
     if generator.num_masked == 0 or generator.num_visible == 0:
         masked = sorted(n for n, o in objectives.items() if o.masked_input) or ["mix"]
         raise ConfigError(f"mask ratio (mask.ratio) {ratio} hides {generator.num_masked} of "

@@ -52,14 +52,27 @@ def call_checked(factory, what: str, options: Mapping, context: Mapping):
         raise ConfigError(f"{what}: {err}") from None
 
 
-def build_backbone(cfg: Mapping, mix: bool = False) -> Backbone:
-    """The student from ``cfg.backbone``. Its global feature is the one the objectives train,
-    and so the one evaluation and export read: M3I's mix (``mix``) pools each image over its
-    own tokens, which has no class token of its own, so a mixed run's backbone pools by the
-    mean of the normalised patch tokens (timm ``global_pool='avg', fc_norm=False``)."""
-    options = _plain(cfg)
-    if mix and options.get("global_pool", "token") == "token":
+def student_backbone(cfg: DictConfig) -> Backbone:
+    """The student of a run, as training, evaluation and export all rebuild it from the run's
+    config. Its global feature is the one the objectives train, and so the one evaluation and
+    export read: M3I's mix pools each image over its own tokens, which has no class token of
+    its own, so a mixed run's backbone pools by the mean of the normalised patch tokens (timm
+    ``global_pool='avg', fc_norm=False``). Local crops (multi-crop) are encoded at their own
+    size, with position embeddings resampled to it (timm ``dynamic_img_size``)."""
+    options = _plain(cfg.backbone)
+    if cfg.get("mix") and options.get("global_pool", "token") == "token":
         options.update(global_pool="avg", fc_norm=False)
+    if local_crop_count(cfg):
+        options["dynamic_img_size"] = True
+    return build_backbone(options)
+
+
+def local_crop_count(cfg: DictConfig) -> int:
+    return int((cfg.data.get("local_crops") or {}).get("count", 0))
+
+
+def build_backbone(cfg: Mapping) -> Backbone:
+    options = _plain(cfg)
     arch = options.pop("arch")
     try:
         return Backbone(arch, **options)
@@ -167,7 +180,7 @@ def finite_check_interval(cfg: DictConfig) -> int:
 
 def build_model(cfg: DictConfig, num_classes: int, tokenizer) -> MultiObjective:
     """The backbone and the selected objectives as one MultiObjective."""
-    backbone = build_backbone(cfg.backbone, cfg.mix)
+    backbone = student_backbone(cfg)
     teacher = build_teacher(cfg)
     objectives = build_objectives(cfg.objective,
                                   objective_context(backbone, num_classes, tokenizer, teacher),
@@ -178,4 +191,5 @@ def build_model(cfg: DictConfig, num_classes: int, tokenizer) -> MultiObjective:
         teacher_final_momentum=cfg.teacher.final_momentum, teacher=teacher,
         optim=_plain(cfg.optim),
         check_finite_every=finite_check_interval(cfg), mix=cfg.mix,
+        local_crops=local_crop_count(cfg),
         activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)

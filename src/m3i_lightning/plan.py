@@ -5,7 +5,10 @@ A training step only follows the plan (:meth:`m3i_lightning.engine.Engine.readin
 routing decision of the three input modes lives here:
 
 - ``native``: each objective reads its reference method's input; a symmetric one (MoCo v3,
-  BYOL) reads both view orders and sums them, as the references do.
+  BYOL) reads both view orders and sums them, as the references do. With local crops
+  (multi-crop), a ``multi_crop`` objective (DINO) reads every student crop against every
+  teacher global view but its own, and one that ``reads_local_crops`` (MSN's focal views)
+  adds the local crops to its input views; both average their readings.
 - ``shared`` (M3I's single z_x): one input, view1, masked if any objective masks; an
   inter-view target (a view other than the objective's own input) becomes view2.
 - ``shared`` with ``mix`` (M3I's multi-input): images A and B in one mixed pass; A reads the
@@ -21,6 +24,13 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from m3i_lightning.objectives.base import Objective
+
+GLOBAL_VIEWS = ("view1", "view2")  # batch keys of the two global views
+
+
+def local_view_names(count: int) -> tuple[str, ...]:
+    """Batch keys of the local crops: local1, local2, ..."""
+    return tuple(f"local{i + 1}" for i in range(count))
 
 INPUT_MODES = ("shared", "native")
 
@@ -81,12 +91,14 @@ class Plan:
         return fields
 
 
-def build_plan(objectives: Mapping[str, Objective], input_mode: str, mix: bool) -> Plan:
-    """The plan for ``objectives`` in ``input_mode`` (see the module doc)."""
+def build_plan(objectives: Mapping[str, Objective], input_mode: str, mix: bool,
+               local_views: tuple[str, ...] = ()) -> Plan:
+    """The plan for ``objectives`` in ``input_mode`` (see the module doc); ``local_views``:
+    the batch keys of the local crops (read in native mode only)."""
     if mix:
         plans = {name: _mixed(o) for name, o in objectives.items()}
     elif input_mode == "native":
-        plans = {name: _native(o) for name, o in objectives.items()}
+        plans = {name: _native(o, local_views) for name, o in objectives.items()}
     else:
         masked = any(o.masked_input for o in objectives.values())
         plans = {name: ObjectivePlan((Reading(Input("view1", masked), _shared_target(o)),))
@@ -103,12 +115,20 @@ def build_plan(objectives: Mapping[str, Objective], input_mode: str, mix: bool) 
                 student_views)
 
 
-def _native(objective: Objective) -> ObjectivePlan:
-    forward = Reading(Input(objective.input_view, objective.masked_input), objective.target_view)
-    if not objective.symmetric:
-        return ObjectivePlan((forward,))
-    backward = Reading(Input(objective.target_view, objective.masked_input), objective.input_view)
-    return ObjectivePlan((forward, backward), reduce="sum")
+def _native(objective: Objective, local_views: tuple[str, ...]) -> ObjectivePlan:
+    """Every (student view, target view) pair of the objective's reference method; the pairs
+    of two views of one image skip the view itself (a view never predicts its own target)."""
+    if objective.multi_crop:
+        students, targets = (*GLOBAL_VIEWS, *local_views), GLOBAL_VIEWS
+    elif objective.symmetric:
+        students = targets = (objective.input_view, objective.target_view)
+    else:
+        local = local_views if objective.reads_local_crops else ()
+        students, targets = (objective.input_view, *local), (objective.target_view,)
+    cross = objective.multi_crop or objective.symmetric
+    readings = tuple(Reading(Input(s, objective.masked_input), t) for s in students
+                     for t in targets if not (cross and s == t))
+    return ObjectivePlan(readings, "sum" if objective.symmetric else "mean")
 
 
 def _mixed(objective: Objective) -> ObjectivePlan:

@@ -19,10 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from m3i_lightning.backbone import Backbone
 from m3i_lightning.errors import ConfigError
 from m3i_lightning.factory import (
-    build_backbone,
     build_objectives,
     build_tokenizer_from,
     objective_context,
+    student_backbone,
 )
 from m3i_lightning.objectives.clip import CLIP
 
@@ -66,7 +66,7 @@ def load_checkpoint(path: str | Path) -> TrainedModel:
                           "written by `python -m m3i_lightning`; export its backbone instead")
     cfg = OmegaConf.create(checkpoint[CONFIG_KEY])
     state = checkpoint["state_dict"]
-    backbone = build_backbone(cfg.backbone, cfg.get("mix", False))
+    backbone = student_backbone(cfg)
     backbone.load_state_dict(_with_prefix(state, "backbone."))
     if "clip" not in cfg.objective:
         return TrainedModel(backbone, config=cfg)

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 
 from m3i_lightning.data.sampling import ResumableLoader, ResumableSampler
 from m3i_lightning.data.skips import BadSample
-from m3i_lightning.data.views import RandomView
+from m3i_lightning.data.views import CropSet
 from m3i_lightning.errors import M3IError
 
 MISSING_LABEL = -100
@@ -18,8 +18,9 @@ MAX_REPLACEMENTS = 100
 
 
 class ViewDataset(Dataset):
-    """Builds only the requested ``fields`` of each sample: ``view1``, ``view2`` with their
-    ``*_geometry``, ``label`` and ``caption`` (tokenised later, per batch, by :class:`Collate`).
+    """Builds only the requested ``fields`` of each sample: ``view1``, ``view2`` (and the
+    local crops ``local1`` ...) with their ``*_geometry``, ``label`` and ``caption``
+    (tokenised later, per batch, by :class:`Collate`).
 
     ``source[i]`` returns ``(image float [3,H,W] in [0,1], label int | None, caption str | None)``
     or raises :class:`BadSample`; a bad sample is replaced by a random other one, which carries
@@ -28,7 +29,7 @@ class ViewDataset(Dataset):
     :meth:`__getitem__`), so a run is reproducible with any worker count and resumes exactly.
     """
 
-    def __init__(self, source: Sequence, view: RandomView, fields: set[str],
+    def __init__(self, source: Sequence, view: CropSet, fields: set[str],
                  train: bool = True) -> None:
         self.source, self.view, self.fields, self.train = source, view, set(fields), train
 
@@ -66,9 +67,9 @@ class ViewDataset(Dataset):
             sample["image"] = self.view.center(image)
         else:
             rng = rng or random.Random(int(torch.randint(2**62, ())))
-            for name in ("view1", "view2"):
+            for name in self.view.names:
                 if name in self.fields:
-                    sample[name], sample[f"{name}_geometry"] = self.view(image, rng)
+                    sample[name], sample[f"{name}_geometry"] = self.view(name, image, rng)
         if "label" in self.fields or not self.train:
             sample["label"] = MISSING_LABEL if label is None else label
         if "text" in self.fields:

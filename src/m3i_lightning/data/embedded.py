@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from m3i_lightning.data.dataset import ViewDataset, make_loader
-from m3i_lightning.data.views import RandomView
+from m3i_lightning.data.views import CropSet, LocalCrops
 from m3i_lightning.text import ByteTokenizer
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -56,15 +56,16 @@ class EmbeddedDigits(L.LightningDataModule):
                  num_workers: int = 2, val_fraction: float = 0.2, split_seed: int = 0,
                  crop_scale: tuple[float, float] = (0.35, 1.0), flip: bool = True,
                  labels: bool = True, captions: bool = True, tokenizer=None,
-                 fields: set[str] | None = None, seed: int = 0) -> None:
+                 fields: set[str] | None = None, seed: int = 0,
+                 local_crops: dict | None = None) -> None:
         super().__init__()
         self.img_size, self.source_size = img_size, source_size
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.val_fraction, self.split_seed = val_fraction, split_seed
-        self.view = RandomView(img_size, crop_scale, flip=flip)
+        self.view = CropSet(img_size, crop_scale, flip, LocalCrops(**local_crops or {}))
         self.labels_on, self.captions_on = labels, captions
         self.tokenizer = tokenizer or ByteTokenizer()
-        self.provides = {"view1", "view2", "geometry"}
+        self.provides = {*self.view.names, "geometry"}
         self.provides |= {"label"} if labels else set()
         self.provides |= {"text"} if captions else set()
         self.fields = set(fields) if fields is not None else set(self.provides)

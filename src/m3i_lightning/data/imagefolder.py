@@ -147,9 +147,9 @@ class ImageFolderData(ViewDataModule):
                  flip: bool = True, labels: bool = True, captions: bool = True,
                  text_column: str | None = None,
                  val_fraction: float = 0.01, seed: int = 0, tokenizer=None,
-                 fields: set[str] | None = None) -> None:
+                 fields: set[str] | None = None, local_crops: dict | None = None) -> None:
         super().__init__(img_size, batch_size, num_workers, crop_scale, flip, tokenizer, fields,
-                         seed)
+                         seed, local_crops)
         if not path:
             raise ConfigError("data=imagefolder needs data.path=<image folder>")
         root = Path(path).expanduser()

@@ -9,7 +9,7 @@ before training starts), accepts ``fields`` (what the model needs), and serves
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from m3i_lightning.data.dataset import make_loader
 from m3i_lightning.data.images import decode_image
 from m3i_lightning.data.skips import BadSample
-from m3i_lightning.data.views import RandomView
+from m3i_lightning.data.views import CropSet, LocalCrops
 from m3i_lightning.distributed import world
 from m3i_lightning.errors import ConfigError
 
@@ -29,13 +29,13 @@ class ViewDataModule(L.LightningDataModule):
 
     def __init__(self, img_size: int, batch_size: int, num_workers: int,
                  crop_scale: Sequence[float], flip: bool, tokenizer, fields: set[str] | None,
-                 seed: int) -> None:
+                 seed: int, local_crops: Mapping | None = None) -> None:
         super().__init__()
-        self.view = RandomView(img_size, tuple(crop_scale), flip=flip)
+        self.view = CropSet(img_size, tuple(crop_scale), flip, LocalCrops(**local_crops or {}))
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.tokenizer = tokenizer
         self.fields = set(fields) if fields is not None else None
-        self.provides = {"view1", "view2", "geometry"}
+        self.provides = {*self.view.names, "geometry"}
         self.num_classes, self.class_names = 0, []
 
     def announce(self, labels: Sequence[str] | None, captions: bool) -> None:

@@ -20,7 +20,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from m3i_lightning.data.dataset import ViewDataset
 from m3i_lightning.data.images import decode_image
 from m3i_lightning.data.skips import BadSample
-from m3i_lightning.data.views import RandomView
+from m3i_lightning.data.views import CropSet
 from m3i_lightning.errors import M3IError
 
 
@@ -74,7 +74,7 @@ class ViewStream(IterableDataset):
     themselves.
     """
 
-    def __init__(self, records: Callable[[Reader], Iterable], view: RandomView, fields: set[str],
+    def __init__(self, records: Callable[[Reader], Iterable], view: CropSet, fields: set[str],
                  *, batch_size: int, batches: int | None, train: bool = True, rank: int = 0,
                  world: int = 1, epoch: int = 0, seed: str = "0", shuffle_buffer: int = 0,
                  limit: int | None = None) -> None:

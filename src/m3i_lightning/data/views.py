@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 
 import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
+
+from m3i_lightning.plan import GLOBAL_VIEWS, local_view_names
 
 IDENTITY_GEOMETRY = (0.0, 0.0, 1.0, 1.0, 0.0)
 
@@ -60,3 +63,37 @@ class RandomView:
 
     def normalize(self, view: Tensor) -> Tensor:
         return TF.normalize(view, self.mean, self.std)
+
+
+@dataclass(frozen=True)
+class LocalCrops:
+    """DINO / MSN multi-crop: ``count`` small crops of ``size`` px from the ``scale`` range of
+    the image area, besides the two global views (DINO: 10 × 96 px from (0.05, 0.4))."""
+
+    count: int = 0
+    size: int = 96
+    scale: tuple[float, float] = (0.05, 0.4)
+
+    def __post_init__(self) -> None:
+        if self.count < 0 or self.size < 1:
+            raise ValueError(f"local_crops needs count >= 0 and size >= 1, got {self}")
+        object.__setattr__(self, "scale", tuple(self.scale))
+
+
+class CropSet:
+    """The crops of one training sample, by batch key: the global views ``view1`` and
+    ``view2`` and the :class:`LocalCrops` ``local1`` ... (same flip and normalisation)."""
+
+    def __init__(self, size: int, scale: tuple[float, float], flip: bool = True,
+                 local: LocalCrops | None = None) -> None:
+        self.global_view = RandomView(size, scale, flip=flip)
+        local = local or LocalCrops()
+        self.local_view = RandomView(local.size, local.scale, flip=flip)
+        self.names = (*GLOBAL_VIEWS, *local_view_names(local.count))
+
+    def __call__(self, name: str, image: Tensor, rng: random.Random) -> tuple[Tensor, Tensor]:
+        view = self.global_view if name in GLOBAL_VIEWS else self.local_view
+        return view(image, rng)
+
+    def center(self, image: Tensor) -> Tensor:
+        return self.global_view.center(image)

@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import lightning as L
+import torch
 from torch import Tensor, nn
 
 from m3i_lightning.backbone import Encoded
 from m3i_lightning.errors import ConfigError
+
+LossInputs = tuple[dict, Encoded, "Targets"]  # what the engine hands to :meth:`Objective.loss`
 
 # Every objective class that names itself, by config name (a family such as ``inst_disc`` by
 # its family name; its variants are in ``family.variants``). Filled as classes are defined.
@@ -62,6 +65,10 @@ class Objective(L.LightningModule):
     student_target: ClassVar[bool] = False
     # In native mode the loss is also taken with the views swapped, the directions summed.
     symmetric: ClassVar[bool] = False
+    # Native mode with local crops: DINO's pairing (every student crop × every teacher global
+    # view but its own), or the local crops as extra input views (MSN's focal views).
+    multi_crop: bool = False
+    reads_local_crops: bool = False
     requires: ClassVar[frozenset[str]] = frozenset()
     # Smallest per-process batch the loss means something at (BatchNorm heads, batch negatives).
     min_batch_size: ClassVar[int] = 1
@@ -120,6 +127,17 @@ class Objective(L.LightningModule):
     def loss(self, batch: dict, encoded: Encoded, targets: Targets) -> tuple[Tensor, dict]:
         """−log P̂(z_y | ẑ_y) for this batch, and extra scalars to log. Never calls self.log."""
         raise NotImplementedError
+
+    def term(self, readings: list[LossInputs], reduce: str) -> tuple[Tensor, dict]:
+        """The objective's unweighted term of Eq. 4 over its readings (each a (batch, encoded,
+        targets) triple of the engine's plan): their losses summed (``reduce='sum'``, the two
+        directions of a symmetric loss) or averaged, and the logs averaged. An objective whose
+        reference couples its readings (DINO's centre, MSN's mean entropy) overrides this."""
+        results = [self.loss(*reading) for reading in readings]
+        losses = torch.stack([loss for loss, _ in results])
+        logs = {key: torch.stack([extra[key] for _, extra in results]).mean()
+                for key in results[0][1]}
+        return (losses.sum() if reduce == "sum" else losses.mean()), logs
 
     def pictures(self, batch: dict, encoded: Encoded, targets: Targets) -> dict[str, Tensor]:
         """Pictures of what the objective predicts, for people to look at: name → images
