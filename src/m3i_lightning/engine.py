@@ -22,7 +22,7 @@ from m3i_lightning.errors import ConfigError, NonFiniteLossError
 from m3i_lightning.masking import MASKS, build_mask
 from m3i_lightning.mixing import check_mixable, encode_mixed, partner_rows
 from m3i_lightning.objectives.base import Objective, Targets
-from m3i_lightning.optim import OptimConfig, build_optimizer
+from m3i_lightning.optim import OptimConfig, build_optimizer, follow_weight_decay
 from m3i_lightning.plan import INPUT_MODES, Input, Plan, Reading, build_plan, local_view_names
 from m3i_lightning.teacher import EMATeacher, TargetEncoder, ema_
 
@@ -172,6 +172,8 @@ class Engine(L.LightningModule):
         return terms, logs
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        for objective in self.objectives().values():
+            objective.follow_schedule(self.current_epoch)
         terms, logs = self.forward_terms(batch)
         stacked = torch.stack(list(terms.values()))
         if self.check_finite_every and self.global_step % self.check_finite_every == 0:
@@ -208,9 +210,15 @@ class Engine(L.LightningModule):
                 f"loss of objective(s) {names} is NaN/inf at step {self.global_step}; "
                 "lower the learning rate or check the data")
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        self.update_teacher(self.trainer.global_step, int(self.trainer.estimated_stepping_batches))
+    def on_before_optimizer_step(self, optimizer) -> None:
+        for objective in self.objectives().values():
+            objective.adjust_gradients(self.current_epoch)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        total = int(self.trainer.estimated_stepping_batches)
+        follow_weight_decay(optimizer, self.optim, self.trainer.global_step, total)
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.update_teacher(self.trainer.global_step, total)
 
     def update_teacher(self, step: int, total_steps: int) -> None:
         """After an optimizer step: the teacher, then every averaged head, follow the student
@@ -230,7 +238,10 @@ class Engine(L.LightningModule):
         sharding.configure(self, mesh, **self.scaling)
 
     def configure_optimizers(self):
-        return build_optimizer(self, self.optim, int(self.trainer.estimated_stepping_batches))
+        exempt = [getattr(objective, name) for objective in self.objectives().values()
+                  for name in objective.no_weight_decay]
+        return build_optimizer(self, self.optim, int(self.trainer.estimated_stepping_batches),
+                               exempt)
 
 
 # The keyword options of the engine, which a standalone objective takes beside its own.

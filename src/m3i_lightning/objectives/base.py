@@ -70,6 +70,8 @@ class Objective(L.LightningModule):
     multi_crop: bool = False
     reads_local_crops: bool = False
     requires: ClassVar[frozenset[str]] = frozenset()
+    # Parameters (attribute names) the reference keeps out of weight decay (MSN's prototypes).
+    no_weight_decay: ClassVar[tuple[str, ...]] = ()
     # Smallest per-process batch the loss means something at (BatchNorm heads, batch negatives).
     min_batch_size: ClassVar[int] = 1
     # A family (``inst_disc``): its variants by name, and the one the config gets by default.
@@ -138,6 +140,14 @@ class Objective(L.LightningModule):
         logs = {key: torch.stack([extra[key] for _, extra in results]).mean()
                 for key in results[0][1]}
         return (losses.sum() if reduce == "sum" else losses.mean()), logs
+
+    def follow_schedule(self, epoch: int) -> None:
+        """Called by the engine before each training step: objectives whose reference
+        schedules a hyper-parameter over epochs (DINO's teacher temperature) set it here."""
+
+    def adjust_gradients(self, epoch: int) -> None:
+        """Called by the engine after the backward pass, before the optimizer step: DINO
+        freezes its prototype layer during the first epoch here."""
 
     def pictures(self, batch: dict, encoded: Encoded, targets: Targets) -> dict[str, Tensor]:
         """Pictures of what the objective predicts, for people to look at: name → images

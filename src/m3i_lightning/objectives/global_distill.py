@@ -44,6 +44,14 @@ class GlobalDistill(Objective):
     softened with τ_s = 0.1, and the loss is their cross-entropy (a Boltzmann distribution over
     prototypes). Centering and sharpening pull in opposite directions, which is what prevents
     collapse. The teacher head being an EMA copy, the teacher must have the student's width.
+
+    Natively this is the table's intra-view row (view1 → view1). ``multi_crop=True`` is DINO
+    itself: the teacher encodes both global views, the student every crop (the two global
+    views and the data's local crops), and the loss averages every (student crop, teacher
+    view) pair except a view with itself; the centre follows the teacher's scores of both
+    global views, once per step. DINO's schedules: the teacher temperature rises linearly
+    from ``warmup_teacher_temp`` to ``teacher_temp`` over ``warmup_teacher_temp_epochs``, and
+    the prototype layer does not move during the first ``freeze_last_layer`` epochs.
     """
 
     name = "global_distill"
@@ -54,25 +62,54 @@ class GlobalDistill(Objective):
 
     def __init__(self, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  head_layers: int = 3, student_temp: float = 0.1, teacher_temp: float = 0.04,
-                 center_momentum: float = 0.9, **kwargs) -> None:
+                 warmup_teacher_temp: float | None = None, warmup_teacher_temp_epochs: int = 0,
+                 center_momentum: float = 0.9, freeze_last_layer: int = 1,
+                 multi_crop: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.multi_crop = self.reads_local_crops = multi_crop
+        self.final_teacher_temp = teacher_temp
+        self.warmup_teacher_temp = teacher_temp if warmup_teacher_temp is None else (
+            warmup_teacher_temp)
+        self.warmup_teacher_temp_epochs = warmup_teacher_temp_epochs
+        self.freeze_last_layer = freeze_last_layer
         self.head = DINOHead(self.embed_dim, out_dim, hidden_dim, bottleneck_dim, head_layers)
         self.add_momentum_copy("head")
         self.register_buffer("center", torch.zeros(out_dim))
-        self.student_temp, self.teacher_temp = student_temp, teacher_temp
+        self.student_temp = student_temp
+        self.teacher_temp = self.warmup_teacher_temp
         self.center_momentum = center_momentum
 
+    def follow_schedule(self, epoch: int) -> None:
+        warmup = self.warmup_teacher_temp_epochs
+        progress = min(epoch / warmup, 1.0) if warmup else 1.0
+        self.teacher_temp = self.warmup_teacher_temp + progress * (
+            self.final_teacher_temp - self.warmup_teacher_temp)
+
+    def adjust_gradients(self, epoch: int) -> None:
+        if epoch < self.freeze_last_layer:
+            self.head.prototypes.weight.grad = None
+
     def loss(self, batch, encoded, targets):
+        return self.term([(batch, encoded, targets)], "mean")
+
+    def term(self, readings, reduce):
+        """DINO's loss over all its (student crop, teacher view) pairs: each teacher view's
+        scores computed once, the centre updated once from all of them."""
+        teacher_logits = {}
         with torch.no_grad():
-            teacher_logits = self.momentum_head(targets.teacher.global_feature)
-            probs = F.softmax((teacher_logits - self.center) / self.teacher_temp, dim=-1)
+            for _, _, targets in readings:
+                if targets.view not in teacher_logits:
+                    teacher_logits[targets.view] = self.momentum_head(
+                        targets.teacher.global_feature)
+            scores = torch.cat(list(teacher_logits.values()))
+            probs = F.softmax((scores - self.center) / self.teacher_temp, dim=-1)
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
-        student_logits = self.head(encoded.global_feature)
-        loss = dino_loss(student_logits, teacher_logits, self.center, self.student_temp,
-                         self.teacher_temp)
+        losses = [dino_loss(self.head(encoded.global_feature), teacher_logits[targets.view],
+                            self.center, self.student_temp, self.teacher_temp)
+                  for _, encoded, targets in readings]
         if self.training:
-            self._update_center(teacher_logits)
-        return loss, {"teacher_entropy": entropy}
+            self._update_center(scores)
+        return torch.stack(losses).mean(), {"teacher_entropy": entropy}
 
     @torch.no_grad()
     def _update_center(self, teacher_logits: Tensor) -> None:

@@ -23,7 +23,9 @@ class SiameseGlobal(Objective):
     the target encoder is the EMA teacher followed by an EMA copy of the head, as MSN averages
     its whole target encoder. Prototypes are L2-normalised in the loss and learnt through the
     anchor branch only. The loss runs on the global batch (embeddings gathered with gradients),
-    so me-max and Sinkhorn see every rank's samples, as MSN's all-reduces do.
+    so me-max and Sinkhorn see every rank's samples, as MSN's all-reduces do. With local
+    crops (``data.local_crops``) the focal views, masked too, are further anchors of the same
+    target; prototypes get no weight decay.
     """
 
     name = "sim_global"
@@ -33,6 +35,8 @@ class SiameseGlobal(Objective):
     masked_input = True
     target_view = "view1"
     uses_teacher = True
+    reads_local_crops = True  # MSN's focal views: more anchors of the same target
+    no_weight_decay = ("prototypes",)  # as MSN's optimiser groups
     min_batch_size = 2  # BatchNorm in the projector
 
     def __init__(self, hidden_dim: int = 2048, out_dim: int = 256, num_prototypes: int = 1024,
@@ -51,9 +55,17 @@ class SiameseGlobal(Objective):
         self.prototypes = nn.Parameter(torch.empty(num_prototypes, out_dim).uniform_(-bound, bound))
 
     def loss(self, batch, encoded, targets):
-        anchor = self.projector(encoded.global_feature)
+        return self.term([(batch, encoded, targets)], "mean")
+
+    def term(self, readings, reduce):
+        """MSN's loss over every anchor view at once (the masked view2 and, with local crops,
+        the masked focal views), each against the target of its image, so that mean-entropy
+        maximisation and Sinkhorn see all anchors together, as MSN's loss does."""
+        anchor = torch.cat([self.projector(encoded.global_feature)
+                            for _, encoded, _ in readings])
         with torch.no_grad():
-            target = self.momentum_projector(targets.teacher.global_feature)
+            target = torch.cat([self.momentum_projector(targets.teacher.global_feature)
+                                for _, _, targets in readings])
         anchor, target = gather_with_grad(anchor)[0], gather_with_grad(target)[0]
         loss = msn_loss(anchor, target, self.prototypes, self.anchor_temperature,
                         self.target_temperature, self.me_max_weight, self.sinkhorn_iterations)
