@@ -4,17 +4,26 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+LOCK := requirements.lock
+
+.PHONY: install lock run test lint bench clean
 
 install: $(STAMP)
 
-# torch/torchvision are pinned to the releases on this machine's disk (pip takes them locally);
-# the stamp is rebuilt only when the package metadata changes, so a second `make` is a no-op.
-$(STAMP): pyproject.toml
+# Exactly the versions of $(LOCK), pip and torch==2.14.1 / torchvision==0.29.1 included (the
+# releases on this machine's disk); the package itself is built with the locked setuptools, its
+# dependencies held to the lock. The stamp is rebuilt only when the package metadata or the lock
+# changes, so a second `make` is a no-op.
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c $(LOCK) --upgrade pip
+	$(BIN)/python -m pip install -q -r $(LOCK)
+	$(BIN)/python -m pip install -q -c $(LOCK) --no-build-isolation -e '.[dev]'
+	@touch $(STAMP)
+
+# Refresh the lock from the current environment (after upgrading or adding a package in it).
+lock: $(STAMP)
+	$(BIN)/python -m pip freeze --all --exclude m3i_lightning > $(LOCK)
 	@touch $(STAMP)
 
 run: install

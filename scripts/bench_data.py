@@ -22,6 +22,7 @@ similar load; while training, the workers compete with the step for the same cor
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -32,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from m3i_lightning.measure import time_rounds
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -90,21 +93,20 @@ def one_worker_images_per_s(loader) -> float:
 
 
 def step_seconds(model, batch: dict, steps: int) -> list[float]:
-    """Seconds per training step (forward, backward, AdamW, EMA), after one warm-up step."""
+    """Seconds per training step (forward, backward, AdamW, the engine's EMA update), after
+    one warm-up step."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
-    times = []
-    for step in range(steps + 1):
-        start = time.perf_counter()
+    done = itertools.count()
+
+    def step() -> None:
         terms, _ = model.forward_terms(batch)
         optimizer.zero_grad(set_to_none=True)
         sum(terms.values()).backward()
         optimizer.step()
-        if model.teacher is not None:
-            model.teacher.update(model.backbone, step, steps + 1)
-        if step:
-            times.append(time.perf_counter() - start)
-    return times
+        model.update_teacher(next(done), steps + 1)
+
+    return time_rounds({"step": step}, 1, steps, torch.device("cpu"))["step"]
 
 
 def bench_data(path: Path | None = None, workers: int = 2, batches: int = 4,

@@ -1,7 +1,7 @@
 """Benchmark of the training step: what composing objectives, masking and Lightning cost.
 
 The point of all-in-one pre-training is several objectives for about the price of one, so this
-measures, in one run (DESIGN.md §6):
+measures, in one run:
 
 1. images/s of a training step for each single objective, ``[mim_feat, clip, cls]`` (input
    shared and native), the M3I experiment and all registered objectives, on the default CPU
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import io
 import itertools
@@ -43,34 +42,36 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import m3i_lightning
 from m3i_lightning.engine import MultiObjective
 from m3i_lightning.factory import build_datamodule, build_model, build_tokenizer_from
+from m3i_lightning.measure import (
+    PeakMemory,
+    SyncCounter,
+    count_calls,
+    median_ratio,
+    synchronize,
+    time_rounds,
+    timed,
+)
 from m3i_lightning.objectives import OBJECTIVES
 from m3i_lightning.optim import build_optimizer
 
 CONF_DIR = Path(m3i_lightning.__file__).resolve().parent / "conf"
 COMPOSED = ("mim_feat", "clip", "cls")
-M3I_FALLBACK = ["mix=true", "objective=[mim_feat,sim_feat,cls,clip]"]
 TARGETS = {  # name: (comparison, target)
     "composition shared": ("<=", 0.40),
     "composition native": ("<=", 0.70),
     "overhead Lightning/plain": ("<=", 1.05),
     "masked encoding speed-up": (">=", 2.5),
 }
-MEMORY_METHOD = {
-    "cpu": "weights + rise of the resident set's high-water mark in the first step "
-           "(VmHWM after malloc_trim, reset by /proc/self/clear_refs)",
-    "cuda": "weights + rise of torch.cuda.max_memory_allocated in the first step"}
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0}
 # The engine logs without a Trainer when a loop calls training_step itself; that is intended.
 warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
@@ -127,49 +128,12 @@ class Case:
         self.steps += 1
 
 
-class SyncCounter(TorchDispatchMode):
-    """Counts the operations that make the host wait for the device on CUDA: reading a value
-    (``item``, ``bool``, ``tolist``), data-dependent shapes (``nonzero``, boolean indexing,
-    ``masked_select``, ``unique``, ``repeat_interleave`` without ``output_size``), ``equal``.
-    They are counted wherever the step runs, so a CPU run shows what would stall a GPU."""
-
-    READS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "_unique2",
-                       "unique_dim", "unique_consecutive", "equal", "bincount"})
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        self.count += self.waits(func.overloadpacket.__name__, args, kwargs)
-        return func(*args, **kwargs)
-
-    def waits(self, name: str, args: tuple, kwargs: dict) -> bool:
-        if name in self.READS:
-            return True
-        if name == "repeat_interleave":
-            return kwargs.get("output_size") is None
-        if name.startswith("index") and len(args) > 1 and isinstance(args[1], list | tuple):
-            return any(t is not None and t.dtype == torch.bool for t in args[1])
-        return False
-
-
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return hydra_compose("config", overrides=overrides)
-
-
-def m3i_overrides() -> list[str]:
-    """``experiment=m3i`` once the recipe exists; until then its objective set, mixed."""
-    if not (CONF_DIR / "experiment" / "m3i.yaml").exists():
-        return M3I_FALLBACK
-    defaults = OmegaConf.load(CONF_DIR / "config.yaml").defaults
-    listed = any(isinstance(d, Mapping) and "experiment" in d for d in defaults)
-    return ["experiment=m3i" if listed else "+experiment=m3i"]
 
 
 def build_case(spec: Spec, extra: list[str], device: torch.device,
@@ -190,43 +154,13 @@ def build_case(spec: Spec, extra: list[str], device: torch.device,
                 total_steps, cfg.trainer.get("gradient_clip_val"))
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], None], device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-def time_rounds(steps: dict[str, Callable[[], None]], warmup: int, repeats: int,
-                device: torch.device) -> dict[str, list[float]]:
-    """Seconds per call of each step, the steps taking turns round after round."""
-    for _ in range(warmup):
-        for fn in steps.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, fn in steps.items():
-            times[name].append(timed(fn, device))
-    return times
-
-
-def median_ratio(numerator: list[float], denominator: list[float]) -> float:
-    return statistics.median(n / d for n, d in zip(numerator, denominator, strict=True))
-
-
 def specs_for(model: str, batch_size: int, singles: list[str]) -> list[Spec]:
     composed = f"objective=[{','.join(COMPOSED)}]"
     specs = [Spec(model, name, [f"objective=[{name}]", "input=native"], batch_size)
              for name in singles]
     specs += [Spec(model, "[mim_feat,clip,cls] shared", [composed, "input=shared"], batch_size),
               Spec(model, "[mim_feat,clip,cls] native", [composed, "input=native"], batch_size),
-              Spec(model, "experiment=m3i", m3i_overrides(), batch_size),
+              Spec(model, "experiment=m3i", ["experiment=m3i"], batch_size),
               Spec(model, f"all {len(OBJECTIVES)}",
                    [f"objective=[{','.join(OBJECTIVES)}]", "input=shared"], batch_size)]
     return specs
@@ -259,18 +193,8 @@ def first_step(case: Case, device: torch.device) -> dict:
     stacks = {"student": model.backbone.model.blocks}
     if model.teacher is not None:
         stacks["teacher"] = model.teacher.encoder.model.blocks
-    passes = dict.fromkeys(stacks, 0)
-
-    def count(name: str) -> Callable:
-        def hook(*_) -> None:
-            passes[name] += 1
-        return hook
-
-    hooks = [stack.register_forward_pre_hook(count(name)) for name, stack in stacks.items()]
-    with PeakMemory(device) as memory:
+    with count_calls(stacks) as passes, PeakMemory(device) as memory:
         case.step(counter)
-    for hook in hooks:
-        hook.remove()
     weights = sum(t.numel() * t.element_size()
                   for t in itertools.chain(model.parameters(), model.buffers()))
     peak = None if memory.rise is None else (weights + memory.rise) / 2**20
@@ -521,53 +445,6 @@ def bench_masking(model_name: str, batch_size: int, extra: list[str], device: to
 
 
 # ---------------------------------------------------------------------------------------------
-# Peak memory.
-
-
-def _read_status(key: str) -> int:
-    """A /proc/self/status field in bytes (VmRSS: resident now, VmHWM: its peak)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-class PeakMemory:
-    """How far the enclosed code raises memory above what is held when it starts (``rise``,
-    bytes; None where it cannot be measured).
-
-    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the kernel's high-water mark of the
-    resident set (VmHWM), reset through /proc/self/clear_refs (Linux). glibc keeps freed
-    blocks resident for reuse, which would hide a peak built from them, so free heap pages
-    are first handed back (``malloc_trim``): whatever the code then touches counts.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.base, self.rise = device, None, None
-
-    def __enter__(self) -> PeakMemory:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            return self
-        try:
-            ctypes.CDLL(None).malloc_trim(0)
-            Path("/proc/self/clear_refs").write_text("5")
-            self.base = _read_status("VmRSS")
-        except (OSError, AttributeError, KeyError):
-            self.base = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        synchronize(self.device)
-        if self.device.type == "cuda":
-            self.rise = torch.cuda.max_memory_allocated(self.device) - self.base
-        elif self.base is not None:
-            self.rise = _read_status("VmHWM") - self.base
-
-
-# ---------------------------------------------------------------------------------------------
 # CUDA: bf16 throughput and model-FLOPs utilisation of the ViT-B/16 M3I step.
 
 
@@ -596,8 +473,8 @@ def bench_gpu(batch_size: int, extra: list[str], device: torch.device, warmup: i
     from m3i_lightning.sharding import compile_blocks
 
     peak = peak_tflops(device, given_peak)
-    case = build_case(Spec("vit_base", "experiment=m3i", m3i_overrides(), batch_size), extra,
-                      device)
+    case = build_case(Spec("vit_base", "experiment=m3i", ["experiment=m3i"], batch_size),
+                      extra, device)
     case.autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     flops = step_flops(case)
     rows = []
@@ -657,9 +534,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="few repeats, the CPU model only: a smoke run")
-    parser.add_argument("--data", action="store_true",
-                        help="the loader benchmark instead (scripts/bench_data.py; its options "
-                             "follow: --path, --workers, --batches, --json)")
+    parser.add_argument("--data", nargs=argparse.REMAINDER, metavar="OPTION",
+                        help="the loader benchmark instead (scripts/bench_data.py), given the "
+                             "options that follow: --path, --workers, --batches, --json")
     parser.add_argument("--out", default="bench.json", help="where to write the JSON")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int,
@@ -684,13 +561,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    if "--data" in argv:  # the loader section: scripts/bench_data.py, same folder
+    args = parse_args(argv)
+    if args.data is not None:  # the loader section: scripts/bench_data.py, same folder
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import bench_data
 
-        bench_data.main([a for a in argv if a != "--data"])
+        bench_data.main(args.data)
         return {}
-    args = parse_args(argv)
     device = torch.device(args.device)
     if args.threads or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
@@ -728,7 +605,7 @@ def main(argv: list[str] | None = None) -> dict:
     progress(f"{models[0]}: Trainer.fit against the plain step")
     result["ratios"].append(bench_overhead(models[0], batch_size(models[0]), extra, device,
                                            warmup=2, repeats=2 * repeats))
-    result["memory_method"] = MEMORY_METHOD[device.type]
+    result["memory_method"] = PeakMemory.METHOD[device.type]
     if device.type == "cuda":
         progress("vit_base: bf16 M3I step, eager and compiled")
         result["gpu"] = bench_gpu(args.gpu_batch_size, extra, device, 3, 10, args.peak_tflops)

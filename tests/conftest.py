@@ -87,21 +87,22 @@ def tiny_objective(name: str, tokenizer, backbone: Backbone | None = None, **ove
     return objective_class(name, options)(**options)
 
 
+def feature_spread(backbone: Backbone, images: torch.Tensor) -> float:
+    """Spread across the batch (mean std) of the normalised, mean-pooled patch features: what
+    a collapsed encoder drives to 0. A fresh ViT's class token hardly differs between images,
+    so it would say little about collapse."""
+    with torch.no_grad():
+        features = backbone(images).tokens.mean(dim=1)
+        return torch.nn.functional.normalize(features, dim=-1).std(dim=0).mean().item()
+
+
 def fit_fixed_batch(objective, batch: dict, steps: int = 30, lr: float = 1e-3):
     """A plain torch loop on one fixed batch (the same mask every step), the teacher and the
-    averaged heads following by EMA as the engine does. Returns the loss curve and the spread
-    across the batch (mean std) of the normalised, mean-pooled patch features of view1 before
-    and after: a fresh ViT's class token hardly differs between images, so it would say little
-    about collapse."""
+    averaged heads following by the engine's own :meth:`update_teacher`. Returns the loss
+    curve and the :func:`feature_spread` of view1 before and after."""
     name = next(iter(objective.objectives()))
     optimizer = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=lr)
-
-    def spread() -> float:
-        with torch.no_grad():
-            features = objective.backbone(batch["view1"]).tokens.mean(dim=1)
-            return torch.nn.functional.normalize(features, dim=-1).std(dim=0).mean().item()
-
-    start, losses = spread(), []
+    start, losses = feature_spread(objective.backbone, batch["view1"]), []
     for step in range(steps):
         torch.manual_seed(0)
         loss = objective.forward_terms(batch)[0][name]
@@ -110,7 +111,7 @@ def fit_fixed_batch(objective, batch: dict, steps: int = 30, lr: float = 1e-3):
         optimizer.step()
         losses.append(loss.item())
         objective.update_teacher(step, steps)
-    return losses, start, spread()
+    return losses, start, feature_spread(objective.backbone, batch["view1"])
 
 
 CLIP_TINY = ["objective=[clip]", "objective.clip.text_width=32", "objective.clip.proj_dim=32",

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -69,23 +70,20 @@ def test_the_step_waits_for_the_device_only_in_the_nan_check(quick_run):
     assert {row["syncs_per_step"] for row in quick_run["throughput"]} == {1}
 
 
-def test_sync_counter_sees_value_reads_and_data_dependent_shapes(benchmark):
-    x = torch.randn(6)
-    counter = benchmark.SyncCounter()
-    with counter:
-        y = x * 2 + 1
-        y.sum().item()
-        x[x > 0]
-        bool(x.any())
-    assert counter.count == 3
+def test_every_configuration_reports_its_peak_memory(quick_run):
+    if quick_run["throughput"][0]["peak_mb"] is None:
+        pytest.skip("no resident-set high-water mark here (needs Linux /proc/self/status "
+                    "and /proc/self/clear_refs)")
+    assert all(row["peak_mb"] > 0 for row in quick_run["throughput"])
 
 
-def test_peak_memory_counts_what_the_step_allocates(benchmark, quick_run):
-    with benchmark.PeakMemory(torch.device("cpu")) as memory:
-        block = torch.ones(64, 2**20, dtype=torch.uint8)  # 64 MiB, touched
-    if memory.rise is not None:  # Linux
-        assert memory.rise >= 60 * 2**20 and block.sum() > 0
-        assert all(row["peak_mb"] > 0 for row in quick_run["throughput"])
+def test_data_option_hands_the_options_after_it_to_the_loader_benchmark(benchmark, monkeypatch):
+    received = []
+    loader_bench = types.ModuleType("bench_data")
+    loader_bench.main = received.append
+    monkeypatch.setitem(sys.modules, "bench_data", loader_bench)
+    assert benchmark.main(["--data", "--workers", "0", "--batches", "1", "data.batch_size=8"]) == {}
+    assert received == [["--workers", "0", "--batches", "1", "data.batch_size=8"]]
 
 
 def test_text_tower_drops_the_padding_mask_only_where_it_changes_nothing():

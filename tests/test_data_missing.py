@@ -26,8 +26,11 @@ def test_clip_loss_over_the_captioned_pairs_only():
     masked.backward()
     expected = clip_loss(image[valid].detach(), text[valid].detach(), 14.0)
     assert torch.allclose(masked, expected)
+    # uncaptioned rows are filled out and ignored: exactly no gradient, by construction; every
+    # captioned row gets one of order 1, far above rounding
     assert image.grad[~valid].abs().sum() == 0 and text.grad[~valid].abs().sum() == 0
-    assert image.grad[valid].abs().sum() > 0
+    assert (image.grad[valid].norm(dim=-1) > 1e-2).all()
+    assert (text.grad[valid].norm(dim=-1) > 1e-2).all()
     full = clip_loss(image, text, 14.0, 0, image, text, all_valid=torch.ones(8, dtype=torch.bool))
     assert torch.allclose(full, clip_loss(image, text, 14.0))
 
@@ -68,8 +71,9 @@ def test_unlabelled_uncaptioned_batch_still_trains_the_other_objectives(backbone
     batch = {**batch, "label": torch.full_like(batch["label"], -100),
              "text_valid": torch.zeros_like(batch["text_valid"])}
     terms, _ = model.forward_terms(batch)
-    assert terms["clip"].item() == 0 and terms["cls"].item() == 0 and terms["mim_feat"] > 0
+    assert terms["clip"].item() == 0 and terms["cls"].item() == 0 and terms["mim_feat"] > 0.1
     sum(terms.values()).backward()
     grads = [p.grad for p in backbone.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
-    assert any(g.abs().sum() > 0 for g in grads)
+    # the masked-feature term alone moves the student: a gradient far above rounding noise
+    assert torch.stack([g.norm() for g in grads]).norm() > 1e-3

@@ -22,9 +22,10 @@ OBJECTIVES = {"clip": {}, "inst_disc": dict(variant="moco", hidden_dim=32, out_d
 
 def _train(batch: dict, rows: slice, average) -> dict:
     """Two SGD steps of [clip, inst_disc] on ``batch[rows]`` in float64, each followed by the
-    EMA updates; ``average`` turns this process's gradients into DDP's (mean over ranks). SGD,
-    not Adam: Adam's first step is the gradient's sign, which float noise flips on the
-    parameters whose gradient is zero in exact arithmetic (biases before a BatchNorm)."""
+    engine's EMA updates (:meth:`update_teacher`); ``average`` turns this process's gradients
+    into DDP's (mean over ranks). SGD, not Adam: Adam's first step is the gradient's sign,
+    which float noise flips on the parameters whose gradient is zero in exact arithmetic
+    (biases before a BatchNorm)."""
     torch.manual_seed(0)
     tokenizer = ByteTokenizer(context_length=16)
     objectives = {n: tiny_objective(n, tokenizer, **o) for n, o in OBJECTIVES.items()}

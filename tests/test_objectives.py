@@ -23,6 +23,10 @@ def multi(names, tokenizer, **engine) -> MultiObjective:
     return MultiObjective(tiny_backbone(), heads, **engine)
 
 
+def grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    return torch.stack([p.grad.norm() for p in module.parameters()]).norm()
+
+
 def test_objective_classes_are_registered_under_their_names():
     assert (Classification.name, CLIP.name, MaskedFeature.name) == tuple(NAMES)
 
@@ -38,14 +42,15 @@ def test_gradient_routing_and_ema_only_teacher(names, tokenizer, batch):
     # the student and every head get gradients
     for pname, p in model.backbone.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
-    assert any(p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+    # norms of order 0.1 or more (measured 0.1 to 70): far above rounding noise, not just "> 0"
+    assert grad_norm(model.backbone) > 1e-2
     for name in names:
         for pname, p in model.heads[name].named_parameters():
             assert p.grad is not None, f"{name}.{pname}"
-        assert sum(p.grad.abs().sum() for p in model.heads[name].parameters()) > 0
+        assert grad_norm(model.heads[name]) > 1e-2, name
     if "clip" in names:
         clip = model.heads["clip"]
-        assert clip.logit_scale.grad is not None and clip.logit_scale.grad.abs() > 0
+        assert clip.logit_scale.grad is not None and clip.logit_scale.grad.abs() > 1e-3
         assert all(p.grad is not None for p in clip.text_tower.parameters())
     if "mim_feat" in names:
         assert all(p.grad is not None for p in model.heads["mim_feat"].predictor.parameters())
@@ -96,15 +101,16 @@ def test_short_fit_on_a_fixed_batch_lowers_the_loss(name, tokenizer, batch):
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     before = eval_loss(model, batch)[name]
-    for step in range(30):
+    # 60 steps: after 30, clip's loss falls to 0.75-0.87 of its start depending on the seed of
+    # the weights; after 60 every objective is below 0.6 whatever the seed
+    for step in range(60):
         optimizer.zero_grad()
         terms, _ = model.forward_terms(batch)
         loss = terms[name]
         assert torch.isfinite(loss)
         loss.backward()
         optimizer.step()
-        if model.teacher is not None:
-            model.teacher.update(model.backbone, step, 30)
+        model.update_teacher(step, 60)
     after = eval_loss(model, batch)[name]
     assert after < 0.8 * before, (before, after)
 

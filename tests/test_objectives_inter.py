@@ -5,13 +5,11 @@ a fixed batch, no collapse, and the command line."""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import fit_fixed_batch, tiny_backbone
-from runs import assert_each_term_logged
+from runs import assert_each_term_logged, run
 
 from m3i_lightning import MultiObjective
 from m3i_lightning.geometry import relative_geometry
@@ -219,11 +217,13 @@ def test_gradients_reach_the_student_and_heads_never_the_teacher_or_targets(back
     assert all(p.grad is None for p in model.teacher.parameters())
     assert not got["sim_feat"][2].teacher.tokens.requires_grad
     assert not model.heads["sim_feat"].correlation.requires_grad
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in backbone.parameters()
+    # every weight tensor of the student gets a gradient of norm ≥ 0.0075 here, every view code
+    # ≥ 0.5: bars a hundred times lower, still far above rounding noise
+    assert all(p.grad is not None and p.grad.norm() > 1e-4 for p in backbone.parameters()
                if p.requires_grad and p.ndim > 1)
     for name in INTER:
         code = model.heads[name].predictor.view_code.weight.grad
-        assert code is not None and code.abs().sum() > 0, name
+        assert code is not None and code.norm() > 1e-3, name
 
 
 # --- learning and collapse -------------------------------------------------------------------
@@ -262,8 +262,5 @@ def test_inter_objectives_run_together_from_the_command_line(mode, tmp_path):
             "trainer.max_steps=3", "trainer.log_every_n_steps=1", "trainer.accelerator=cpu",
             "trainer.devices=1", "export=false", f"input={mode}", f"hydra.run.dir={run_dir}"]
     tiny += [f"objective.{name}.{k}={v}" for name in INTER for k, v in TINY.items()]
-    result = subprocess.run([sys.executable, "-m", "m3i_lightning",
-                             "objective=[" + ",".join(INTER) + "]", *tiny],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run("objective=[" + ",".join(INTER) + "]", *tiny)
     assert_each_term_logged(run_dir, INTER, steps=3)

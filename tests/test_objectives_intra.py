@@ -5,15 +5,13 @@ learning on a fixed batch, no collapse, and the command line."""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY_VIT, fit_fixed_batch, tiny_backbone
 from hydra import compose, initialize_config_dir
-from runs import assert_each_term_logged
+from runs import assert_each_term_logged, run
 
 from m3i_lightning import MultiObjective
 from m3i_lightning.export import export_backbone
@@ -253,7 +251,5 @@ def test_all_intra_objectives_run_together_from_the_command_line(tmp_path):
             "trainer.max_steps=3", "trainer.log_every_n_steps=1", "trainer.accelerator=cpu",
             "trainer.devices=1", "export=false", f"hydra.run.dir={run_dir}"]
     objectives = "objective=[" + ",".join(INTRA) + "]"
-    result = subprocess.run([sys.executable, "-m", "m3i_lightning", objectives, *tiny],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run(objectives, *tiny)
     assert_each_term_logged(run_dir, INTRA, steps=3)

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import lightning as L
 import pytest
 import torch
 from conftest import digits_module, tiny_backbone, tiny_objective
 from PIL import Image
+from runs import run
 
 from m3i_lightning.engine import MultiObjective
 from m3i_lightning.errors import ConfigError
@@ -140,31 +138,27 @@ TINY_RUN = ["objective=[mim_pixel,clip]", "backbone.depth=1", "backbone.embed_di
 
 
 def test_a_training_run_ends_with_the_eval_table_pictures_and_exported_clip(tmp_path):
-    run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "m3i_lightning", *TINY_RUN,
-                             f"hydra.run.dir={run}"], capture_output=True, text=True,
-                            timeout=600, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    result = run(*TINY_RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     for row in ("kNN top-1", "linear-probe top-1", "zero-shot top-1"):
         assert row in result.stdout
-    results = json.loads((run / "eval.json").read_text())["results"]
+    results = json.loads((run_dir / "eval.json").read_text())["results"]
     assert set(results) == {"knn_top1", "linear_top1", "zero_shot_top1"}
 
-    pictures = {p.name for p in (run / "pictures").iterdir()}
+    pictures = {p.name for p in (run_dir / "pictures").iterdir()}
     assert pictures == {"curves.png", "mim_pixel_epoch001.png", "mim_pixel_epoch002.png",
                         "mim_pixel_final.png"}
-    with Image.open(run / "pictures" / "mim_pixel_final.png") as image:
+    with Image.open(run_dir / "pictures" / "mim_pixel_final.png") as image:
         assert image.size == grid_size(4, len(PANELS), 16)
 
-    with open(run / "metrics.csv") as f:
+    with open(run_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     for name in ("val/knn_top1", "val/linear_top1"):
         values = [float(r[name]) for r in rows if r.get(name)]
         assert len(values) == 2 and all(0 <= v <= 1 for v in values), name
 
-    assert (run / "backbone" / "model.safetensors").exists()
-    assert (run / "backbone" / "clip" / "image_projection.safetensors").exists()
-    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu",
+    assert (run_dir / "backbone" / "model.safetensors").exists()
+    assert (run_dir / "backbone" / "clip" / "image_projection.safetensors").exists()
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu",
                             weights_only=True)
     assert checkpoint[CONFIG_KEY]["objective"].keys() == {"mim_pixel", "clip"}
