@@ -52,6 +52,7 @@ import torch.nn.functional as F
 import m3i_lightning
 from m3i_lightning.engine import MultiObjective
 from m3i_lightning.factory import build_datamodule, build_model, build_tokenizer_from
+from m3i_lightning.masking import RandomMask
 from m3i_lightning.measure import (
     PeakMemory,
     SyncCounter,
@@ -249,12 +250,13 @@ class PlainStep:
         heads = model.heads
         if set(heads) != set(COMPOSED) or model.input_mode != "shared" or model.mix:
             raise ValueError("the plain step is [mim_feat, clip, cls] with input=shared")
-        if model.mask_kind != "random" or heads["mim_feat"].distribution.kind != "mse":
+        if (not isinstance(model.mask_generator, RandomMask)
+                or heads["mim_feat"].distribution.kind != "mse"):
             raise ValueError("the plain step implements random masks and the MSE loss")
         self.total_steps, self.step_index = total_steps, 0
         self.student, self.teacher = model.backbone, model.teacher.encoder
         self.mim, self.clip, self.cls = heads["mim_feat"], heads["clip"], heads["cls"]
-        self.num_visible = round(self.student.num_patches * (1 - model.mask_ratio))
+        self.num_visible = model.mask_generator.num_visible
         decay, no_decay = [], []
         for name, p in model.named_parameters():
             if p.requires_grad:
