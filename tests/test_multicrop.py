@@ -43,7 +43,8 @@ def test_the_data_gives_local_crops_of_their_own_size(crops_batch):
 
 def test_dino_pairs_every_student_crop_with_every_other_teacher_view():
     model = dino_model(multi_crop=True)
-    pairs = {(r.input.view, r.target_view) for r in model.plan.objectives["global_distill"].readings}
+    readings = model.plan.objectives["global_distill"].readings
+    pairs = {(r.input.view, r.target_view) for r in readings}
     crops = ("view1", "view2", "local1", "local2")
     assert pairs == {(s, t) for s in crops for t in ("view1", "view2") if s != t}
     assert model.plan.teacher_views == ("view1", "view2")
