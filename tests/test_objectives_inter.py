@@ -22,7 +22,7 @@ TINY = dict(predictor_dim=32, predictor_depth=1, predictor_heads=2)
 
 
 def build(name: str, backbone, **options):
-    return OBJECTIVES[name](**TINY, **options, embed_dim=backbone.embed_dim,
+    return OBJECTIVES[name](**{**TINY, **options}, embed_dim=backbone.embed_dim,
                             grid_size=backbone.grid_size, patch_size=backbone.patch_size)
 
 
@@ -112,15 +112,24 @@ def test_pixel_objectives_regress_normalised_pixels_of_every_target_patch(name, 
                                         rel=1e-5)
 
 
-def test_sim_feat_is_unigrad_on_layer_normed_teacher_features(backbone, batch):
-    model = MultiObjective(backbone, {"sim_feat": build("sim_feat", backbone)},
-                           input_mode="native")
+@pytest.mark.parametrize("projection", [True, False])
+def test_sim_feat_is_unigrad_on_layer_normed_teacher_features(backbone, batch, projection):
+    """SiameseIM's code: the target is the LayerNorm of the teacher tokens projected by the
+    EMA copy of the decoder's input projection (a 48-wide decoder here, so the projection
+    changes the width); without the projection, the LayerNorm-ed teacher tokens."""
+    objective = build("sim_feat", backbone, target_projection=projection, predictor_dim=48)
+    model = MultiObjective(backbone, {"sim_feat": objective}, input_mode="native")
     reading = readings(model, batch)["sim_feat"]
-    objective = model.heads["sim_feat"]
     loss, _ = objective.loss(*reading)
     pred = objective.predict(*reading).detach()
-    target = ref_layer_norm(model.teacher(batch["view1"]).tokens)
-    assert pred.shape == target.shape == (8, 16, 32)
+    teacher = model.teacher(batch["view1"]).tokens
+    if projection:
+        copy = objective.momentum_predictor_decoder_embed
+        online = objective.predictor.decoder.embed
+        assert torch.equal(copy.weight, online.weight) and not copy.weight.requires_grad
+        teacher = teacher @ copy.weight.T + copy.bias
+    target = ref_layer_norm(teacher)
+    assert pred.shape == target.shape == (8, 16, 48 if projection else 32)
     assert loss.item() == pytest.approx(ref_unigrad(pred, target, 0.02), rel=1e-4)
 
 

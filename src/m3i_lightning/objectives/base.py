@@ -113,17 +113,19 @@ class Objective(L.LightningModule):
         self.target_width = embed_dim
         self._momentum_heads: tuple[str, ...] = ()
 
-    def add_momentum_copy(self, head: str) -> None:
-        """Register ``momentum_<head>``: a stop-gradient copy of the sub-module ``head`` that
-        follows it by EMA with the teacher's momentum, as the reference methods average their
-        projectors / heads (MoCo, BYOL, DINO, MSN, DenseCL). The engine updates every pair."""
-        online = getattr(self, head)
-        setattr(self, f"momentum_{head}", copy.deepcopy(online).requires_grad_(False))
+    def add_momentum_copy(self, head: str) -> nn.Module:
+        """Register ``momentum_<head>`` (dots of a nested path as ``_``): a stop-gradient copy
+        of the sub-module ``head`` that follows it by EMA with the teacher's momentum, as the
+        reference methods average their projectors / heads (MoCo, BYOL, DINO, MSN, DenseCL,
+        SiameseIM's decoder projection). The engine updates every pair. Returns the copy."""
+        averaged = copy.deepcopy(self.get_submodule(head)).requires_grad_(False)
+        setattr(self, _momentum_name(head), averaged)
         self._momentum_heads = (*self._momentum_heads, head)
+        return averaged
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(averaged copy, online head) for every head registered by :meth:`add_momentum_copy`."""
-        return [(getattr(self, f"momentum_{head}"), getattr(self, head))
+        return [(getattr(self, _momentum_name(head)), self.get_submodule(head))
                 for head in self._momentum_heads]
 
     def loss(self, batch: dict, encoded: Encoded, targets: Targets) -> tuple[Tensor, dict]:
@@ -155,3 +157,7 @@ class Objective(L.LightningModule):
         :func:`~m3i_lightning.pixels.reconstruction_panels`). Empty for objectives whose
         targets are not pixels. Drawn by :class:`~m3i_lightning.pictures.ReconstructionGrid`."""
         return {}
+
+
+def _momentum_name(head: str) -> str:
+    return "momentum_" + head.replace(".", "_")

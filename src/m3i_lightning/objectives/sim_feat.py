@@ -24,6 +24,11 @@ class SiameseFeature(RelativeQueryObjective):
     ``correlation_momentum`` ρ keeps a moving average F ← ρF + (1−ρ)F_batch as UniGrad does for
     global features, while 0 (the default) uses each batch's own F, as SiameseIM does: B·N
     dense targets per step already estimate it well. The loss is computed in float32.
+
+    Targets as SiameseIM's code builds them (``target_projection``, the default): the teacher
+    tokens go through the EMA copy of the decoder's input projection, then the LayerNorm, so
+    prediction and target live in the decoder's width; without it, the LayerNorm-ed teacher
+    tokens themselves (the paper's description).
     """
 
     name = "sim_feat"
@@ -33,13 +38,16 @@ class SiameseFeature(RelativeQueryObjective):
     uses_teacher = True
 
     def __init__(self, neg_weight: float = 0.02, correlation_momentum: float = 0.0,
-                 **kwargs) -> None:
+                 target_projection: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
         if not 0.0 <= correlation_momentum < 1.0:
             raise ValueError(f"correlation_momentum must be in [0, 1), got {correlation_momentum}")
         self.neg_weight, self.correlation_momentum = neg_weight, correlation_momentum
-        self.predictor = self.relative_predictor(self.embed_dim)
-        self.register_buffer("correlation", torch.zeros(self.embed_dim, self.embed_dim))
+        width = self.predictor_shape[0] if target_projection else self.embed_dim
+        self.predictor = self.relative_predictor(width)
+        self.target_projection = (self.add_momentum_copy("predictor.decoder.embed")
+                                  if target_projection else None)
+        self.register_buffer("correlation", torch.zeros(width, width))
         self.register_buffer("correlation_seen", torch.tensor(False))
 
     @torch.no_grad()
@@ -56,6 +64,10 @@ class SiameseFeature(RelativeQueryObjective):
         pred = self.predict(batch, encoded, targets)
         with torch.autocast(pred.device.type, enabled=False):
             teacher = targets.teacher.tokens.float()
+            if self.target_projection is not None:
+                with torch.no_grad():
+                    teacher = F.linear(teacher, self.target_projection.weight.float(),
+                                       self.target_projection.bias.float())
             target = F.layer_norm(teacher, teacher.shape[-1:])
             correlation = self.update_correlation(target)
             return unigrad_loss(pred.float(), target, correlation, self.neg_weight), {}
