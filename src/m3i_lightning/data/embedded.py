@@ -57,12 +57,12 @@ class EmbeddedDigits(L.LightningDataModule):
                  crop_scale: tuple[float, float] = (0.35, 1.0), flip: bool = True,
                  labels: bool = True, captions: bool = True, tokenizer=None,
                  fields: set[str] | None = None, seed: int = 0,
-                 local_crops: dict | None = None) -> None:
+                 local_crops: dict | None = None, augment: str = "none") -> None:
         super().__init__()
         self.img_size, self.source_size = img_size, source_size
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.val_fraction, self.split_seed = val_fraction, split_seed
-        self.view = CropSet(img_size, crop_scale, flip, LocalCrops(**local_crops or {}))
+        self.view = CropSet(img_size, crop_scale, flip, LocalCrops(**local_crops or {}), augment)
         self.labels_on, self.captions_on = labels, captions
         self.tokenizer = tokenizer or ByteTokenizer()
         self.provides = {*self.view.names, "geometry"}

@@ -166,9 +166,10 @@ class HFData(ViewDataModule):
                  crop_scale: Sequence[float] = (0.2, 1.0), flip: bool = True,
                  val_fraction: float = 0.01, shuffle_buffer: int = 1000,
                  eval_samples: int = 10000, seed: int = 0, tokenizer=None,
-                 fields: set[str] | None = None, local_crops: dict | None = None) -> None:
+                 fields: set[str] | None = None, local_crops: dict | None = None,
+                 augment: str = "none") -> None:
         super().__init__(img_size, batch_size, num_workers, crop_scale, flip, tokenizer, fields,
-                         seed, local_crops)
+                         seed, local_crops, augment)
         if not name:
             raise ConfigError("data=hf needs data.name=<hub id, save_to_disk folder or parquet "
                               "path>")

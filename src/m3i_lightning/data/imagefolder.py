@@ -147,9 +147,10 @@ class ImageFolderData(ViewDataModule):
                  flip: bool = True, labels: bool = True, captions: bool = True,
                  text_column: str | None = None,
                  val_fraction: float = 0.01, seed: int = 0, tokenizer=None,
-                 fields: set[str] | None = None, local_crops: dict | None = None) -> None:
+                 fields: set[str] | None = None, local_crops: dict | None = None,
+                 augment: str = "none") -> None:
         super().__init__(img_size, batch_size, num_workers, crop_scale, flip, tokenizer, fields,
-                         seed, local_crops)
+                         seed, local_crops, augment)
         if not path:
             raise ConfigError("data=imagefolder needs data.path=<image folder>")
         root = Path(path).expanduser()

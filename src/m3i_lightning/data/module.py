@@ -29,9 +29,10 @@ class ViewDataModule(L.LightningDataModule):
 
     def __init__(self, img_size: int, batch_size: int, num_workers: int,
                  crop_scale: Sequence[float], flip: bool, tokenizer, fields: set[str] | None,
-                 seed: int, local_crops: Mapping | None = None) -> None:
+                 seed: int, local_crops: Mapping | None = None, augment: str = "none") -> None:
         super().__init__()
-        self.view = CropSet(img_size, tuple(crop_scale), flip, LocalCrops(**local_crops or {}))
+        self.view = CropSet(img_size, tuple(crop_scale), flip, LocalCrops(**local_crops or {}),
+                            augment)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.tokenizer = tokenizer
         self.fields = set(fields) if fields is not None else None

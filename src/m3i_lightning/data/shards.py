@@ -254,9 +254,10 @@ class WebDatasetData(ViewDataModule):
                  val_fraction: float = 0.01, resampled: bool = False,
                  shuffle_buffer: int = 1000, eval_samples: int = 10000, captions: bool = True,
                  seed: int = 0, tokenizer=None, fields: set[str] | None = None,
-                 local_crops: dict | None = None) -> None:
+                 local_crops: dict | None = None,
+                 augment: str = "none") -> None:
         super().__init__(img_size, batch_size, num_workers, crop_scale, flip, tokenizer, fields,
-                         seed, local_crops)
+                         seed, local_crops, augment)
         if not urls:
             raise ConfigError("data=webdataset needs data.urls=<shard pattern>, e.g. "
                               "'shards/{000000..000127}.tar'")

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 
 import torch
+import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
@@ -36,15 +37,54 @@ def crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[f
     return (height - side) // 2, (width - side) // 2, side, side
 
 
+@dataclass(frozen=True)
+class Photometric:
+    """The colour augmentations of one view, as the instance-discrimination papers tabulate
+    them (BYOL's Table 6): colour jitter (brightness, contrast, saturation, hue) with
+    probability ``jitter_p``, grayscale, Gaussian blur (σ in [0.1, 2], a kernel a tenth of
+    the view) and solarisation, each with its probability; torchvision v2 transforms."""
+
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    solarize_p: float = 0.0
+
+    def transform(self, size: int) -> T.Transform:
+        kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+        return T.Compose([
+            T.RandomApply([T.ColorJitter(*self.jitter)], p=self.jitter_p),
+            T.RandomGrayscale(self.grayscale_p),
+            T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=self.blur_p),
+            T.RandomSolarize(0.5, p=self.solarize_p),
+        ])
+
+
+# ``data.augment``: per view, the colour augmentations of a reference pipeline. ``byol`` is
+# BYOL's asymmetric pair (blur always on view1; rarely, with solarisation, on view2), which
+# MoCo v3, Barlow Twins and DINO (local crops: blur half the time) share; ``mocov2`` is the
+# symmetric MoCo v2 pipeline DenseCL uses.
+AUGMENTATIONS: dict[str, dict[str, Photometric]] = {
+    "none": {},
+    "byol": {"view1": Photometric(blur_p=1.0), "view2": Photometric(blur_p=0.1, solarize_p=0.2),
+             "local": Photometric(blur_p=0.5)},
+    "mocov2": {name: Photometric(jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5)
+               for name in ("view1", "view2", "local")},
+}
+
+
 class RandomView:
-    """One augmented view: random resized crop, optional horizontal flip, normalisation."""
+    """One augmented view: random resized crop, optional horizontal flip, optional colour
+    augmentations (:class:`Photometric`), normalisation."""
 
     def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
                  mean: tuple[float, ...] = (0.5, 0.5, 0.5),
-                 std: tuple[float, ...] = (0.5, 0.5, 0.5)) -> None:
+                 std: tuple[float, ...] = (0.5, 0.5, 0.5),
+                 photometric: Photometric | None = None) -> None:
         self.size, self.scale, self.ratio, self.flip = size, tuple(scale), tuple(ratio), flip
         self.mean, self.std = list(mean), list(std)
+        self.photometric = photometric.transform(size) if photometric else None
 
     def __call__(self, image: Tensor, rng: random.Random) -> tuple[Tensor, Tensor]:
         """``image``: float [3, H, W] in [0, 1] → (view [3, size, size], geometry [5])."""
@@ -54,6 +94,12 @@ class RandomView:
         flipped = self.flip and rng.random() < 0.5
         if flipped:
             view = TF.horizontal_flip(view)
+        if self.photometric is not None:
+            # torchvision draws from torch's generator: seed it from the sample's own stream,
+            # so a view stays a function of its seed (any worker, and after a resume)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(rng.randrange(2**63))
+                view = self.photometric(view)
         geometry = torch.tensor([top / h, left / w, ch / h, cw / w, float(flipped)])
         return self.normalize(view), geometry
 
@@ -82,18 +128,24 @@ class LocalCrops:
 
 class CropSet:
     """The crops of one training sample, by batch key: the global views ``view1`` and
-    ``view2`` and the :class:`LocalCrops` ``local1`` ... (same flip and normalisation)."""
+    ``view2`` and the :class:`LocalCrops` ``local1`` ... (same flip and normalisation), each
+    with the colour augmentations that ``augment`` (:data:`AUGMENTATIONS`) gives it."""
 
     def __init__(self, size: int, scale: tuple[float, float], flip: bool = True,
-                 local: LocalCrops | None = None) -> None:
-        self.global_view = RandomView(size, scale, flip=flip)
+                 local: LocalCrops | None = None, augment: str = "none") -> None:
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"unknown augment '{augment}' (data.augment); choose one of "
+                             f"{sorted(AUGMENTATIONS)}")
+        colours = AUGMENTATIONS[augment]
         local = local or LocalCrops()
-        self.local_view = RandomView(local.size, local.scale, flip=flip)
+        self.views = {name: RandomView(size, scale, flip=flip, photometric=colours.get(name))
+                      for name in GLOBAL_VIEWS}
+        self.local_view = RandomView(local.size, local.scale, flip=flip,
+                                     photometric=colours.get("local"))
         self.names = (*GLOBAL_VIEWS, *local_view_names(local.count))
 
     def __call__(self, name: str, image: Tensor, rng: random.Random) -> tuple[Tensor, Tensor]:
-        view = self.global_view if name in GLOBAL_VIEWS else self.local_view
-        return view(image, rng)
+        return self.views.get(name, self.local_view)(image, rng)
 
     def center(self, image: Tensor) -> Tensor:
-        return self.global_view.center(image)
+        return self.views["view1"].center(image)
