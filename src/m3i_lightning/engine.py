@@ -241,7 +241,15 @@ class Engine(L.LightningModule):
         exempt = [getattr(objective, name) for objective in self.objectives().values()
                   for name in objective.no_weight_decay]
         return build_optimizer(self, self.optim, int(self.trainer.estimated_stepping_batches),
-                               exempt)
+                               exempt, self.global_batch_size())
+
+    def global_batch_size(self) -> int | None:
+        """Samples per optimizer step over all processes (the linear scaling rule's batch);
+        None when the data module does not say its batch size."""
+        per_process = getattr(self.trainer.datamodule, "batch_size", None)
+        if per_process is None:
+            return None
+        return per_process * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
 
 # The keyword options of the engine, which a standalone objective takes beside its own.

@@ -1,4 +1,5 @@
-"""AdamW without weight decay on norms, biases and tokens, and a warmup + cosine schedule."""
+"""AdamW (or LARS) without weight decay on norms, biases and tokens, and a warmup + cosine
+schedule; the learning rate given directly or by the linear scaling rule."""
 
 from __future__ import annotations
 
@@ -12,15 +13,69 @@ from torch import nn
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "mask_token", "logit_scale")
 
 
+OPTIMIZERS = ("adamw", "lars")
+
+
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw | lars (BYOL, Barlow Twins: large-batch ResNet training)
     lr: float = 1e-3
+    # When set, the linear scaling rule: lr = base_lr × global batch / 256 (MAE, MoCo v3, DINO).
+    base_lr: float | None = None
     weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = (0.9, 0.95)  # adamw
+    momentum: float = 0.9  # lars
+    trust_coefficient: float = 1e-3  # lars: η of the trust ratio
     warmup_fraction: float = 0.05
     min_lr_ratio: float = 0.0
     # When set, weight decay follows a cosine from weight_decay to this value (DINO: 0.04 → 0.4).
     final_weight_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer '{self.name}' (optim.name); choose one of "
+                             f"{OPTIMIZERS}")
+
+    def learning_rate(self, global_batch_size: int | None) -> float:
+        if self.base_lr is None:
+            return self.lr
+        if global_batch_size is None:
+            raise ValueError("optim.base_lr scales with the global batch, which is unknown "
+                             "here (no data module with a batch_size): set optim.lr instead")
+        return self.base_lr * global_batch_size / 256
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum where each weight's step is scaled by its trust ratio
+    η‖w‖ / ‖g + λw‖ (You et al., 2017), as BYOL and Barlow Twins train. Groups with
+    ``lars=False`` (biases and norms, which these references neither decay nor adapt) take
+    plain momentum-SGD steps."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 1e-3) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad.add(p, alpha=group["weight_decay"])
+                if group["lars"]:
+                    weight_norm, update_norm = p.norm(), update.norm()
+                    trust = group["trust_coefficient"] * weight_norm / update_norm
+                    update = update.mul(torch.where(
+                        (weight_norm > 0) & (update_norm > 0), trust, torch.ones_like(trust)))
+                buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buffer.mul_(group["momentum"]).add_(update)
+                p.add_(buffer, alpha=-group["lr"])
+        return loss
 
 
 def param_groups(module: nn.Module, weight_decay: float,
@@ -62,9 +117,14 @@ def follow_weight_decay(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step
 
 
 def build_optimizer(module: nn.Module, cfg: OptimConfig, total_steps: int,
-                    exempt: Collection[nn.Parameter] = ()):
-    optimizer = torch.optim.AdamW(param_groups(module, cfg.weight_decay, exempt), lr=cfg.lr,
-                                  betas=tuple(cfg.betas))
+                    exempt: Collection[nn.Parameter] = (), global_batch_size: int | None = None):
+    groups = param_groups(module, cfg.weight_decay, exempt)
+    lr = cfg.learning_rate(global_batch_size)
+    if cfg.name == "lars":
+        groups[1]["lars"] = False
+        optimizer = LARS(groups, lr, cfg.momentum, cfg.weight_decay, cfg.trust_coefficient)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
     warmup = int(cfg.warmup_fraction * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, total_steps, warmup, cfg.min_lr_ratio))

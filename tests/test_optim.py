@@ -1,0 +1,58 @@
+"""The recipes' optimisers: LARS against its update rule written out, the linear scaling rule
+of the learning rate, and a clear error for an unknown optimiser."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from m3i_lightning.optim import OptimConfig, build_optimizer
+
+
+def test_lars_scales_each_weight_step_by_its_trust_ratio_and_not_the_biases():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(5, 3)
+    config = OptimConfig(name="lars", lr=0.5, weight_decay=0.01, momentum=0.9,
+                         trust_coefficient=0.001, warmup_fraction=0.0)
+    optimizer = build_optimizer(layer, config, 10)["optimizer"]
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    layer(torch.randn(4, 5)).pow(2).sum().backward()
+    grad_w, grad_b = layer.weight.grad.clone(), layer.bias.grad.clone()
+    optimizer.step()
+    # the weight: (g + λw) scaled by η‖w‖/‖g + λw‖; first step, so the momentum buffer is it
+    update = grad_w + 0.01 * weight
+    update = update * (0.001 * weight.norm() / update.norm())
+    torch.testing.assert_close(layer.weight.detach(), weight - 0.5 * update)
+    # the bias: neither decayed nor adapted (BYOL / Barlow Twins exclude it)
+    torch.testing.assert_close(layer.bias.detach(), bias - 0.5 * grad_b)
+
+
+def test_base_lr_follows_the_linear_scaling_rule():
+    assert OptimConfig(base_lr=1.5e-4).learning_rate(4096) == pytest.approx(2.4e-3)
+    assert OptimConfig(lr=1e-3).learning_rate(4096) == 1e-3
+    with pytest.raises(ValueError, match="global batch"):
+        OptimConfig(base_lr=1.5e-4).learning_rate(None)
+    layer = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(layer, OptimConfig(base_lr=1e-4), 10,
+                                global_batch_size=1024)["optimizer"]
+    assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(4e-4)
+
+
+def test_the_engine_counts_the_batch_over_processes_and_accumulation(tokenizer):
+    from conftest import tiny_backbone, tiny_objective
+
+    from m3i_lightning.engine import MultiObjective
+
+    model = MultiObjective(tiny_backbone(), {"cls": tiny_objective("cls", tokenizer)})
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=32), world_size=4,
+                                     accumulate_grad_batches=2)
+    assert model.global_batch_size() == 256
+    model._trainer.datamodule = None
+    assert model.global_batch_size() is None
+
+
+def test_unknown_optimizer_names_the_choices():
+    with pytest.raises(ValueError, match=r"optim\.name.*adamw.*lars"):
+        OptimConfig(name="sgd")
