@@ -10,6 +10,8 @@
   logit scale, optimizer, LR schedule and loop counters are Lightning's own.
 - :func:`resume_path` finds the checkpoint to resume from: ``resume=auto`` takes the newest of
   the run folder, for jobs that restart into the same folder.
+- :func:`read_checkpoint` is the one reader of checkpoint files (resume, eval, export): the
+  safe loader, whose failures become one line naming the option and the file.
 
 Everything in a checkpoint is tensors, numbers and strings, so it loads with
 ``weights_only=True``.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,34 @@ from m3i_lightning.errors import ConfigError
 log = logging.getLogger("m3i_lightning")
 
 PARTIAL_SUFFIX = ".partial"
+REFUSED_BY_SAFE_LOADER = "Unsupported global"  # torch's weights_only refusal of a stored object
+
+
+def read_checkpoint(path, option: str, map_location="cpu") -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)``: the safe loader, which never runs code stored in
+    a file. Every way it can fail is a :class:`ConfigError` naming ``option`` (the setting that
+    gave the path): a missing file, a folder, a truncated or foreign file, and a pickle the safe
+    loader refuses (it stays refused: this library writes only tensors, numbers and strings)."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(checkpoints_in(path))
+        hint = f", e.g. {option}={found[-1]}" if found else ""
+        raise ConfigError(f"{option}={path} is a folder; give a checkpoint file{hint}")
+    if not path.is_file():
+        raise ConfigError(f"{option}={path}: no such file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if REFUSED_BY_SAFE_LOADER in str(err):
+            raise ConfigError(f"{option}={path} is not a checkpoint this library wrote or trusts: "
+                              "it stores Python objects, not only tensors and numbers, and is "
+                              "not loaded") from None
+        raise ConfigError(f"{option}={path} cannot be read as a checkpoint (truncated, or not "
+                          "a torch file)") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as err:
+        reason = str(err).split(". ")[0].splitlines()[0] if str(err) else ""
+        raise ConfigError(f"{option}={path} cannot be read as a checkpoint (truncated, or not "
+                          f"a torch file): {type(err).__name__}: {reason}") from None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -57,6 +88,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)
+
+    def load_checkpoint(self, path, map_location="cpu", weights_only=None) -> dict[str, Any]:
+        """Resume through :func:`read_checkpoint`, always with the safe loader."""
+        return read_checkpoint(path, "resume", map_location)
 
 
 class LastCheckpoint(ModelCheckpoint):

@@ -12,6 +12,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from m3i_lightning.checkpointing import (
@@ -21,7 +22,7 @@ from m3i_lightning.checkpointing import (
     resume_path,
 )
 from m3i_lightning.data.skips import SkipReport
-from m3i_lightning.errors import ConfigError, M3IError
+from m3i_lightning.errors import ConfigError, one_line_errors
 from m3i_lightning.factory import (
     build_datamodule,
     build_model,
@@ -38,6 +39,15 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
     if kwargs["precision"] == "auto":
         kwargs["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     return kwargs
+
+
+def build_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
+    """``L.Trainer`` from ``cfg.trainer``; a value Lightning refuses names its option."""
+    options = trainer_kwargs(cfg)
+    try:
+        return L.Trainer(**options, **kwargs)
+    except (MisconfigurationException, ValueError, TypeError) as err:
+        raise ConfigError(f"trainer options {options}: {err}") from None
 
 
 def per_device_batch(global_batch_size: int, world_size: int) -> int:
@@ -58,9 +68,8 @@ def pretrain(cfg: DictConfig) -> dict:
     model = build_model(cfg, datamodule.num_classes, tokenizer)
     model.check_data(datamodule.provides)
     ckpt_path = resume_path(cfg.resume, out)
-    trainer = L.Trainer(
-        **trainer_kwargs(cfg),
-        strategy=build_strategy(cfg.strategy, model),
+    trainer = build_trainer(
+        cfg, strategy=build_strategy(cfg.strategy, model),
         plugins=[AtomicCheckpointIO()],
         default_root_dir=out,
         logger=run_loggers(cfg, out, resuming=ckpt_path is not None),
@@ -103,19 +112,13 @@ def check_objective_names(args: list[str]) -> None:
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
+@one_line_errors
 def hydra_main(cfg: DictConfig) -> float | None:
-    try:
-        return pretrain(cfg).get("knn_top1")
-    except M3IError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    return pretrain(cfg).get("knn_top1")
 
 
+@one_line_errors
 def main() -> float | None:
     """``python -m m3i_lightning`` / ``m3i-pretrain``: check the objective names, then run."""
-    try:
-        check_objective_names(sys.argv[1:])
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    check_objective_names(sys.argv[1:])
     return hydra_main()

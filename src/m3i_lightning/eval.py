@@ -9,7 +9,6 @@ the model from the checkpoint's stored config or the exported folder.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from m3i_lightning.errors import ConfigError, M3IError
+from m3i_lightning.errors import ConfigError, one_line_errors
 from m3i_lightning.export import load_exported
 from m3i_lightning.factory import build_datamodule
 from m3i_lightning.knn import extract_features, knn_predict
@@ -103,12 +102,9 @@ def evaluate_command(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
 
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate_command(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except M3IError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    evaluate_command(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

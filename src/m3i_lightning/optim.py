@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from m3i_lightning.errors import ConfigError
+
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "mask_token", "logit_scale")
 
 
@@ -18,6 +20,23 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_fraction: float = 0.05
     min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Refuse values that cannot train, naming the ``optim.`` option and its range."""
+        checks = {"lr": (lambda v: v > 0, "a number > 0"),
+                  "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+                  "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+                            "two numbers in [0, 1)"),
+                  "warmup_fraction": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+                  "min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]")}
+        for name, (valid, allowed) in checks.items():
+            value = getattr(self, name)
+            try:
+                ok = valid(value)
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"optim.{name}={value} must be {allowed}")
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
