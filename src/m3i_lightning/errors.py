@@ -27,7 +27,7 @@ class NonFiniteLossError(M3IError):
     """A loss term became NaN or infinite; the message names the objective."""
 
 
-class EmptySplitError(M3IError):
+class EmptySplitError(ConfigError):
     """A split that evaluation reads holds no labelled sample; the message names the option
     that supplies it."""
 

@@ -9,7 +9,9 @@ the model from the checkpoint's stored config or the exported folder.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -18,13 +20,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from m3i_lightning.errors import ConfigError, one_line_errors
+from m3i_lightning.data.module import held_out_options
+from m3i_lightning.errors import ConfigError, EmptySplitError, one_line_errors
 from m3i_lightning.export import load_exported
 from m3i_lightning.factory import build_datamodule
 from m3i_lightning.knn import extract_features, knn_predict
 from m3i_lightning.probe import fit_linear_probe
 from m3i_lightning.restore import TrainedModel, load_checkpoint
 from m3i_lightning.zeroshot import class_embeddings, class_prompts, zero_shot_predict
+
+log = logging.getLogger("m3i_lightning")
 
 RESULTS_FILE = "eval.json"
 
@@ -33,19 +38,41 @@ def top1(predicted: Tensor, labels: Tensor) -> float:
     return (predicted.cpu() == labels.cpu()).float().mean().item()
 
 
-def _labelled(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+MIN_HELD_OUT, MIN_HELD_OUT_PER_CLASS = 50, 10  # below these, top-1 is mostly noise
+
+
+@dataclass
+class Evaluation:
+    """Top-1 of each protocol, and how many labelled images each split gave."""
+
+    results: dict[str, float]
+    sizes: dict[str, int]
+
+
+def _labelled(features: Tensor, labels: Tensor, split: str, datamodule) -> tuple[Tensor, Tensor]:
     known = labels >= 0
     if not known.any():
-        raise ConfigError("evaluation needs labels: the data gave none (data.labels=false?)")
+        where = (held_out_options(datamodule) if split == "val" else
+                 "labelled training images (data.labels=true and a label for some images)")
+        raise EmptySplitError(f"the {split} split has no labelled image, so kNN, linear probe "
+                              f"and zero-shot cannot be scored; evaluation needs {where}")
     return features[known], labels[known]
 
 
-def evaluate(model: TrainedModel, datamodule, knn: Mapping, probe: Mapping) -> dict[str, float]:
+def evaluate(model: TrainedModel, datamodule, knn: Mapping, probe: Mapping) -> Evaluation:
     """Top-1 of every protocol the model supports. Features of the train split (memory,
-    probe training set) and of the val split (queries) are extracted once and shared."""
-    train = _labelled(*extract_features(model.backbone, datamodule.eval_dataloader("train")))
-    val = _labelled(*extract_features(model.backbone, datamodule.eval_dataloader("val")))
+    probe training set) and of the val split (queries) are extracted once and shared.
+    :class:`EmptySplitError` when a split has no labelled image."""
+    train = _labelled(*extract_features(model.backbone, datamodule.eval_dataloader("train")),
+                      "train", datamodule)
+    val = _labelled(*extract_features(model.backbone, datamodule.eval_dataloader("val")),
+                    "val", datamodule)
     num_classes = datamodule.num_classes
+    sizes = {"train": len(train[1]), "val": len(val[1])}
+    if sizes["val"] < max(MIN_HELD_OUT, MIN_HELD_OUT_PER_CLASS * num_classes):
+        log.warning("the held-out split has only %d labelled images for %d classes: its top-1 "
+                    "is mostly noise; give a bigger one with %s", sizes["val"], num_classes,
+                    held_out_options(datamodule))
     scores = knn_predict(*train, val[0], num_classes, knn["k"], knn["temperature"])
     results = {"knn_top1": top1(scores.argmax(-1), val[1])}
     linear = fit_linear_probe(*train, num_classes, **probe)
@@ -53,27 +80,43 @@ def evaluate(model: TrainedModel, datamodule, knn: Mapping, probe: Mapping) -> d
     if model.clip is not None:
         classes = class_embeddings(model.clip, model.tokenizer, class_prompts(datamodule))
         results["zero_shot_top1"] = top1(zero_shot_predict(model.clip, val[0], classes), val[1])
-    return results
+    return Evaluation(results, sizes)
 
 
-def format_table(results: Mapping[str, float], knn: Mapping, probe: Mapping) -> str:
-    """A Markdown table of the top-1 results, naming each protocol's settings."""
+def describe_data(data: Mapping) -> str:
+    """``data=<kind>`` and where it is read from: the option naming the files, if any."""
+    kind = data.get("module") or data.get("name")
+    source = next((f"{key}={data[key]}" for key in ("path", "urls", "name")
+                   if key in data and data[key] and data[key] != kind), None)
+    return f"data={kind}" + (f" {source}" if source else "")
+
+
+def format_table(evaluation: Evaluation, knn: Mapping, probe: Mapping, data: str = "") -> str:
+    """A Markdown table of the top-1 results, naming each protocol's settings, the data and the
+    split sizes."""
     names = {"knn_top1": f"kNN top-1 (k={knn['k']}, T={knn['temperature']})",
              "linear_top1": f"linear-probe top-1 ({probe['epochs']} epochs)",
              "zero_shot_top1": "zero-shot top-1 (clip prompts)"}
-    rows = [f"| {names[key]:<32} | {100 * value:6.2f}% |" for key, value in results.items()]
+    rows = [f"| {names[key]:<32} | {100 * value:6.2f}% |"
+            for key, value in evaluation.results.items()]
     header = f"| {'held-out split':<32} | {'top-1':>7} |"
-    return "\n".join([header, f"|{'-' * 34}|{'-' * 9}|", *rows])
+    sizes = evaluation.sizes
+    caption = (f"{data + ': ' if data else ''}{sizes['val']} held-out images scored against "
+               f"{sizes['train']} training images")
+    return "\n".join([caption, "", header, f"|{'-' * 34}|{'-' * 9}|", *rows])
 
 
-def report(results: Mapping[str, float], cfg: DictConfig, out_dir: Path,
+def report(evaluation: Evaluation, cfg: DictConfig, out_dir: Path,
            source: Mapping[str, str]) -> Path:
-    """Print the table and write ``eval.json`` (results, their settings and what was evaluated)."""
+    """Print the table and write ``eval.json`` (results, their settings, the data and its
+    split sizes, and what was evaluated)."""
     knn, probe = OmegaConf.to_container(cfg.knn), OmegaConf.to_container(cfg.probe)
-    print(format_table(results, knn, probe))
+    data = describe_data(cfg.data)
+    print(format_table(evaluation, knn, probe, data))
     path = Path(out_dir) / RESULTS_FILE
-    path.write_text(json.dumps({**source, "results": results, "knn": knn, "probe": probe},
-                               indent=2))
+    path.write_text(json.dumps({**source, "results": evaluation.results,
+                                "data": {"config": data, "samples": evaluation.sizes},
+                                "knn": knn, "probe": probe}, indent=2))
     return path
 
 
@@ -96,9 +139,9 @@ def evaluate_command(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     cfg.data.img_size = model.backbone.model.patch_embed.img_size[0]
     datamodule = build_datamodule(cfg.data, model.tokenizer)
     datamodule.setup("validate")
-    results = evaluate(model, datamodule, cfg.knn, cfg.probe)
-    print(f"results: {report(results, cfg, out_dir, source)}")
-    return results
+    evaluation = evaluate(model, datamodule, cfg.knn, cfg.probe)
+    print(f"results: {report(evaluation, cfg, out_dir, source)}")
+    return evaluation.results
 
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")

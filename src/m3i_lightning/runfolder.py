@@ -8,19 +8,22 @@ exported model, the evaluation table (``eval.json``) and the curves.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from omegaconf import DictConfig
 
-from m3i_lightning.errors import ConfigError
+from m3i_lightning.errors import ConfigError, EmptySplitError
 from m3i_lightning.eval import evaluate, report
 from m3i_lightning.export import export_model
 from m3i_lightning.metrics_log import ResumedCSVLogger
 from m3i_lightning.monitors import ProbeMonitor
 from m3i_lightning.pictures import ReconstructionGrid, plot_curves
 from m3i_lightning.restore import StoreConfig, TrainedModel
+
+log = logging.getLogger("m3i_lightning")
 
 PICTURES_DIR = "pictures"
 EXPORT_DIR = "backbone"
@@ -61,7 +64,9 @@ def run_callbacks(cfg: DictConfig, datamodule, out: Path) -> list[L.Callback]:
 
 def finish_run(trainer: L.Trainer, model, datamodule, tokenizer, cfg: DictConfig,
                out: Path) -> dict:
-    """Export, evaluate (table printed, ``eval.json``) and draw the curves; rank 0 only."""
+    """Export, evaluate (table printed, ``eval.json``) and draw the curves; rank 0 only. A
+    split without labelled images skips the evaluation with a warning naming the options that
+    supply it: a finished run never turns into a crash."""
     if not trainer.is_global_zero:
         return {}
     clip = model.heads["clip"] if "clip" in model.heads else None
@@ -70,8 +75,12 @@ def finish_run(trainer: L.Trainer, model, datamodule, tokenizer, cfg: DictConfig
     if cfg.export:
         results["export"] = str(export_model(trained, out / EXPORT_DIR))
     if evaluable(datamodule):
-        scores = evaluate(trained, datamodule, cfg.knn, cfg.probe)
-        results.update(scores)
-        report(scores, cfg, out, {"run_dir": str(out)})
+        try:
+            evaluation = evaluate(trained, datamodule, cfg.knn, cfg.probe)
+        except EmptySplitError as err:
+            log.warning("end-of-run evaluation skipped: %s", err)
+        else:
+            results.update(evaluation.results)
+            report(evaluation, cfg, out, {"run_dir": str(out)})
     results["curves"] = str(plot_curves(out / "metrics.csv", out / PICTURES_DIR / "curves.png"))
     return results

@@ -108,6 +108,9 @@ class EmbeddedDigits(L.LightningDataModule):
             return []
         return [self.eval_dataloader("train"), self.eval_dataloader("val")]
 
+    def held_out_options(self) -> str:
+        return f"data.val_fraction (now {self.val_fraction}) of the 1,797 digits"
+
     def class_prompts(self) -> list[list[str]]:
         """Zero-shot prompts: every caption template, written for each class in label order."""
         return [[caption_for(label, index) for index in range(len(CAPTION_TEMPLATES))]

@@ -22,7 +22,7 @@ import torch
 from m3i_lightning.data.dataset import ViewDataset
 from m3i_lightning.data.images import decode_image, is_image_name
 from m3i_lightning.data.module import ViewDataModule, require_usable
-from m3i_lightning.errors import ConfigError
+from m3i_lightning.errors import ConfigError, EmptySplitError
 
 log = logging.getLogger("m3i_lightning")
 
@@ -173,7 +173,16 @@ class ImageFolderData(ViewDataModule):
         if not captions:
             train.captions = [None] * len(train.files)
         self.splits = {"train": train, "val": val}
+        self.val_fraction, self.has_val_folder = val_fraction, val_root is not None
         self.announce(classes, any(train.captions))
+
+    def held_out_options(self) -> str:
+        folders = "/".join(VAL_DIRS)
+        if self.has_val_folder:
+            return (f"labelled images in the {folders} folder beside train/, in the class "
+                    "folders of train/")
+        return (f"a {folders} folder beside train/ (DIR/train/<class>/..., DIR/val/<class>/...), "
+                f"or a bigger data.val_fraction (now {self.val_fraction}) of the images")
 
     def train_dataloader(self):
         return self.loader(ViewDataset(FolderSource(self.splits["train"]), self.view,
@@ -186,8 +195,9 @@ class ImageFolderData(ViewDataModule):
         labelled = listing.subset([i for i, label in enumerate(listing.labels)
                                    if label is not None])
         if not labelled.files:
-            raise ConfigError(f"the {split} split has no image in a class folder of "
-                              f"{self.class_names}")
+            needed = self.held_out_options() if split == "val" else "images in class folders"
+            raise EmptySplitError(f"the {split} split has no image in a class folder of "
+                                  f"{self.class_names}; evaluation needs {needed}")
         return self.loader(ViewDataset(FolderSource(labelled), self.view, {"label"},
                                        train=False), train=False)
 

@@ -82,6 +82,12 @@ class ViewDataModule(L.LightningDataModule):
         return batches
 
 
+def held_out_options(datamodule) -> str:
+    """The options that size or supply the held-out split of this data."""
+    options = getattr(datamodule, "held_out_options", None)
+    return options() if options else "a held-out split"
+
+
 def require_usable(records: Iterable, where: str) -> None:
     """Raise :class:`ConfigError` unless some record of ``records`` decodes, so a folder or
     shard list with no usable sample fails at start-up, not in a worker mid-epoch.

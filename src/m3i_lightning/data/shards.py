@@ -290,6 +290,13 @@ class WebDatasetData(ViewDataModule):
         has_captions = any((caption_of(g) or "").strip() for g in groups)
         self.announce(names if has_cls and num_classes else None, captions and has_captions)
 
+    def held_out_options(self) -> str:
+        if self.val_shards:
+            return "labelled samples (.cls members) in the held-out shards data.val_urls"
+        return ("held-out shards data.val_urls=<pattern> (a separate validation set), or a "
+                f"bigger data.val_fraction (now {self.val_fraction}: the samples whose key "
+                "hashes below it are held out of training)")
+
     def train_dataloader(self):
         rank, world_size, epoch, step = self.placement()
         batches = self.stream_batches(world_size)
