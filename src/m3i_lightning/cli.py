@@ -21,6 +21,7 @@ from m3i_lightning.checkpointing import (
     LastCheckpoint,
     resume_path,
 )
+from m3i_lightning.console import ParameterSummary, progress_bar, quiet_lightning
 from m3i_lightning.data.skips import SkipReport
 from m3i_lightning.errors import ConfigError, one_line_errors
 from m3i_lightning.factory import (
@@ -50,6 +51,18 @@ def build_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
         raise ConfigError(f"trainer options {options}: {err}") from None
 
 
+def console_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The summary and progress bar of :mod:`~m3i_lightning.console`, where the trainer
+    config keeps them on."""
+    quiet_lightning()
+    callbacks: list[L.Callback] = []
+    if cfg.trainer.get("enable_model_summary", True):
+        callbacks.append(ParameterSummary())
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(progress_bar())
+    return callbacks
+
+
 def per_device_batch(global_batch_size: int, world_size: int) -> int:
     """Recipes state the paper's total batch; each process loads its share."""
     if global_batch_size % world_size:
@@ -73,7 +86,7 @@ def pretrain(cfg: DictConfig) -> dict:
         plugins=[AtomicCheckpointIO()],
         default_root_dir=out,
         logger=run_loggers(cfg, out, resuming=ckpt_path is not None),
-        callbacks=[*run_callbacks(cfg, datamodule, out),
+        callbacks=[*run_callbacks(cfg, datamodule, out), *console_callbacks(cfg),
                    LastCheckpoint(out / "checkpoints", cfg.checkpoint.every_n_steps),
                    ExactResume(), LearningRateMonitor("step"), SkipReport()],
     )

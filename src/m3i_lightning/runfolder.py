@@ -12,13 +12,13 @@ import logging
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig
 
 from m3i_lightning.errors import ConfigError, EmptySplitError
 from m3i_lightning.eval import evaluate, report
 from m3i_lightning.export import export_model
-from m3i_lightning.metrics_log import ResumedCSVLogger
+from m3i_lightning.metrics_log import LogLastStep, ResumedCSVLogger, RunCSVLogger
 from m3i_lightning.monitors import ProbeMonitor
 from m3i_lightning.pictures import ReconstructionGrid, plot_curves
 from m3i_lightning.restore import StoreConfig, TrainedModel
@@ -41,7 +41,7 @@ def run_loggers(cfg: DictConfig, out: Path, resuming: bool = False) -> list[Logg
     name = cfg.logger.name
     if name not in LOGGERS:
         raise ConfigError(f"unknown logger '{name}'; choose one of {LOGGERS}")
-    csv_logger = ResumedCSVLogger if resuming else CSVLogger
+    csv_logger = ResumedCSVLogger if resuming else RunCSVLogger
     loggers: list[Logger] = [csv_logger(out, name="", version="")]
     if name == "tensorboard":
         try:
@@ -53,7 +53,7 @@ def run_loggers(cfg: DictConfig, out: Path, resuming: bool = False) -> list[Logg
 
 
 def run_callbacks(cfg: DictConfig, datamodule, out: Path) -> list[L.Callback]:
-    callbacks = [StoreConfig(cfg, datamodule.num_classes),
+    callbacks = [StoreConfig(cfg, datamodule.num_classes), LogLastStep(),
                  ReconstructionGrid(out / PICTURES_DIR, cfg.pictures.every_n_epochs,
                                     cfg.pictures.num_images)]
     if evaluable(datamodule):
