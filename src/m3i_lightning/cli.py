@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -23,13 +24,19 @@ from m3i_lightning.checkpointing import (
 )
 from m3i_lightning.console import ParameterSummary, progress_bar, quiet_lightning
 from m3i_lightning.data.skips import SkipReport
-from m3i_lightning.errors import ConfigError, one_line_errors
+from m3i_lightning.errors import ConfigError, M3IError, full_trace_wanted, one_line_errors
 from m3i_lightning.factory import (
     build_datamodule,
     build_model,
     build_tokenizer_from,
 )
-from m3i_lightning.runfolder import finish_run, run_callbacks, run_loggers
+from m3i_lightning.runfolder import (
+    check_run_folder,
+    finish_run,
+    run_callbacks,
+    run_loggers,
+    untrained,
+)
 from m3i_lightning.strategies import build_strategy, check_launch, consolidated
 
 log = logging.getLogger("m3i_lightning")
@@ -80,6 +87,7 @@ def pretrain(cfg: DictConfig) -> dict:
     datamodule = build_datamodule(cfg.data, tokenizer)
     model = build_model(cfg, datamodule.num_classes, tokenizer)
     model.check_data(datamodule.provides)
+    check_run_folder(out, cfg.resume, cfg.get("overwrite", False))
     ckpt_path = resume_path(cfg.resume, out)
     trainer = build_trainer(
         cfg, strategy=build_strategy(cfg.strategy, model),
@@ -94,6 +102,8 @@ def pretrain(cfg: DictConfig) -> dict:
     if cfg.get("global_batch_size"):
         datamodule.batch_size = per_device_batch(cfg.global_batch_size, trainer.world_size)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if trainer.global_step == 0:
+        untrained(trainer, datamodule, out)
     model = consolidated(trainer, lambda: build_model(cfg, datamodule.num_classes, tokenizer))
     results = {"run_dir": str(out), **finish_run(trainer, model, datamodule, tokenizer, cfg, out)}
     if trainer.is_global_zero:
@@ -124,14 +134,52 @@ def check_objective_names(args: list[str]) -> None:
             raise ConfigError(f"unknown objective(s) {unknown}; choose from {sorted(OBJECTIVES)}")
 
 
+FAILED_FILE = "FAILED"  # in the folder of a sweep job that failed: its error line
+
+
+@dataclass
+class SweepOutcome:
+    """The jobs of a local multirun so far: how many ran, and each failure's line."""
+
+    jobs: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+SWEEP = SweepOutcome()
+
+
+def sweep_job(cfg: DictConfig) -> float | None:
+    """One job of a multirun: its configuration or data error fails this job alone (reported,
+    and written to ``FAILED`` in its folder) and the sweep goes on to the next."""
+    hydra_cfg = HydraConfig.get()
+    SWEEP.jobs += 1
+    try:
+        return pretrain(cfg).get("knn_top1")
+    except M3IError as err:
+        if full_trace_wanted():
+            raise
+        line = f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)}): {err}"
+        SWEEP.failures.append(line)
+        Path(hydra_cfg.runtime.output_dir, FAILED_FILE).write_text(f"{err}\n")
+        print(f"failed: {line}", file=sys.stderr)
+        return None
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 @one_line_errors
 def hydra_main(cfg: DictConfig) -> float | None:
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return sweep_job(cfg)
     return pretrain(cfg).get("knn_top1")
 
 
 @one_line_errors
 def main() -> float | None:
-    """``python -m m3i_lightning`` / ``m3i-pretrain``: check the objective names, then run."""
+    """``python -m m3i_lightning`` / ``m3i-pretrain``: check the objective names, then run;
+    a sweep with failed jobs ends with one line counting them and exit code 2."""
     check_objective_names(sys.argv[1:])
-    return hydra_main()
+    result = hydra_main()
+    if SWEEP.failures:
+        raise M3IError(f"{len(SWEEP.failures)} of {SWEEP.jobs} sweep jobs failed (each folder "
+                       f"holds {FAILED_FILE}); the first: {SWEEP.failures[0]}")
+    return result

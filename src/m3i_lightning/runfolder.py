@@ -15,6 +15,7 @@ import lightning as L
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig
 
+from m3i_lightning.checkpointing import checkpoints_in
 from m3i_lightning.errors import ConfigError, EmptySplitError
 from m3i_lightning.eval import evaluate, report
 from m3i_lightning.export import export_model
@@ -34,6 +35,39 @@ def evaluable(datamodule) -> bool:
     """Labels and the evaluation loaders (``eval_dataloader(split)``, and ``val_dataloader``
     giving memory then queries, see :mod:`m3i_lightning.monitors`)."""
     return "label" in datamodule.provides and hasattr(datamodule, "eval_dataloader")
+
+
+def check_run_folder(out: Path, resume: str | None, overwrite: bool) -> None:
+    """A folder that holds checkpoints is only reused when asked: resumed (``resume=``) or
+    replaced (``overwrite=true``); nothing of a finished run is lost by a repeated command."""
+    found = checkpoints_in(out)
+    if found and not resume and not overwrite:
+        names = ", ".join(str(p.relative_to(out)) for p in sorted(found))
+        raise ConfigError(f"the run folder {out} already holds {names}: continue it with "
+                          "resume=auto, or give a new folder (hydra.run.dir=...) or "
+                          "overwrite=true to start again in it")
+
+
+def untrained(trainer: L.Trainer, datamodule, out: Path) -> None:
+    """After a fit that ran no step. ``trainer.max_steps=0`` asks for that (the random-init
+    baseline): its initial weights are saved as ``last.ckpt`` and a step-0 row starts
+    ``metrics.csv``, so the run folder is complete. Otherwise the data gave no batch: a
+    :class:`ConfigError` saying why, before anything is exported."""
+    if trainer.max_steps == 0 or trainer.max_epochs == 0:
+        if trainer.is_global_zero:
+            print("trainer.max_steps=0: no training step; last.ckpt holds the initial weights")
+        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)
+        for logger in trainer.loggers:
+            logger.log_metrics({"epoch": 0}, step=0)
+            logger.save()
+        return
+    loader = datamodule.train_dataloader()
+    size = len(loader.dataset) if hasattr(loader.dataset, "__len__") else "too few"
+    per_process = f" per process on {trainer.world_size}" if trainer.world_size > 1 else ""
+    raise ConfigError(f"no training step ran: the training split's {size} samples make no "
+                      f"batch of data.batch_size={loader.batch_size}{per_process}, and the "
+                      f"incomplete last batch is dropped (drop_last={loader.drop_last}); lower "
+                      "data.batch_size or give more data")
 
 
 def run_loggers(cfg: DictConfig, out: Path, resuming: bool = False) -> list[Logger]:
