@@ -133,3 +133,35 @@ def test_a_shell_sees_one_line_and_hydra_full_error_shows_the_trace(files, tmp_p
         monkeypatch.setattr(sys, "argv", ["prog", f"checkpoint={files['truncated']}", *args])
         with pytest.raises(ConfigError, match="cannot be read as a checkpoint"):
             main()
+
+
+def test_no_training_batch_fails_and_exports_nothing(tmp_path, capsys, monkeypatch):
+    """1,438 training digits and a batch of 4,000 with drop_last: no step can run."""
+    run_dir = tmp_path / "run"
+    line = train_fails(capsys, monkeypatch, run_dir, "data.batch_size=4000", "export=true")
+    assert "no training step ran" in line and "1438 samples" in line
+    assert "data.batch_size=4000" in line and "drop_last=True" in line
+    assert not (run_dir / "backbone").exists() and not (run_dir / "eval.json").exists()
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_a_run_folder_with_checkpoints_is_not_overwritten(files, tmp_path, capsys,
+                                                          monkeypatch):
+    before = {p.name: p.read_bytes() for p in (files["run"] / "checkpoints").iterdir()}
+    metrics = (files["run"] / "metrics.csv").read_text()
+    line = train_fails(capsys, monkeypatch, files["run"])
+    assert f"the run folder {files['run']} already holds checkpoints/last.ckpt" in line
+    assert "resume=auto" in line and "overwrite=true" in line
+    assert {p.name: p.read_bytes() for p in (files["run"] / "checkpoints").iterdir()} == before
+    assert (files["run"] / "metrics.csv").read_text() == metrics
+
+
+def test_zero_steps_write_the_initial_checkpoint_and_metrics(tmp_path):
+    """trainer.max_steps=0, the random-init baseline: last.ckpt (step 0, evaluable) and
+    metrics.csv are written like any run's."""
+    done = run(*TINY_CLS, "trainer.max_steps=0", f"hydra.run.dir={tmp_path}")
+    assert "no training step; last.ckpt holds the initial weights" in done.stdout
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 0 and "m3i_config" in checkpoint
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == ["epoch,step", "0,0"]
+    assert "kNN top-1" in done.stdout
