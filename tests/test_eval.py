@@ -178,3 +178,28 @@ def test_eval_of_the_exported_folder_equals_eval_of_the_checkpoint(clip_checkpoi
     assert from_folder == pytest.approx(from_checkpoint)
     with pytest.raises(ConfigError, match="exactly one"):
         evaluate_command(compose_config(name="eval"), tmp_path)
+
+
+def test_eval_uses_the_trained_data_unless_told_and_names_it(tmp_path):
+    """A run on an image folder, evaluated with checkpoint= alone: the folder's data (its
+    2 classes, its split sizes), not the embedded digits; data=embedded chooses the digits."""
+    from data_files import labelled_folder
+    from runs import TINY_RUN, run
+
+    labelled_folder(tmp_path / "images" / "train", 12, classes=2)
+    labelled_folder(tmp_path / "images" / "val", 6, classes=2)
+    tiny = [a for a in TINY_RUN if not a.startswith("data.source_size")]
+    run(*tiny, "objective=[cls]", "data=imagefolder", f"data.path={tmp_path / 'images'}",
+        "data.batch_size=4", "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'run'}")
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+
+    stored = compose_config(f"checkpoint={checkpoint}", name="eval")
+    evaluate_command(stored, tmp_path / "a", overrides=[f"checkpoint={checkpoint}"])
+    report = json.loads((tmp_path / "a" / RESULTS_FILE).read_text())
+    assert report["data"] == {"config": f"data=imagefolder path={tmp_path / 'images'}",
+                              "samples": {"train": 12, "val": 6}}
+
+    chosen = compose_config(f"checkpoint={checkpoint}", "data=embedded", name="eval")
+    evaluate_command(chosen, tmp_path / "b", overrides=["data=embedded"])
+    report = json.loads((tmp_path / "b" / RESULTS_FILE).read_text())
+    assert report["data"] == {"config": "data=embedded", "samples": {"train": 1438, "val": 359}}

@@ -2,8 +2,10 @@
 and, for models trained with clip, zero-shot top-1 on the held-out split; prints a table and
 writes ``eval.json``. The training command runs the same :func:`evaluate` at its end.
 
-The data comes from the command's config groups (``data=...``) at the model's resolution;
-the model from the checkpoint's stored config or the exported folder.
+The model comes from the checkpoint's stored config or the exported folder; the data, at the
+model's resolution, is by default the one the checkpoint was trained on (``data=...`` chooses
+another; ``data.<key>=...`` changes one option); an exported folder is evaluated on the
+command's ``data`` config. The table and ``eval.json`` name the data and both split sizes.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ def report(evaluation: Evaluation, cfg: DictConfig, out_dir: Path,
     data = describe_data(cfg.data)
     print(format_table(evaluation, knn, probe, data))
     path = Path(out_dir) / RESULTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**source, "results": evaluation.results,
                                 "data": {"config": data, "samples": evaluation.sizes},
                                 "knn": knn, "probe": probe}, indent=2))
@@ -130,8 +133,27 @@ def load_trained(cfg: DictConfig) -> tuple[TrainedModel, dict[str, str]]:
     return load_exported(cfg.backbone_dir), {"backbone_dir": str(cfg.backbone_dir)}
 
 
-def evaluate_command(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
+def data_config(cfg: DictConfig, trained: DictConfig | None, overrides) -> DictConfig:
+    """The data to evaluate on: that of the training run (stored in its checkpoint) unless the
+    command names another with ``data=``; ``data.<key>=`` overrides apply either way. An
+    exported folder stores no data: the command's own config then."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    if trained is None or any(o.key_or_group == "data" for o in parsed):
+        return cfg.data
+    data = OmegaConf.create(OmegaConf.to_container(trained.data, resolve=True))
+    for override in parsed:
+        if override.key_or_group.startswith("data.") and not override.is_delete():
+            OmegaConf.update(data, override.key_or_group.removeprefix("data."),
+                             override.value(), merge=True, force_add=True)
+    return data
+
+
+def evaluate_command(cfg: DictConfig, out_dir: Path, overrides=()) -> dict[str, float]:
+    """``overrides``: the command line's, which say whether it chose the data itself."""
     model, source = load_trained(cfg)
+    cfg.data = data_config(cfg, model.config, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.backbone.to(device)
     if model.clip is not None:
@@ -147,7 +169,8 @@ def evaluate_command(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
-    evaluate_command(cfg, Path(HydraConfig.get().runtime.output_dir))
+    hydra_cfg = HydraConfig.get()
+    evaluate_command(cfg, Path(hydra_cfg.runtime.output_dir), hydra_cfg.overrides.task)
 
 
 if __name__ == "__main__":

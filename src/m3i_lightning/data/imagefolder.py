@@ -179,8 +179,8 @@ class ImageFolderData(ViewDataModule):
     def held_out_options(self) -> str:
         folders = "/".join(VAL_DIRS)
         if self.has_val_folder:
-            return (f"labelled images in the {folders} folder beside train/, in the class "
-                    "folders of train/")
+            return (f"labelled images in the {folders} folder beside train/ (one sub-folder "
+                    "per class of train/)")
         return (f"a {folders} folder beside train/ (DIR/train/<class>/..., DIR/val/<class>/...), "
                 f"or a bigger data.val_fraction (now {self.val_fraction}) of the images")
 
