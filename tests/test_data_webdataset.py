@@ -156,6 +156,9 @@ def test_shards_without_usable_samples_or_sizes_fail_at_start_up(tmp_path):
         WebDatasetData()
     with pytest.raises(ConfigError, match="no samples in|unreadable shard"):
         module(tmp_path / "missing.tar", num_samples=4)
+    # a shard named by the pattern but absent is named, not reported as a sizes.json problem
+    with pytest.raises(ConfigError, match=r"1 of the 2 shards .* do not exist, e\.g\. .*000001"):
+        module(str(tmp_path) + "/{000000..000001}.tar")
 
 
 def test_pretrain_on_shards(tmp_path):

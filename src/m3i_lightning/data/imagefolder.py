@@ -61,7 +61,7 @@ def list_folder(root: Path, classes: Sequence[str], text_column: str | None) -> 
     """Every image file under ``root`` (hidden entries left out), in a fixed order."""
     index = {name: i for i, name in enumerate(classes)}
     listing = Listing()
-    captions: dict[str, str] = {}
+    captions: dict[str, str | None] = {}
     walked = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -82,12 +82,29 @@ def list_folder(root: Path, classes: Sequence[str], text_column: str | None) -> 
             listing.files.append(path)
             listing.labels.append(label)
             listing.captions.append(captions.get(os.path.normpath(path)))
+    report_unmatched(captions, {os.path.normpath(path) for path in listing.files}, root)
     return listing
 
 
-def read_metadata(path: Path, text_column: str | None) -> dict[str, str]:
-    """{image path: caption} from a metadata.jsonl / metadata.csv; a malformed row is logged
-    and left out (its image then has no caption)."""
+def report_unmatched(rows: dict[str, str | None], images: set[str], root: Path) -> None:
+    """Log the metadata rows whose ``file_name`` names no image file under ``root``: their
+    captions are unused, and when no row matches, the folder has no captions at all."""
+    unmatched = sorted(set(rows) - images)
+    if not unmatched:
+        return
+    if len(unmatched) == len(rows):
+        what = (f"none of its {len(rows)} row(s) names an image file there, so no image has "
+                "a caption")
+    else:
+        what = f"{len(unmatched)} of its {len(rows)} row(s) name no image file there (unused)"
+    log.warning("metadata under %s: %s, e.g. '%s'; a file_name is relative to the metadata "
+                "file's folder (for train/cat/001.jpg beside train/metadata.jsonl: "
+                "cat/001.jpg)", root, what, unmatched[0])
+
+
+def read_metadata(path: Path, text_column: str | None) -> dict[str, str | None]:
+    """{image path: caption, None when the row has none} from a metadata.jsonl / metadata.csv;
+    a malformed row is logged and left out (its image then has no caption)."""
     rows: list[dict] = []
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         if path.suffix == ".csv":
@@ -111,13 +128,13 @@ def read_metadata(path: Path, text_column: str | None) -> dict[str, str]:
         raise ConfigError(f"{path} has no caption column '{text_column}' (columns: "
                           f"{sorted(columns)})")
     column = text_column or next((c for c in CAPTION_COLUMNS if c in columns), None)
-    if column is None:
-        return {}
     captions = {}
     for row in rows:
-        caption = row.get(column)
-        if isinstance(caption, str) and caption.strip() and row.get("file_name"):
-            captions[os.path.normpath(path.parent / str(row["file_name"]))] = caption
+        caption = row.get(column) if column else None
+        if row.get("file_name"):
+            usable = isinstance(caption, str) and caption.strip()
+            captions[os.path.normpath(path.parent / str(row["file_name"]))] = (
+                caption if usable else None)
     return captions
 
 

@@ -105,6 +105,16 @@ def shard_sizes(shards: Sequence[str]) -> list[int] | None:
     return sizes
 
 
+def missing_shards(shards: Sequence[str]) -> list[str]:
+    """The shard URLs that name no file."""
+    missing = []
+    for url in shards:
+        fs, path = fsspec.core.url_to_fs(url)
+        if not fs.exists(path):
+            missing.append(url)
+    return missing
+
+
 def tar_members(url: str) -> Iterator[tuple[str, bytes] | BadSample]:
     """(member name, bytes) of the regular files of one tar, streamed.
 
@@ -274,6 +284,10 @@ class WebDatasetData(ViewDataModule):
         self.num_samples = num_samples
         if num_samples is None:
             sizes = shard_sizes(self.shards)
+            missing = missing_shards(self.shards) if sizes is None else []
+            if missing:
+                raise ConfigError(f"{len(missing)} of the {len(self.shards)} shards of data.urls "
+                                  f"'{urls}' do not exist, e.g. {missing[0]}")
             if sizes is None:
                 raise ConfigError(
                     f"the number of samples in {urls} is unknown: write a sizes.json beside the "
