@@ -95,17 +95,29 @@ def test_bad_checkpoint_files_given_to_eval_and_export(files, tmp_path, capsys, 
     assert f"cannot write the exported model to {files['a_file']}/sub" in line
 
 
-def test_bad_resume_files_and_bad_optimizer_values(files, tmp_path, capsys, monkeypatch):
+BAD_VALUES = {
+    "optim.lr=-1e-3": "optim.lr=-0.001 must be a number > 0",
+    "optim.lr=abc": "optim.lr=abc must be a number > 0",
+    "optim.betas=[0.9,1.5]": "optim.betas=[0.9, 1.5] must be two numbers in [0, 1)",
+    "optim.warmup_fraction=2": "optim.warmup_fraction=2 must be a number in [0, 1]",
+    "data.batch_size=0": "data.batch_size=0 must be an integer >= 1",
+    "data.val_fraction=1": "data.val_fraction=1 must be a number in [0, 1)",
+    "data.crop_scale=[0.5,2]": "data.crop_scale=[0.5, 2] must be [min, max]",
+    "knn.k=0": "knn.k=0 must be an integer >= 1",
+    "probe.epochs=0": "probe.epochs=0 must be an integer >= 1",
+    "trainer.precision=bogus": "trainer options: Precision 'bogus' is invalid",
+}
+
+
+def test_bad_resume_files_and_bad_option_values(files, tmp_path, capsys, monkeypatch):
     for bad, expected in (("truncated", "cannot be read as a checkpoint"),
                           ("pickle", "not a checkpoint this library wrote or trusts")):
         line = train_fails(capsys, monkeypatch, tmp_path / bad, f"resume={files[bad]}")
         assert f"resume={files[bad]}" in line and expected in line
         assert not (tmp_path / bad / "checkpoints").exists()
-    for option, expected in (("optim.lr=-1e-3", "optim.lr=-0.001 must be a number > 0"),
-                             ("optim.betas=[0.9,1.5]", "optim.betas"),
-                             ("optim.warmup_fraction=2", "optim.warmup_fraction=2 must be")):
-        assert expected in train_fails(capsys, monkeypatch, tmp_path / "optim", option)
-    assert not (tmp_path / "optim" / "checkpoints").exists()
+    for option, expected in BAD_VALUES.items():
+        assert expected in train_fails(capsys, monkeypatch, tmp_path / "bad", option), option
+    assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
 @pytest.mark.xfail(strict=True, reason="teacher.load_encoder_weights must read through "

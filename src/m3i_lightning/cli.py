@@ -25,6 +25,7 @@ from m3i_lightning.checkpointing import (
 from m3i_lightning.console import ParameterSummary, progress_bar, quiet_lightning
 from m3i_lightning.data.skips import SkipReport
 from m3i_lightning.errors import ConfigError, M3IError, full_trace_wanted, one_line_errors
+from m3i_lightning.eval import check_eval_options
 from m3i_lightning.factory import (
     build_datamodule,
     build_model,
@@ -55,7 +56,7 @@ def build_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
     try:
         return L.Trainer(**options, **kwargs)
     except (MisconfigurationException, ValueError, TypeError) as err:
-        raise ConfigError(f"trainer options {options}: {err}") from None
+        raise ConfigError(f"trainer options: {err}") from None
 
 
 def console_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -83,6 +84,7 @@ def pretrain(cfg: DictConfig) -> dict:
     (:func:`~m3i_lightning.runfolder.finish_run`)."""
     out = Path(HydraConfig.get().runtime.output_dir)
     L.seed_everything(cfg.seed, workers=True)
+    check_eval_options(cfg.knn, cfg.probe)
     tokenizer = build_tokenizer_from(cfg.text)
     datamodule = build_datamodule(cfg.data, tokenizer)
     model = build_model(cfg, datamodule.num_classes, tokenizer)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 FULL_TRACE_VARIABLE = "HYDRA_FULL_ERROR"  # Hydra's own switch, honoured by every command
 USAGE_EXIT_CODE = 2
@@ -30,6 +30,18 @@ class NonFiniteLossError(M3IError):
 class EmptySplitError(ConfigError):
     """A split that evaluation reads holds no labelled sample; the message names the option
     that supplies it."""
+
+
+def check_options(checks: Mapping[str, tuple[Any, Callable[[Any], bool], str]]) -> None:
+    """``{option: (value, valid, allowed)}``: a :class:`ConfigError` naming the first option
+    whose value fails ``valid`` (or is of a type it cannot compare) and what is allowed."""
+    for name, (value, valid, allowed) in checks.items():
+        try:
+            ok = valid(value)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{name}={value} must be {allowed}")
 
 
 def full_trace_wanted() -> bool:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from m3i_lightning.data.module import held_out_options
-from m3i_lightning.errors import ConfigError, EmptySplitError, one_line_errors
+from m3i_lightning.errors import ConfigError, EmptySplitError, check_options, one_line_errors
 from m3i_lightning.export import load_exported
 from m3i_lightning.factory import build_datamodule
 from m3i_lightning.knn import extract_features, knn_predict
@@ -83,6 +83,19 @@ def evaluate(model: TrainedModel, datamodule, knn: Mapping, probe: Mapping) -> E
         classes = class_embeddings(model.clip, model.tokenizer, class_prompts(datamodule))
         results["zero_shot_top1"] = top1(zero_shot_predict(model.clip, val[0], classes), val[1])
     return Evaluation(results, sizes)
+
+
+def check_eval_options(knn: Mapping, probe: Mapping) -> None:
+    """Refuse kNN / probe settings that give no or meaningless scores, before any training."""
+    checks = {"knn.k": (knn["k"], lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+              "knn.temperature": (knn["temperature"], lambda v: v > 0, "a number > 0"),
+              "probe.epochs": (probe["epochs"], lambda v: isinstance(v, int) and v >= 1,
+                               "an integer >= 1"),
+              "probe.batch_size": (probe["batch_size"], lambda v: isinstance(v, int) and v >= 1,
+                                   "an integer >= 1"),
+              "probe.lr": (probe["lr"], lambda v: v > 0, "a number > 0"),
+              "probe.weight_decay": (probe["weight_decay"], lambda v: v >= 0, "a number >= 0")}
+    check_options(checks)
 
 
 def describe_data(data: Mapping) -> str:
@@ -152,6 +165,7 @@ def data_config(cfg: DictConfig, trained: DictConfig | None, overrides) -> DictC
 
 def evaluate_command(cfg: DictConfig, out_dir: Path, overrides=()) -> dict[str, float]:
     """``overrides``: the command line's, which say whether it chose the data itself."""
+    check_eval_options(cfg.knn, cfg.probe)
     model, source = load_trained(cfg)
     cfg.data = data_config(cfg, model.config, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from m3i_lightning.errors import ConfigError
+from m3i_lightning.errors import check_options
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "mask_token", "logit_scale")
 
@@ -29,14 +29,8 @@ class OptimConfig:
                             "two numbers in [0, 1)"),
                   "warmup_fraction": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
                   "min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]")}
-        for name, (valid, allowed) in checks.items():
-            value = getattr(self, name)
-            try:
-                ok = valid(value)
-            except TypeError:
-                ok = False
-            if not ok:
-                raise ConfigError(f"optim.{name}={value} must be {allowed}")
+        check_options({f"optim.{name}": (getattr(self, name), valid, allowed)
+                       for name, (valid, allowed) in checks.items()})
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from m3i_lightning.data.dataset import ViewDataset, make_loader
+from m3i_lightning.data.dataset import ViewDataset, check_loader_options, make_loader
 from m3i_lightning.data.views import RandomView
 from m3i_lightning.text import ByteTokenizer
 
@@ -58,6 +58,7 @@ class EmbeddedDigits(L.LightningDataModule):
                  labels: bool = True, captions: bool = True, tokenizer=None,
                  fields: set[str] | None = None, seed: int = 0) -> None:
         super().__init__()
+        check_loader_options(batch_size, num_workers, list(crop_scale), val_fraction)
         self.img_size, self.source_size = img_size, source_size
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.val_fraction, self.split_seed = val_fraction, split_seed

@@ -168,7 +168,7 @@ class HFData(ViewDataModule):
                  eval_samples: int = 10000, seed: int = 0, tokenizer=None,
                  fields: set[str] | None = None) -> None:
         super().__init__(img_size, batch_size, num_workers, crop_scale, flip, tokenizer, fields,
-                         seed)
+                         seed, val_fraction)
         if not name:
             raise ConfigError("data=hf needs data.name=<hub id, save_to_disk folder or parquet "
                               "path>")

@@ -166,7 +166,7 @@ class ImageFolderData(ViewDataModule):
                  val_fraction: float = 0.01, seed: int = 0, tokenizer=None,
                  fields: set[str] | None = None) -> None:
         super().__init__(img_size, batch_size, num_workers, crop_scale, flip, tokenizer, fields,
-                         seed)
+                         seed, val_fraction)
         if not path:
             raise ConfigError("data=imagefolder needs data.path=<image folder>")
         root = Path(path).expanduser()

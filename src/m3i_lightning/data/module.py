@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from m3i_lightning.data.dataset import make_loader
+from m3i_lightning.data.dataset import check_loader_options, make_loader
 from m3i_lightning.data.images import decode_image
 from m3i_lightning.data.skips import BadSample
 from m3i_lightning.data.views import RandomView
@@ -29,8 +29,9 @@ class ViewDataModule(L.LightningDataModule):
 
     def __init__(self, img_size: int, batch_size: int, num_workers: int,
                  crop_scale: Sequence[float], flip: bool, tokenizer, fields: set[str] | None,
-                 seed: int) -> None:
+                 seed: int, val_fraction: float = 0.0) -> None:
         super().__init__()
+        check_loader_options(batch_size, num_workers, list(crop_scale), val_fraction)
         self.view = RandomView(img_size, tuple(crop_scale), flip=flip)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.tokenizer = tokenizer

@@ -265,7 +265,7 @@ class WebDatasetData(ViewDataModule):
                  shuffle_buffer: int = 1000, eval_samples: int = 10000, captions: bool = True,
                  seed: int = 0, tokenizer=None, fields: set[str] | None = None) -> None:
         super().__init__(img_size, batch_size, num_workers, crop_scale, flip, tokenizer, fields,
-                         seed)
+                         seed, val_fraction)
         if not urls:
             raise ConfigError("data=webdataset needs data.urls=<shard pattern>, e.g. "
                               "'shards/{000000..000127}.tar'")
