@@ -6,7 +6,8 @@
 A run is a folder with ``.hydra/overrides.yaml``; its row shows the overrides that differ
 between the runs (those shared by all are printed once, above the table), the last logged
 value of every training loss in ``metrics.csv`` and the evaluation results of ``eval.json``.
-A run without metrics (failed, or still running) shows its state instead.
+A job that failed with an error is marked FAILED with its error line; a run without metrics
+(still running, or killed) shows that instead.
 """
 
 from __future__ import annotations
@@ -47,9 +48,14 @@ def final_metrics(run: Path) -> dict[str, str]:
     return metrics
 
 
+FAILED_FILE = "FAILED"  # written by the training command into a sweep job's folder that failed
+
+
 def _name(run: Path, root: Path, metrics: dict) -> str:
     name = str(run.relative_to(root)) if run != root else "."
-    return name if metrics else f"{name} (no metrics: failed or running)"
+    if (run / FAILED_FILE).is_file():
+        return f"{name} (FAILED: {(run / FAILED_FILE).read_text().strip()})"
+    return name if metrics else f"{name} (no metrics: still running, or killed)"
 
 
 def table(runs: list[Path], root: Path) -> str:

@@ -133,3 +133,29 @@ def test_all_fourteen_objectives_in_one_run(tmp_path):
     run(*TINY_RUN, "objective=[" + ",".join(names) + "]", "data.batch_size=32",
         "trainer.max_steps=2", f"hydra.run.dir={tmp_path}")
     assert_each_term_logged(tmp_path, names, steps=2)
+
+
+def test_a_short_run_logs_its_last_step_and_prints_no_misleading_lines(tmp_path, monkeypatch):
+    """3 steps at the default log_every_n_steps=10: the last step's total and every term are in
+    metrics.csv; the console shows each term and where the run stops, and none of Lightning's
+    lines that mislead here; the exported weights are as readable as the umask allows."""
+    from runs import run
+
+    monkeypatch.setenv("COLUMNS", "250")  # room for every term on the progress bar
+    args = [a for a in TINY if not a.startswith("trainer.log_every")]
+    done = run(*args, *TINY_HEADS, "probe.epochs=1", f"hydra.run.dir={tmp_path}",
+               prelude="import os; os.umask(0o002)")
+    with open(tmp_path / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["train/loss"]]
+    assert [r["step"] for r in rows] == ["2"]
+    assert all(math.isfinite(float(rows[0][f"train/loss/{n}"])) for n in NAMES)
+
+    console = done.stdout + done.stderr
+    for misleading in ("Previous log files", "Total FLOPs", "FLOPs", "in eval mode at the start",
+                       "litlogger", "Epoch 0/49"):
+        assert misleading not in console, misleading
+    assert "Epoch 0 (stops at step 3)" in console
+    for name in NAMES:
+        assert f"{name}: " in console, name
+    for weights in (tmp_path / "backbone").rglob("*.safetensors"):
+        assert weights.stat().st_mode & 0o777 == 0o664, weights

@@ -93,3 +93,27 @@ def test_pretrain_on_a_messy_folder(tmp_path):
     assert "ignored 1 file(s)" in log and "notes.txt" in log
     assert "kNN top-1" in done.stdout
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_metadata_rows_that_match_no_image_are_counted_and_explained(tmp_path, caplog):
+    """file_name without its class folder matches nothing: the folder gets no caption, and the
+    log says so and why; rows for missing files are counted."""
+    labelled_folder(tmp_path, 4, classes=2, captions=False)
+    rows = [{"file_name": f"{i:04d}.png", "text": f"image {i}"} for i in range(4)]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("WARNING", logger="m3i_lightning"):
+        dm = folder_module(tmp_path)
+    assert "text" not in dm.provides
+    (message,) = [r.getMessage() for r in caplog.records if "metadata under" in r.getMessage()]
+    assert "none of its 4 row(s) names an image file there, so no image has a caption" in message
+    assert "relative to the metadata file's folder" in message
+
+    caplog.clear()
+    rows = [{"file_name": "c00/0000.png", "text": "a"}, {"file_name": "c01/gone.png", "text": "b"}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("WARNING", logger="m3i_lightning"):
+        dm = folder_module(tmp_path)
+    assert "text" in dm.provides
+    (message,) = [r.getMessage() for r in caplog.records if "metadata under" in r.getMessage()]
+    assert "1 of its 2 row(s) name no image file there (unused), e.g. " in message
+    assert "gone.png" in message

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -153,6 +156,9 @@ def test_shards_without_usable_samples_or_sizes_fail_at_start_up(tmp_path):
         WebDatasetData()
     with pytest.raises(ConfigError, match="no samples in|unreadable shard"):
         module(tmp_path / "missing.tar", num_samples=4)
+    # a shard named by the pattern but absent is named, not reported as a sizes.json problem
+    with pytest.raises(ConfigError, match=r"1 of the 2 shards .* do not exist, e\.g\. .*000001"):
+        module(str(tmp_path) + "/{000000..000001}.tar")
 
 
 def test_pretrain_on_shards(tmp_path):
@@ -167,3 +173,33 @@ def test_pretrain_on_shards(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"kNN top-1 .*\|\s+[\d.]+% \|", done.stdout), done.stdout
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_empty_held_out_split_warns_once_and_eval_refuses_in_one_line(tmp_path):
+    """The Tour's shard command with no held-out sample: training finishes, the end-of-run
+    evaluation is skipped with one warning naming the options that supply the held-out split,
+    and the run exits 0; the eval command on the same data fails with one error line."""
+    labelled_folder(tmp_path / "src", 16, classes=2)
+    make_shards(tmp_path / "src", tmp_path / "shards", 4)
+    data = ["data=webdataset", f"\"data.urls='{tmp_path}/shards/{{000000..000003}}.tar'\"",
+            "data.val_fraction=0"]
+    done = pretrain(tmp_path / "run", *data, "'objective=[clip,mim_feat]'", "trainer.max_steps=3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    output = done.stdout + done.stderr
+    warnings = [line for line in output.splitlines() if "evaluation skipped" in line]
+    assert len(warnings) == 1, output[-3000:]
+    assert "data.val_urls" in warnings[0] and "data.val_fraction (now 0:" in warnings[0]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "run" / "eval.json").exists()
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    command = " ".join([sys.executable, "-m", "m3i_lightning.eval", f"checkpoint={checkpoint}",
+                        *data, "data.num_workers=0", f"hydra.run.dir={tmp_path / 'eval'}"])
+    done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: the val split has no labelled")
+    assert "data.val_urls" in errors[0]
+    assert not (tmp_path / "eval" / "eval.json").exists()

@@ -19,9 +19,8 @@ from m3i_lightning.engine import MultiObjective
 from m3i_lightning.errors import ConfigError
 from m3i_lightning.eval import RESULTS_FILE, evaluate_command
 from m3i_lightning.export import export_model
-from m3i_lightning.factory import build_datamodule, build_model, build_tokenizer_from
 from m3i_lightning.monitors import KNNAccuracy, LinearProbeAccuracy, ProbeMonitor
-from m3i_lightning.restore import StoreConfig, load_checkpoint
+from m3i_lightning.restore import load_checkpoint
 
 NUM_CLASSES, K, TEMPERATURE = 4, 5, 0.1
 
@@ -133,30 +132,6 @@ def test_online_probes_are_logged_and_leave_training_untouched(tokenizer):
         assert 0.0 <= metrics[name].item() <= 1.0
 
 
-CLIP_TINY = ["objective=[clip]", "objective.clip.text_width=32", "objective.clip.proj_dim=32",
-             "objective.clip.text_layers=1", "objective.clip.text_heads=2",
-             "text.context_length=32"]  # 32 bytes keep the digit's name in every caption
-
-
-@pytest.fixture(scope="module")
-def clip_checkpoint(tmp_path_factory):
-    """300 steps of clip alone on the digits (~10 s), saved with its config."""
-    cfg = compose_config(*CLIP_TINY, "data.batch_size=64", "optim.lr=2e-3")
-    L.seed_everything(0)
-    tokenizer = build_tokenizer_from(cfg.text)
-    dm = build_datamodule(cfg.data, tokenizer)
-    model = build_model(cfg, dm.num_classes, tokenizer)
-    dm.fields = model.batch_fields()
-    trainer = L.Trainer(max_steps=300, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", devices=1,
-                        callbacks=[StoreConfig(cfg, dm.num_classes)])
-    trainer.fit(model, datamodule=dm)
-    path = tmp_path_factory.mktemp("clip_run") / "last.ckpt"
-    trainer.save_checkpoint(path)
-    return path
-
-
 def test_eval_command_reports_zero_shot_above_chance(clip_checkpoint, tmp_path, capsys):
     cfg = compose_config(f"checkpoint={clip_checkpoint}", name="eval")
     results = evaluate_command(cfg, tmp_path)
@@ -178,3 +153,28 @@ def test_eval_of_the_exported_folder_equals_eval_of_the_checkpoint(clip_checkpoi
     assert from_folder == pytest.approx(from_checkpoint)
     with pytest.raises(ConfigError, match="exactly one"):
         evaluate_command(compose_config(name="eval"), tmp_path)
+
+
+def test_eval_uses_the_trained_data_unless_told_and_names_it(tmp_path):
+    """A run on an image folder, evaluated with checkpoint= alone: the folder's data (its
+    2 classes, its split sizes), not the embedded digits; data=embedded chooses the digits."""
+    from data_files import labelled_folder
+    from runs import TINY_RUN, run
+
+    labelled_folder(tmp_path / "images" / "train", 12, classes=2)
+    labelled_folder(tmp_path / "images" / "val", 6, classes=2)
+    tiny = [a for a in TINY_RUN if not a.startswith("data.source_size")]
+    run(*tiny, "objective=[cls]", "data=imagefolder", f"data.path={tmp_path / 'images'}",
+        "data.batch_size=4", "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'run'}")
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+
+    stored = compose_config(f"checkpoint={checkpoint}", name="eval")
+    evaluate_command(stored, tmp_path / "a", overrides=[f"checkpoint={checkpoint}"])
+    report = json.loads((tmp_path / "a" / RESULTS_FILE).read_text())
+    assert report["data"] == {"config": f"data=imagefolder path={tmp_path / 'images'}",
+                              "samples": {"train": 12, "val": 6}}
+
+    chosen = compose_config(f"checkpoint={checkpoint}", "data=embedded", name="eval")
+    evaluate_command(chosen, tmp_path / "b", overrides=["data=embedded"])
+    report = json.loads((tmp_path / "b" / RESULTS_FILE).read_text())
+    assert report["data"] == {"config": "data=embedded", "samples": {"train": 1438, "val": 359}}

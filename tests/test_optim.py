@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from m3i_lightning.errors import ConfigError
 from m3i_lightning.optim import OptimConfig, build_optimizer
 
 
@@ -54,5 +55,5 @@ def test_the_engine_counts_the_batch_over_processes_and_accumulation(tokenizer):
 
 
 def test_unknown_optimizer_names_the_choices():
-    with pytest.raises(ValueError, match=r"optim\.name.*adamw.*lars"):
+    with pytest.raises(ConfigError, match=r"optim\.name=sgd.*adamw.*lars"):
         OptimConfig(name="sgd")

@@ -104,3 +104,36 @@ def test_run_killed_while_saving_resumes_exactly(tmp_path):
     resumed, expected = losses(killed), losses(whole)
     assert set(range(15, 40)) <= set(resumed)  # the history before step 15, if saved, is kept
     assert resumed == {step: expected[step] for step in resumed}
+
+
+DISK_FULL_ON_SECOND_SAVE = """
+import errno, torch
+real_save, calls = torch.save, []
+def save(obj, f, *args, **kwargs):
+    calls.append(1)
+    if len(calls) < 2:
+        return real_save(obj, f, *args, **kwargs)
+    f.write(b"half a checkpoint")
+    raise OSError(errno.ENOSPC, "No space left on device")
+torch.save = save
+"""
+
+
+def test_disk_full_while_saving_ends_the_run_in_one_line_and_keeps_the_previous_checkpoint(
+        tmp_path):
+    """The step-2 save hits a full disk: one line saying where and how much space the
+    checkpoint needs, exit code 2; the step-1 last.ckpt still loads and no .partial is left."""
+    done = run(*TINY_RUN, "objective=[cls]", "data.batch_size=32", "trainer.max_steps=3",
+               "checkpoint.every_n_steps=1", f"hydra.run.dir={tmp_path}",
+               prelude=DISK_FULL_ON_SECOND_SAVE, check=False)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert len(errors) == 1 and f"no space left to write {last}" in errors[0]
+    needed = sum(v.numel() * v.element_size()
+                 for v in torch.load(last, weights_only=True)["state_dict"].values())
+    assert "KiB" in errors[0] and "the previous checkpoint there is intact" in errors[0]
+    assert float(errors[0].split("needs about ")[1].split(" KiB")[0]) * 1024 >= needed
+    assert torch.load(last, weights_only=True)["global_step"] == 1
+    assert list(last.parent.iterdir()) == [last]  # no last.ckpt.partial

@@ -10,6 +10,8 @@
   logit scale, optimizer, LR schedule and loop counters are Lightning's own.
 - :func:`resume_path` finds the checkpoint to resume from: ``resume=auto`` takes the newest of
   the run folder, for jobs that restart into the same folder.
+- :func:`read_checkpoint` is the one reader of checkpoint files (resume, eval, export): the
+  safe loader, whose failures become one line naming the option and the file.
 
 Everything in a checkpoint is tensors, numbers and strings, so it loads with
 ``weights_only=True``.
@@ -17,9 +19,12 @@ Everything in a checkpoint is tensors, numbers and strings, so it loads with
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import pickle
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +36,78 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import CombinedLoader
 
-from m3i_lightning.errors import ConfigError
+from m3i_lightning.errors import ConfigError, M3IError
 
 log = logging.getLogger("m3i_lightning")
 
 PARTIAL_SUFFIX = ".partial"
+REFUSED_BY_SAFE_LOADER = "Unsupported global"  # torch's weights_only refusal of a stored object
+
+
+def unwritable(path: Path, checkpoint: dict[str, Any], err: OSError) -> str:
+    """Why ``checkpoint`` could not be saved at ``path``: for a full disk, how much it needs
+    against what is free; the previous file at ``path`` is untouched either way."""
+    kept = "the previous checkpoint there is intact" if path.is_file() else "nothing was saved"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(path.parent).free
+        return (f"no space left to write {path}: the checkpoint needs about "
+                f"{human_bytes(tensor_bytes(checkpoint))}, {human_bytes(free)} free on that "
+                f"filesystem; {kept}. Free space or give a run folder on a bigger disk")
+    return f"cannot write {path}: {err.strerror or err}; {kept}"
+
+
+def tensor_bytes(tree: Any) -> int:
+    """Bytes of the tensors in a nested checkpoint (the bulk of the file), storages once."""
+    seen: dict[int, int] = {}
+
+    def visit(node: Any) -> None:
+        if isinstance(node, torch.Tensor):
+            storage = node.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(node, dict):
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list | tuple):
+            for value in node:
+                visit(value)
+
+    visit(tree)
+    return sum(seen.values())
+
+
+def human_bytes(count: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    unit = 0
+    while count >= 1024 and unit < len(units) - 1:
+        count, unit = count / 1024, unit + 1
+    return f"{count:.1f} {units[unit]}"
+
+
+def read_checkpoint(path, option: str, map_location="cpu") -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)``: the safe loader, which never runs code stored in
+    a file. Every way it can fail is a :class:`ConfigError` naming ``option`` (the setting that
+    gave the path): a missing file, a folder, a truncated or foreign file, and a pickle the safe
+    loader refuses (it stays refused: this library writes only tensors, numbers and strings)."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(checkpoints_in(path))
+        hint = f", e.g. {option}={found[-1]}" if found else ""
+        raise ConfigError(f"{option}={path} is a folder; give a checkpoint file{hint}")
+    if not path.is_file():
+        raise ConfigError(f"{option}={path}: no such file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if REFUSED_BY_SAFE_LOADER in str(err):
+            raise ConfigError(f"{option}={path} is not a checkpoint this library wrote or trusts: "
+                              "it stores Python objects, not only tensors and numbers, and is "
+                              "not loaded") from None
+        raise ConfigError(f"{option}={path} cannot be read as a checkpoint (truncated, or not "
+                          "a torch file)") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as err:
+        reason = str(err).split(". ")[0].splitlines()[0] if str(err) else ""
+        raise ConfigError(f"{option}={path} cannot be read as a checkpoint (truncated, or not "
+                          f"a torch file): {type(err).__name__}: {reason}") from None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -52,11 +124,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + PARTIAL_SUFFIX)
-        with open(partial, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        except OSError as err:
+            partial.unlink(missing_ok=True)
+            raise M3IError(unwritable(path, checkpoint, err)) from None
+
+    def load_checkpoint(self, path, map_location="cpu", weights_only=None) -> dict[str, Any]:
+        """Resume through :func:`read_checkpoint`, always with the safe loader."""
+        return read_checkpoint(path, "resume", map_location)
 
 
 class LastCheckpoint(ModelCheckpoint):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -12,6 +13,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from m3i_lightning.checkpointing import (
@@ -20,14 +22,22 @@ from m3i_lightning.checkpointing import (
     LastCheckpoint,
     resume_path,
 )
+from m3i_lightning.console import ParameterSummary, progress_bar, quiet_lightning
 from m3i_lightning.data.skips import SkipReport
-from m3i_lightning.errors import ConfigError, M3IError
+from m3i_lightning.errors import ConfigError, M3IError, full_trace_wanted, one_line_errors
+from m3i_lightning.eval import check_eval_options
 from m3i_lightning.factory import (
     build_datamodule,
     build_model,
     build_tokenizer_from,
 )
-from m3i_lightning.runfolder import finish_run, run_callbacks, run_loggers
+from m3i_lightning.runfolder import (
+    check_run_folder,
+    finish_run,
+    run_callbacks,
+    run_loggers,
+    untrained,
+)
 from m3i_lightning.strategies import build_strategy, check_launch, consolidated
 
 log = logging.getLogger("m3i_lightning")
@@ -38,6 +48,27 @@ def trainer_kwargs(cfg: DictConfig) -> dict:
     if kwargs["precision"] == "auto":
         kwargs["precision"] = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     return kwargs
+
+
+def build_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
+    """``L.Trainer`` from ``cfg.trainer``; a value Lightning refuses names its option."""
+    options = trainer_kwargs(cfg)
+    try:
+        return L.Trainer(**options, **kwargs)
+    except (MisconfigurationException, ValueError, TypeError) as err:
+        raise ConfigError(f"trainer options: {err}") from None
+
+
+def console_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The summary and progress bar of :mod:`~m3i_lightning.console`, where the trainer
+    config keeps them on."""
+    quiet_lightning()
+    callbacks: list[L.Callback] = []
+    if cfg.trainer.get("enable_model_summary", True):
+        callbacks.append(ParameterSummary())
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(progress_bar())
+    return callbacks
 
 
 def per_device_batch(global_batch_size: int, world_size: int) -> int:
@@ -53,18 +84,19 @@ def pretrain(cfg: DictConfig) -> dict:
     (:func:`~m3i_lightning.runfolder.finish_run`)."""
     out = Path(HydraConfig.get().runtime.output_dir)
     L.seed_everything(cfg.seed, workers=True)
+    check_eval_options(cfg.knn, cfg.probe)
     tokenizer = build_tokenizer_from(cfg.text)
     datamodule = build_datamodule(cfg.data, tokenizer)
     model = build_model(cfg, datamodule.num_classes, tokenizer)
     model.check_data(datamodule.provides)
+    check_run_folder(out, cfg.resume, cfg.get("overwrite", False))
     ckpt_path = resume_path(cfg.resume, out)
-    trainer = L.Trainer(
-        **trainer_kwargs(cfg),
-        strategy=build_strategy(cfg.strategy, model),
+    trainer = build_trainer(
+        cfg, strategy=build_strategy(cfg.strategy, model),
         plugins=[AtomicCheckpointIO()],
         default_root_dir=out,
         logger=run_loggers(cfg, out, resuming=ckpt_path is not None),
-        callbacks=[*run_callbacks(cfg, datamodule, out),
+        callbacks=[*run_callbacks(cfg, datamodule, out), *console_callbacks(cfg),
                    LastCheckpoint(out / "checkpoints", cfg.checkpoint.every_n_steps),
                    ExactResume(), LearningRateMonitor("step"), SkipReport()],
     )
@@ -72,6 +104,8 @@ def pretrain(cfg: DictConfig) -> dict:
     if cfg.get("global_batch_size"):
         datamodule.batch_size = per_device_batch(cfg.global_batch_size, trainer.world_size)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if trainer.global_step == 0:
+        untrained(trainer, datamodule, out)
     model = consolidated(trainer, lambda: build_model(cfg, datamodule.num_classes, tokenizer))
     results = {"run_dir": str(out), **finish_run(trainer, model, datamodule, tokenizer, cfg, out)}
     if trainer.is_global_zero:
@@ -102,20 +136,52 @@ def check_objective_names(args: list[str]) -> None:
             raise ConfigError(f"unknown objective(s) {unknown}; choose from {sorted(OBJECTIVES)}")
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def hydra_main(cfg: DictConfig) -> float | None:
+FAILED_FILE = "FAILED"  # in the folder of a sweep job that failed: its error line
+
+
+@dataclass
+class SweepOutcome:
+    """The jobs of a local multirun so far: how many ran, and each failure's line."""
+
+    jobs: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+SWEEP = SweepOutcome()
+
+
+def sweep_job(cfg: DictConfig) -> float | None:
+    """One job of a multirun: its configuration or data error fails this job alone (reported,
+    and written to ``FAILED`` in its folder) and the sweep goes on to the next."""
+    hydra_cfg = HydraConfig.get()
+    SWEEP.jobs += 1
     try:
         return pretrain(cfg).get("knn_top1")
     except M3IError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        if full_trace_wanted():
+            raise
+        line = f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)}): {err}"
+        SWEEP.failures.append(line)
+        Path(hydra_cfg.runtime.output_dir, FAILED_FILE).write_text(f"{err}\n")
+        print(f"failed: {line}", file=sys.stderr)
+        return None
 
 
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+@one_line_errors
+def hydra_main(cfg: DictConfig) -> float | None:
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return sweep_job(cfg)
+    return pretrain(cfg).get("knn_top1")
+
+
+@one_line_errors
 def main() -> float | None:
-    """``python -m m3i_lightning`` / ``m3i-pretrain``: check the objective names, then run."""
-    try:
-        check_objective_names(sys.argv[1:])
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    return hydra_main()
+    """``python -m m3i_lightning`` / ``m3i-pretrain``: check the objective names, then run;
+    a sweep with failed jobs ends with one line counting them and exit code 2."""
+    check_objective_names(sys.argv[1:])
+    result = hydra_main()
+    if SWEEP.failures:
+        raise M3IError(f"{len(SWEEP.failures)} of {SWEEP.jobs} sweep jobs failed (each folder "
+                       f"holds {FAILED_FILE}); the first: {SWEEP.failures[0]}")
+    return result

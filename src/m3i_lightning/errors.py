@@ -1,4 +1,18 @@
-"""Errors the command line reports as one clear line instead of a traceback."""
+"""Errors the command line reports as one clear line instead of a traceback, and the one
+mechanism every command uses to report them (:func:`one_line_errors`)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+FULL_TRACE_VARIABLE = "HYDRA_FULL_ERROR"  # Hydra's own switch, honoured by every command
+USAGE_EXIT_CODE = 2
+
+F = TypeVar("F", bound=Callable)
 
 
 class M3IError(Exception):
@@ -11,3 +25,46 @@ class ConfigError(M3IError):
 
 class NonFiniteLossError(M3IError):
     """A loss term became NaN or infinite; the message names the objective."""
+
+
+class EmptySplitError(ConfigError):
+    """A split that evaluation reads holds no labelled sample; the message names the option
+    that supplies it."""
+
+
+def check_options(checks: Mapping[str, tuple[Any, Callable[[Any], bool], str]]) -> None:
+    """``{option: (value, valid, allowed)}``: a :class:`ConfigError` naming the first option
+    whose value fails ``valid`` (or is of a type it cannot compare) and what is allowed."""
+    for name, (value, valid, allowed) in checks.items():
+        try:
+            ok = valid(value)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{name}={value} must be {allowed}")
+
+
+def full_trace_wanted() -> bool:
+    return os.environ.get(FULL_TRACE_VARIABLE) == "1"
+
+
+def exit_with(err: BaseException) -> None:
+    """Print ``error: <message>`` on stderr and exit with code 2."""
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(USAGE_EXIT_CODE)
+
+
+def one_line_errors(command: F) -> F:
+    """Run ``command``; an :class:`M3IError` ends it with one ``error:`` line and exit code 2,
+    or, with ``HYDRA_FULL_ERROR=1``, propagates with its full traceback for debugging."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except M3IError as err:
+            if full_trace_wanted():
+                raise
+            exit_with(err)
+
+    return run  # type: ignore[return-value]

@@ -2,15 +2,18 @@
 and, for models trained with clip, zero-shot top-1 on the held-out split; prints a table and
 writes ``eval.json``. The training command runs the same :func:`evaluate` at its end.
 
-The data comes from the command's config groups (``data=...``) at the model's resolution;
-the model from the checkpoint's stored config or the exported folder.
+The model comes from the checkpoint's stored config or the exported folder; the data, at the
+model's resolution, is by default the one the checkpoint was trained on (``data=...`` chooses
+another; ``data.<key>=...`` changes one option); an exported folder is evaluated on the
+command's ``data`` config. The table and ``eval.json`` name the data and both split sizes.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -19,13 +22,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from m3i_lightning.errors import ConfigError, M3IError
+from m3i_lightning.data.module import held_out_options
+from m3i_lightning.errors import ConfigError, EmptySplitError, check_options, one_line_errors
 from m3i_lightning.export import load_exported
 from m3i_lightning.factory import build_datamodule
 from m3i_lightning.knn import extract_features, knn_predict
 from m3i_lightning.probe import fit_linear_probe
 from m3i_lightning.restore import TrainedModel, load_checkpoint
 from m3i_lightning.zeroshot import class_embeddings, class_prompts, zero_shot_predict
+
+log = logging.getLogger("m3i_lightning")
 
 RESULTS_FILE = "eval.json"
 
@@ -34,47 +40,102 @@ def top1(predicted: Tensor, labels: Tensor) -> float:
     return (predicted.cpu() == labels.cpu()).float().mean().item()
 
 
-def _labelled(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+MIN_HELD_OUT, MIN_HELD_OUT_PER_CLASS = 50, 10  # below these, top-1 is mostly noise
+
+
+@dataclass
+class Evaluation:
+    """Top-1 of each protocol, and how many labelled images each split gave."""
+
+    results: dict[str, float]
+    sizes: dict[str, int]
+
+
+def _labelled(features: Tensor, labels: Tensor, split: str, datamodule) -> tuple[Tensor, Tensor]:
     known = labels >= 0
     if not known.any():
-        raise ConfigError("evaluation needs labels: the data gave none (data.labels=false?)")
+        where = (held_out_options(datamodule) if split == "val" else
+                 "labelled training images (data.labels=true and a label for some images)")
+        raise EmptySplitError(f"the {split} split has no labelled image, so kNN, linear probe "
+                              f"and zero-shot cannot be scored; evaluation needs {where}")
     return features[known], labels[known]
 
 
-def evaluate(model: TrainedModel, datamodule, knn: Mapping, probe: Mapping) -> dict[str, float]:
+def evaluate(model: TrainedModel, datamodule, knn: Mapping, probe: Mapping,
+             templates: Sequence[str] | None = None) -> Evaluation:
     """Top-1 of every protocol the model supports. Features of the train split (memory,
-    probe training set) and of the val split (queries) are extracted once and shared."""
-    train = _labelled(*extract_features(model.backbone, datamodule.eval_dataloader("train")))
-    val = _labelled(*extract_features(model.backbone, datamodule.eval_dataloader("val")))
+    probe training set) and of the val split (queries) are extracted once and shared;
+    ``templates``: the zero-shot prompts (``zeroshot.templates``, see :mod:`zeroshot`).
+    :class:`EmptySplitError` when a split has no labelled image."""
+    train = _labelled(*extract_features(model.backbone, datamodule.eval_dataloader("train")),
+                      "train", datamodule)
+    val = _labelled(*extract_features(model.backbone, datamodule.eval_dataloader("val")),
+                    "val", datamodule)
     num_classes = datamodule.num_classes
+    sizes = {"train": len(train[1]), "val": len(val[1])}
+    if sizes["val"] < max(MIN_HELD_OUT, MIN_HELD_OUT_PER_CLASS * num_classes):
+        log.warning("the held-out split has only %d labelled images for %d classes: its top-1 "
+                    "is mostly noise; give a bigger one with %s", sizes["val"], num_classes,
+                    held_out_options(datamodule))
     scores = knn_predict(*train, val[0], num_classes, knn["k"], knn["temperature"])
     results = {"knn_top1": top1(scores.argmax(-1), val[1])}
     linear = fit_linear_probe(*train, num_classes, **probe)
     results["linear_top1"] = top1(linear(val[0]).argmax(-1), val[1])
     if model.clip is not None:
-        classes = class_embeddings(model.clip, model.tokenizer, class_prompts(datamodule))
+        prompts = class_prompts(datamodule, templates)
+        classes = class_embeddings(model.clip, model.tokenizer, prompts)
         results["zero_shot_top1"] = top1(zero_shot_predict(model.clip, val[0], classes), val[1])
-    return results
+    return Evaluation(results, sizes)
 
 
-def format_table(results: Mapping[str, float], knn: Mapping, probe: Mapping) -> str:
-    """A Markdown table of the top-1 results, naming each protocol's settings."""
+def check_eval_options(knn: Mapping, probe: Mapping) -> None:
+    """Refuse kNN / probe settings that give no or meaningless scores, before any training."""
+    checks = {"knn.k": (knn["k"], lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+              "knn.temperature": (knn["temperature"], lambda v: v > 0, "a number > 0"),
+              "probe.epochs": (probe["epochs"], lambda v: isinstance(v, int) and v >= 1,
+                               "an integer >= 1"),
+              "probe.batch_size": (probe["batch_size"], lambda v: isinstance(v, int) and v >= 1,
+                                   "an integer >= 1"),
+              "probe.lr": (probe["lr"], lambda v: v > 0, "a number > 0"),
+              "probe.weight_decay": (probe["weight_decay"], lambda v: v >= 0, "a number >= 0")}
+    check_options(checks)
+
+
+def describe_data(data: Mapping) -> str:
+    """``data=<kind>`` and where it is read from: the option naming the files, if any."""
+    kind = data.get("module") or data.get("name")
+    source = next((f"{key}={data[key]}" for key in ("path", "urls", "name")
+                   if key in data and data[key] and data[key] != kind), None)
+    return f"data={kind}" + (f" {source}" if source else "")
+
+
+def format_table(evaluation: Evaluation, knn: Mapping, probe: Mapping, data: str = "") -> str:
+    """A Markdown table of the top-1 results, naming each protocol's settings, the data and the
+    split sizes."""
     names = {"knn_top1": f"kNN top-1 (k={knn['k']}, T={knn['temperature']})",
              "linear_top1": f"linear-probe top-1 ({probe['epochs']} epochs)",
              "zero_shot_top1": "zero-shot top-1 (clip prompts)"}
-    rows = [f"| {names[key]:<32} | {100 * value:6.2f}% |" for key, value in results.items()]
+    rows = [f"| {names[key]:<32} | {100 * value:6.2f}% |"
+            for key, value in evaluation.results.items()]
     header = f"| {'held-out split':<32} | {'top-1':>7} |"
-    return "\n".join([header, f"|{'-' * 34}|{'-' * 9}|", *rows])
+    sizes = evaluation.sizes
+    caption = (f"{data + ': ' if data else ''}{sizes['val']} held-out images scored against "
+               f"{sizes['train']} training images")
+    return "\n".join([caption, "", header, f"|{'-' * 34}|{'-' * 9}|", *rows])
 
 
-def report(results: Mapping[str, float], cfg: DictConfig, out_dir: Path,
+def report(evaluation: Evaluation, cfg: DictConfig, out_dir: Path,
            source: Mapping[str, str]) -> Path:
-    """Print the table and write ``eval.json`` (results, their settings and what was evaluated)."""
+    """Print the table and write ``eval.json`` (results, their settings, the data and its
+    split sizes, and what was evaluated)."""
     knn, probe = OmegaConf.to_container(cfg.knn), OmegaConf.to_container(cfg.probe)
-    print(format_table(results, knn, probe))
+    data = describe_data(cfg.data)
+    print(format_table(evaluation, knn, probe, data))
     path = Path(out_dir) / RESULTS_FILE
-    path.write_text(json.dumps({**source, "results": results, "knn": knn, "probe": probe},
-                               indent=2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**source, "results": evaluation.results,
+                                "data": {"config": data, "samples": evaluation.sizes},
+                                "knn": knn, "probe": probe}, indent=2))
     return path
 
 
@@ -88,8 +149,28 @@ def load_trained(cfg: DictConfig) -> tuple[TrainedModel, dict[str, str]]:
     return load_exported(cfg.backbone_dir), {"backbone_dir": str(cfg.backbone_dir)}
 
 
-def evaluate_command(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
+def data_config(cfg: DictConfig, trained: DictConfig | None, overrides) -> DictConfig:
+    """The data to evaluate on: that of the training run (stored in its checkpoint) unless the
+    command names another with ``data=``; ``data.<key>=`` overrides apply either way. An
+    exported folder stores no data: the command's own config then."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    if trained is None or any(o.key_or_group == "data" for o in parsed):
+        return cfg.data
+    data = OmegaConf.create(OmegaConf.to_container(trained.data, resolve=True))
+    for override in parsed:
+        if override.key_or_group.startswith("data.") and not override.is_delete():
+            OmegaConf.update(data, override.key_or_group.removeprefix("data."),
+                             override.value(), merge=True, force_add=True)
+    return data
+
+
+def evaluate_command(cfg: DictConfig, out_dir: Path, overrides=()) -> dict[str, float]:
+    """``overrides``: the command line's, which say whether it chose the data itself."""
+    check_eval_options(cfg.knn, cfg.probe)
     model, source = load_trained(cfg)
+    cfg.data = data_config(cfg, model.config, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.backbone.to(device)
     if model.clip is not None:
@@ -97,18 +178,16 @@ def evaluate_command(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     cfg.data.img_size = model.backbone.model.patch_embed.img_size[0]
     datamodule = build_datamodule(cfg.data, model.tokenizer)
     datamodule.setup("validate")
-    results = evaluate(model, datamodule, cfg.knn, cfg.probe)
-    print(f"results: {report(results, cfg, out_dir, source)}")
-    return results
+    evaluation = evaluate(model, datamodule, cfg.knn, cfg.probe, cfg.zeroshot.templates)
+    print(f"results: {report(evaluation, cfg, out_dir, source)}")
+    return evaluation.results
 
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate_command(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except M3IError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    hydra_cfg = HydraConfig.get()
+    evaluate_command(cfg, Path(hydra_cfg.runtime.output_dir), hydra_cfg.overrides.task)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,16 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from m3i_lightning.backbone import Backbone
-from m3i_lightning.errors import M3IError
+from m3i_lightning.errors import ConfigError, M3IError, one_line_errors
 from m3i_lightning.objectives.clip import CLIP
 from m3i_lightning.restore import TrainedModel, load_checkpoint
 from m3i_lightning.text import ByteTokenizer, build_tokenizer
@@ -67,20 +69,38 @@ def export_clip(clip: CLIP, tokenizer, out_dir: str | Path) -> Path:
 
 
 def export_model(model: TrainedModel, out_dir: str | Path) -> Path:
-    """The backbone, plus ``clip/`` when the model has a clip head; returns the folder."""
+    """The backbone, plus ``clip/`` when the model has a clip head; returns the folder.
+    The weight files get the permissions the umask gives any new file (the safetensors writer
+    makes them private), since teams share run folders."""
     out = Path(out_dir)
-    export_backbone(model.backbone, out)
-    if model.clip is not None:
-        export_clip(model.clip, model.tokenizer, out / CLIP_DIR)
+    try:
+        export_backbone(model.backbone, out)
+        if model.clip is not None:
+            export_clip(model.clip, model.tokenizer, out / CLIP_DIR)
+        mode = 0o666 & ~current_umask()
+        for weights in out.rglob("*.safetensors"):
+            weights.chmod(mode)
+    except OSError as err:
+        raise M3IError(f"cannot write the exported model to {out}: "
+                       f"{err.strerror or err}; choose a folder you can write") from None
     return out
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_exported(folder: str | Path) -> TrainedModel:
     """Read a folder written by :func:`export_model` back, on the CPU."""
     folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise ConfigError(f"backbone_dir={folder} holds no {CONFIG_FILE} and {WEIGHTS_FILE}: "
+                          "give a folder written by the export, e.g. <run folder>/backbone")
     config = json.loads((folder / CONFIG_FILE).read_text())
     backbone = Backbone(config["architecture"], **config["model_args"])
-    backbone.model.load_state_dict(load_file(folder / WEIGHTS_FILE))
+    backbone.model.load_state_dict(read_weights(folder / WEIGHTS_FILE))
     clip_dir = folder / CLIP_DIR
     if not clip_dir.is_dir():
         return TrainedModel(backbone)
@@ -89,23 +109,26 @@ def load_exported(folder: str | Path) -> TrainedModel:
     tokenizer = build_tokenizer(name, spec["context_length"])
     clip = CLIP(tokenizer, text_pretrained=str(clip_dir), embed_dim=backbone.embed_dim,
                 grid_size=backbone.grid_size, patch_size=backbone.patch_size)
-    result = clip.load_state_dict(load_file(clip_dir / IMAGE_PROJECTION_FILE), strict=False)
+    result = clip.load_state_dict(read_weights(clip_dir / IMAGE_PROJECTION_FILE), strict=False)
     if result.unexpected_keys:
         raise M3IError(f"{clip_dir / IMAGE_PROJECTION_FILE}: unexpected {result.unexpected_keys}")
     return TrainedModel(backbone, clip, tokenizer)
 
 
+def read_weights(path: Path) -> dict:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"{path} cannot be read as safetensors (truncated?): {err}") from None
+
+
+@one_line_errors
 def main(argv: list[str] | None = None) -> None:
     """``python -m m3i_lightning.export checkpoint=PATH out=DIR``."""
     args = OmegaConf.from_cli(sys.argv[1:] if argv is None else argv)
     if not args.get("checkpoint") or not args.get("out"):
-        print("usage: python -m m3i_lightning.export checkpoint=PATH out=DIR", file=sys.stderr)
-        sys.exit(2)
-    try:
-        out = export_model(load_checkpoint(args.checkpoint), args.out)
-    except M3IError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError("usage: python -m m3i_lightning.export checkpoint=PATH out=DIR")
+    out = export_model(load_checkpoint(args.checkpoint), args.out)
     print(f"exported to {out}")
 
 

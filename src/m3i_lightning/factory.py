@@ -18,6 +18,7 @@ from m3i_lightning.data import DATA_MODULES
 from m3i_lightning.engine import MultiObjective
 from m3i_lightning.errors import ConfigError
 from m3i_lightning.objectives import OBJECTIVES, Objective
+from m3i_lightning.optim import OptimConfig
 from m3i_lightning.teacher import FrozenTeacher
 from m3i_lightning.text import build_tokenizer
 
@@ -189,7 +190,7 @@ def build_model(cfg: DictConfig, num_classes: int, tokenizer) -> MultiObjective:
         backbone, objectives, input_mode=cfg.input, mask=cfg.mask.kind,
         mask_ratio=cfg.mask.ratio, teacher_momentum=cfg.teacher.momentum,
         teacher_final_momentum=cfg.teacher.final_momentum, teacher=teacher,
-        optim=_plain(cfg.optim),
+        optim=call_checked(OptimConfig, "optim", _plain(cfg.optim), {}),
         check_finite_every=finite_check_interval(cfg), mix=cfg.mix,
         local_crops=local_crop_count(cfg),
         activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)

@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, loader: DataLoader) -> tuple[Tensor, Tensor]:
-    """Global features and labels of every batch of ``loader`` (keys ``image``, ``label``)."""
+    """Global features and labels of every batch of ``loader`` (keys ``image``, ``label``);
+    empty tensors for a loader that yields nothing."""
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
@@ -19,6 +20,8 @@ def extract_features(backbone: nn.Module, loader: DataLoader) -> tuple[Tensor, T
         feats.append(backbone(batch["image"].to(device)).global_feature.float().cpu())
         labels.append(batch["label"])
     backbone.train(was_training)
+    if not feats:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
     return torch.cat(feats), torch.cat(labels)
 
 

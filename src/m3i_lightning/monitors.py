@@ -17,6 +17,7 @@ linear layer), detached, so it can never reach the backbone's gradients or optim
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import lightning as L
@@ -24,8 +25,12 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from m3i_lightning.data.module import held_out_options
+from m3i_lightning.errors import EmptySplitError
 from m3i_lightning.knn import knn_predict
 from m3i_lightning.probe import fit_linear_probe
+
+log = logging.getLogger("m3i_lightning")
 
 MEMORY_LOADER = 0  # index of the training-split loader among the validation loaders
 STATES = ("memory_features", "memory_labels", "query_features", "query_labels")
@@ -56,10 +61,13 @@ class FrozenFeatureAccuracy(Metric):
         getattr(self, f"{kind}_labels").append(labels[known].detach())
 
     def compute(self) -> Tensor:
+        """:class:`EmptySplitError` when the memory or the queries hold no labelled sample."""
+        counts = [sum(len(t) for t in state) if isinstance(state, list) else len(state)
+                  for state in (self.memory_labels, self.query_labels)]
+        if not all(counts):
+            raise EmptySplitError(f"{type(self).__name__} needs memory and query features; got "
+                                  f"{counts[0]} and {counts[1]}")
         memory, memory_labels, queries, labels = (dim_zero_cat(getattr(self, n)) for n in STATES)
-        if not len(memory) or not len(queries):
-            raise ValueError(f"{type(self).__name__} needs memory and query features; got "
-                             f"{len(memory)} and {len(queries)}")
         predicted = self.predict(memory, memory_labels.long(), queries)
         return (predicted == labels).float().mean()
 
@@ -105,6 +113,7 @@ class ProbeMonitor(L.Callback):
                  probe: Mapping | None = None) -> None:
         self.metrics = {"val/knn_top1": KNNAccuracy(num_classes, k, temperature),
                         "val/linear_top1": LinearProbeAccuracy(num_classes, probe)}
+        self.warned = False
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
                                 dataloader_idx: int = 0) -> None:
@@ -114,7 +123,19 @@ class ProbeMonitor(L.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         for name, metric in self.metrics.items():
             if not trainer.sanity_checking:
-                # the same value on every rank (states gathered over ranks): sync_dist's mean
-                # leaves it unchanged and only tells Lightning the value is global
-                pl_module.log(name, metric.compute(), prog_bar=True, sync_dist=True)
+                self._log(name, metric, trainer, pl_module)
             metric.reset()
+
+    def _log(self, name: str, metric: FrozenFeatureAccuracy, trainer, pl_module) -> None:
+        """The same value on every rank (states gathered over ranks): sync_dist's mean leaves
+        it unchanged and only tells Lightning the value is global. An empty split (the same on
+        every rank) is warned about once and not logged."""
+        try:
+            value = metric.compute()
+        except EmptySplitError as err:
+            if not self.warned and trainer.is_global_zero:
+                log.warning("online kNN / linear probe skipped: %s; evaluation needs %s", err,
+                            held_out_options(trainer.datamodule))
+            self.warned = True
+            return
+        pl_module.log(name, value, prog_bar=True, sync_dist=True)

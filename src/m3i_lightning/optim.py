@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from m3i_lightning.errors import check_options
+
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "mask_token", "logit_scale")
 
 
@@ -31,11 +33,6 @@ class OptimConfig:
     # When set, weight decay follows a cosine from weight_decay to this value (DINO: 0.04 → 0.4).
     final_weight_decay: float | None = None
 
-    def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer '{self.name}' (optim.name); choose one of "
-                             f"{OPTIMIZERS}")
-
     def learning_rate(self, global_batch_size: int | None) -> float:
         if self.base_lr is None:
             return self.lr
@@ -43,6 +40,21 @@ class OptimConfig:
             raise ValueError("optim.base_lr scales with the global batch, which is unknown "
                              "here (no data module with a batch_size): set optim.lr instead")
         return self.base_lr * global_batch_size / 256
+
+    def __post_init__(self) -> None:
+        """Refuse values that cannot train, naming the ``optim.`` option and its range."""
+        checks = {"name": (lambda v: v in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+                  "lr": (lambda v: v > 0, "a number > 0"),
+                  "base_lr": (lambda v: v is None or v > 0, "null or a number > 0"),
+                  "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+                  "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+                            "two numbers in [0, 1)"),
+                  "warmup_fraction": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+                  "min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+                  "final_weight_decay": (lambda v: v is None or v >= 0,
+                                         "null or a number >= 0")}
+        check_options({f"optim.{name}": (getattr(self, name), valid, allowed)
+                       for name, (valid, allowed) in checks.items()})
 
 
 class LARS(torch.optim.Optimizer):

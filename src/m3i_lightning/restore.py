@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from m3i_lightning.backbone import Backbone
+from m3i_lightning.checkpointing import read_checkpoint
 from m3i_lightning.errors import ConfigError
 from m3i_lightning.factory import (
     build_objectives,
@@ -60,7 +60,7 @@ def _with_prefix(state: dict, prefix: str) -> dict:
 
 def load_checkpoint(path: str | Path) -> TrainedModel:
     """Rebuild the backbone (and clip head) of a MultiObjective checkpoint on the CPU."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path, "checkpoint")
     if CONFIG_KEY not in checkpoint:
         raise ConfigError(f"{path} holds no training config ('{CONFIG_KEY}'): it was not "
                           "written by `python -m m3i_lightning`; export its backbone instead")

@@ -8,19 +8,24 @@ exported model, the evaluation table (``eval.json``) and the curves.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig
 
-from m3i_lightning.errors import ConfigError
+from m3i_lightning.checkpointing import checkpoints_in
+from m3i_lightning.errors import ConfigError, EmptySplitError
 from m3i_lightning.eval import evaluate, report
 from m3i_lightning.export import export_model
-from m3i_lightning.metrics_log import ResumedCSVLogger
+from m3i_lightning.health import RepresentationHealth
+from m3i_lightning.metrics_log import LogLastStep, ResumedCSVLogger, RunCSVLogger
 from m3i_lightning.monitors import ProbeMonitor
 from m3i_lightning.pictures import ReconstructionGrid, plot_curves
 from m3i_lightning.restore import StoreConfig, TrainedModel
+
+log = logging.getLogger("m3i_lightning")
 
 PICTURES_DIR = "pictures"
 EXPORT_DIR = "backbone"
@@ -33,12 +38,45 @@ def evaluable(datamodule) -> bool:
     return "label" in datamodule.provides and hasattr(datamodule, "eval_dataloader")
 
 
+def check_run_folder(out: Path, resume: str | None, overwrite: bool) -> None:
+    """A folder that holds checkpoints is only reused when asked: resumed (``resume=``) or
+    replaced (``overwrite=true``); nothing of a finished run is lost by a repeated command."""
+    found = checkpoints_in(out)
+    if found and not resume and not overwrite:
+        names = ", ".join(str(p.relative_to(out)) for p in sorted(found))
+        raise ConfigError(f"the run folder {out} already holds {names}: continue it with "
+                          "resume=auto, or give a new folder (hydra.run.dir=...) or "
+                          "overwrite=true to start again in it")
+
+
+def untrained(trainer: L.Trainer, datamodule, out: Path) -> None:
+    """After a fit that ran no step. ``trainer.max_steps=0`` asks for that (the random-init
+    baseline): its initial weights are saved as ``last.ckpt`` and a step-0 row starts
+    ``metrics.csv``, so the run folder is complete. Otherwise the data gave no batch: a
+    :class:`ConfigError` saying why, before anything is exported."""
+    if trainer.max_steps == 0 or trainer.max_epochs == 0:
+        if trainer.is_global_zero:
+            print("trainer.max_steps=0: no training step; last.ckpt holds the initial weights")
+        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)
+        for logger in trainer.loggers:
+            logger.log_metrics({"epoch": 0}, step=0)
+            logger.save()
+        return
+    loader = datamodule.train_dataloader()
+    size = len(loader.dataset) if hasattr(loader.dataset, "__len__") else "too few"
+    per_process = f" per process on {trainer.world_size}" if trainer.world_size > 1 else ""
+    raise ConfigError(f"no training step ran: the training split's {size} samples make no "
+                      f"batch of data.batch_size={loader.batch_size}{per_process}, and the "
+                      f"incomplete last batch is dropped (drop_last={loader.drop_last}); lower "
+                      "data.batch_size or give more data")
+
+
 def run_loggers(cfg: DictConfig, out: Path, resuming: bool = False) -> list[Logger]:
     """CSV (kept and continued when ``resuming``), plus TensorBoard with logger=tensorboard."""
     name = cfg.logger.name
     if name not in LOGGERS:
         raise ConfigError(f"unknown logger '{name}'; choose one of {LOGGERS}")
-    csv_logger = ResumedCSVLogger if resuming else CSVLogger
+    csv_logger = ResumedCSVLogger if resuming else RunCSVLogger
     loggers: list[Logger] = [csv_logger(out, name="", version="")]
     if name == "tensorboard":
         try:
@@ -50,9 +88,10 @@ def run_loggers(cfg: DictConfig, out: Path, resuming: bool = False) -> list[Logg
 
 
 def run_callbacks(cfg: DictConfig, datamodule, out: Path) -> list[L.Callback]:
-    callbacks = [StoreConfig(cfg, datamodule.num_classes),
+    callbacks = [StoreConfig(cfg, datamodule.num_classes), LogLastStep(),
                  ReconstructionGrid(out / PICTURES_DIR, cfg.pictures.every_n_epochs,
                                     cfg.pictures.num_images)]
+    callbacks.append(RepresentationHealth(**cfg.health))
     if evaluable(datamodule):
         callbacks.append(ProbeMonitor(datamodule.num_classes, cfg.knn.k, cfg.knn.temperature,
                                       cfg.probe))
@@ -61,7 +100,9 @@ def run_callbacks(cfg: DictConfig, datamodule, out: Path) -> list[L.Callback]:
 
 def finish_run(trainer: L.Trainer, model, datamodule, tokenizer, cfg: DictConfig,
                out: Path) -> dict:
-    """Export, evaluate (table printed, ``eval.json``) and draw the curves; rank 0 only."""
+    """Export, evaluate (table printed, ``eval.json``) and draw the curves; rank 0 only. A
+    split without labelled images skips the evaluation with a warning naming the options that
+    supply it: a finished run never turns into a crash."""
     if not trainer.is_global_zero:
         return {}
     clip = model.heads["clip"] if "clip" in model.heads else None
@@ -70,8 +111,13 @@ def finish_run(trainer: L.Trainer, model, datamodule, tokenizer, cfg: DictConfig
     if cfg.export:
         results["export"] = str(export_model(trained, out / EXPORT_DIR))
     if evaluable(datamodule):
-        scores = evaluate(trained, datamodule, cfg.knn, cfg.probe)
-        results.update(scores)
-        report(scores, cfg, out, {"run_dir": str(out)})
+        try:
+            evaluation = evaluate(trained, datamodule, cfg.knn, cfg.probe,
+                                  cfg.zeroshot.templates)
+        except EmptySplitError as err:
+            log.warning("end-of-run evaluation skipped: %s", err)
+        else:
+            results.update(evaluation.results)
+            report(evaluation, cfg, out, {"run_dir": str(out)})
     results["curves"] = str(plot_curves(out / "metrics.csv", out / PICTURES_DIR / "curves.png"))
     return results

@@ -12,6 +12,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from m3i_lightning.backbone import Backbone
+from m3i_lightning.checkpointing import read_checkpoint
 from m3i_lightning.sharding import local
 
 
@@ -128,7 +129,7 @@ def load_encoder_weights(backbone: Backbone, checkpoint: str | Path) -> None:
     if path.suffix == ".safetensors":
         state = load_file(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(path, "teacher.checkpoint")
     for wrapper in ("state_dict", "model"):
         state = state.get(wrapper, state)
     for prefix in CHECKPOINT_PREFIXES:

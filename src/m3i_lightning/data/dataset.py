@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 from m3i_lightning.data.sampling import ResumableLoader, ResumableSampler
 from m3i_lightning.data.skips import BadSample
 from m3i_lightning.data.views import CropSet
-from m3i_lightning.errors import M3IError
+from m3i_lightning.errors import M3IError, check_options
 
 MISSING_LABEL = -100
 MAX_REPLACEMENTS = 100
@@ -96,6 +96,20 @@ class Collate:
         if skipped:
             batch["skipped"] = skipped
         return batch
+
+
+def check_loader_options(batch_size, num_workers, crop_scale, val_fraction) -> None:
+    """Refuse the data options that cannot load (or would crop outside the image), naming
+    the ``data.`` option and its range, before any file is read."""
+    checks = {
+        "data.batch_size": (batch_size, lambda v: isinstance(v, int) and v >= 1,
+                            "an integer >= 1"),
+        "data.num_workers": (num_workers, lambda v: isinstance(v, int) and v >= 0,
+                             "an integer >= 0"),
+        "data.crop_scale": (crop_scale, lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1,
+                            "[min, max] with 0 < min <= max <= 1"),
+        "data.val_fraction": (val_fraction, lambda v: 0 <= v < 1, "a number in [0, 1)")}
+    check_options(checks)
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, tokenizer=None,

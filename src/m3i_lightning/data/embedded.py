@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from m3i_lightning.data.dataset import ViewDataset, make_loader
+from m3i_lightning.data.dataset import ViewDataset, check_loader_options, make_loader
 from m3i_lightning.data.views import CropSet, LocalCrops
 from m3i_lightning.text import ByteTokenizer
 
@@ -59,6 +59,7 @@ class EmbeddedDigits(L.LightningDataModule):
                  fields: set[str] | None = None, seed: int = 0,
                  local_crops: dict | None = None, augment: str = "none") -> None:
         super().__init__()
+        check_loader_options(batch_size, num_workers, list(crop_scale), val_fraction)
         self.img_size, self.source_size = img_size, source_size
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.val_fraction, self.split_seed = val_fraction, split_seed
@@ -108,6 +109,9 @@ class EmbeddedDigits(L.LightningDataModule):
         if not self.labels_on:
             return []
         return [self.eval_dataloader("train"), self.eval_dataloader("val")]
+
+    def held_out_options(self) -> str:
+        return f"data.val_fraction (now {self.val_fraction}) of the 1,797 digits"
 
     def class_prompts(self) -> list[list[str]]:
         """Zero-shot prompts: every caption template, written for each class in label order."""

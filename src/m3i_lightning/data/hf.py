@@ -169,7 +169,7 @@ class HFData(ViewDataModule):
                  fields: set[str] | None = None, local_crops: dict | None = None,
                  augment: str = "none") -> None:
         super().__init__(img_size, batch_size, num_workers, crop_scale, flip, tokenizer, fields,
-                         seed, local_crops, augment)
+                         seed, val_fraction, local_crops, augment)
         if not name:
             raise ConfigError("data=hf needs data.name=<hub id, save_to_disk folder or parquet "
                               "path>")
@@ -182,6 +182,7 @@ class HFData(ViewDataModule):
         val = (self._prepare(load_hf(name, val_split, streaming)[0], image_column,
                              [text_column, label_column]) if val_split else None)
         self.val_fraction = 0.0 if val_split else val_fraction
+        self.val_split = val_split
         where = f"Hugging Face dataset '{name}' split '{split}'"
         if streaming:
             self.train, self.val = dataset, val
@@ -245,6 +246,12 @@ class HFData(ViewDataModule):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
         return {"train": HFSource(dataset, sorted(order[n_val:]), self.columns),
                 "val": HFSource(dataset, sorted(order[:n_val]), self.columns)}
+
+    def held_out_options(self) -> str:
+        if self.val_split:
+            return f"labelled rows in the held-out split data.val_split={self.val_split}"
+        return ("a held-out split of the dataset, data.val_split=<split name>, or a bigger "
+                f"data.val_fraction (now {self.val_fraction}) of the rows")
 
     def train_dataloader(self):
         if not self.streaming:

@@ -22,7 +22,7 @@ import torch
 from m3i_lightning.data.dataset import ViewDataset
 from m3i_lightning.data.images import decode_image, is_image_name
 from m3i_lightning.data.module import ViewDataModule, require_usable
-from m3i_lightning.errors import ConfigError
+from m3i_lightning.errors import ConfigError, EmptySplitError
 
 log = logging.getLogger("m3i_lightning")
 
@@ -61,7 +61,7 @@ def list_folder(root: Path, classes: Sequence[str], text_column: str | None) -> 
     """Every image file under ``root`` (hidden entries left out), in a fixed order."""
     index = {name: i for i, name in enumerate(classes)}
     listing = Listing()
-    captions: dict[str, str] = {}
+    captions: dict[str, str | None] = {}
     walked = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -82,12 +82,29 @@ def list_folder(root: Path, classes: Sequence[str], text_column: str | None) -> 
             listing.files.append(path)
             listing.labels.append(label)
             listing.captions.append(captions.get(os.path.normpath(path)))
+    report_unmatched(captions, {os.path.normpath(path) for path in listing.files}, root)
     return listing
 
 
-def read_metadata(path: Path, text_column: str | None) -> dict[str, str]:
-    """{image path: caption} from a metadata.jsonl / metadata.csv; a malformed row is logged
-    and left out (its image then has no caption)."""
+def report_unmatched(rows: dict[str, str | None], images: set[str], root: Path) -> None:
+    """Log the metadata rows whose ``file_name`` names no image file under ``root``: their
+    captions are unused, and when no row matches, the folder has no captions at all."""
+    unmatched = sorted(set(rows) - images)
+    if not unmatched:
+        return
+    if len(unmatched) == len(rows):
+        what = (f"none of its {len(rows)} row(s) names an image file there, so no image has "
+                "a caption")
+    else:
+        what = f"{len(unmatched)} of its {len(rows)} row(s) name no image file there (unused)"
+    log.warning("metadata under %s: %s, e.g. '%s'; a file_name is relative to the metadata "
+                "file's folder (for train/cat/001.jpg beside train/metadata.jsonl: "
+                "cat/001.jpg)", root, what, unmatched[0])
+
+
+def read_metadata(path: Path, text_column: str | None) -> dict[str, str | None]:
+    """{image path: caption, None when the row has none} from a metadata.jsonl / metadata.csv;
+    a malformed row is logged and left out (its image then has no caption)."""
     rows: list[dict] = []
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         if path.suffix == ".csv":
@@ -111,13 +128,13 @@ def read_metadata(path: Path, text_column: str | None) -> dict[str, str]:
         raise ConfigError(f"{path} has no caption column '{text_column}' (columns: "
                           f"{sorted(columns)})")
     column = text_column or next((c for c in CAPTION_COLUMNS if c in columns), None)
-    if column is None:
-        return {}
     captions = {}
     for row in rows:
-        caption = row.get(column)
-        if isinstance(caption, str) and caption.strip() and row.get("file_name"):
-            captions[os.path.normpath(path.parent / str(row["file_name"]))] = caption
+        caption = row.get(column) if column else None
+        if row.get("file_name"):
+            usable = isinstance(caption, str) and caption.strip()
+            captions[os.path.normpath(path.parent / str(row["file_name"]))] = (
+                caption if usable else None)
     return captions
 
 
@@ -150,7 +167,7 @@ class ImageFolderData(ViewDataModule):
                  fields: set[str] | None = None, local_crops: dict | None = None,
                  augment: str = "none") -> None:
         super().__init__(img_size, batch_size, num_workers, crop_scale, flip, tokenizer, fields,
-                         seed, local_crops, augment)
+                         seed, val_fraction, local_crops, augment)
         if not path:
             raise ConfigError("data=imagefolder needs data.path=<image folder>")
         root = Path(path).expanduser()
@@ -174,7 +191,16 @@ class ImageFolderData(ViewDataModule):
         if not captions:
             train.captions = [None] * len(train.files)
         self.splits = {"train": train, "val": val}
+        self.val_fraction, self.has_val_folder = val_fraction, val_root is not None
         self.announce(classes, any(train.captions))
+
+    def held_out_options(self) -> str:
+        folders = "/".join(VAL_DIRS)
+        if self.has_val_folder:
+            return (f"labelled images in the {folders} folder beside train/ (one sub-folder "
+                    "per class of train/)")
+        return (f"a {folders} folder beside train/ (DIR/train/<class>/..., DIR/val/<class>/...), "
+                f"or a bigger data.val_fraction (now {self.val_fraction}) of the images")
 
     def train_dataloader(self):
         return self.loader(ViewDataset(FolderSource(self.splits["train"]), self.view,
@@ -187,8 +213,9 @@ class ImageFolderData(ViewDataModule):
         labelled = listing.subset([i for i, label in enumerate(listing.labels)
                                    if label is not None])
         if not labelled.files:
-            raise ConfigError(f"the {split} split has no image in a class folder of "
-                              f"{self.class_names}")
+            needed = self.held_out_options() if split == "val" else "images in class folders"
+            raise EmptySplitError(f"the {split} split has no image in a class folder of "
+                                  f"{self.class_names}; evaluation needs {needed}")
         return self.loader(ViewDataset(FolderSource(labelled), self.view, {"label"},
                                        train=False), train=False)
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from m3i_lightning.data.dataset import make_loader
+from m3i_lightning.data.dataset import check_loader_options, make_loader
 from m3i_lightning.data.images import decode_image
 from m3i_lightning.data.skips import BadSample
 from m3i_lightning.data.views import CropSet, LocalCrops
@@ -29,8 +29,10 @@ class ViewDataModule(L.LightningDataModule):
 
     def __init__(self, img_size: int, batch_size: int, num_workers: int,
                  crop_scale: Sequence[float], flip: bool, tokenizer, fields: set[str] | None,
-                 seed: int, local_crops: Mapping | None = None, augment: str = "none") -> None:
+                 seed: int, val_fraction: float = 0.0, local_crops: Mapping | None = None,
+                 augment: str = "none") -> None:
         super().__init__()
+        check_loader_options(batch_size, num_workers, list(crop_scale), val_fraction)
         self.view = CropSet(img_size, tuple(crop_scale), flip, LocalCrops(**local_crops or {}),
                             augment)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -81,6 +83,12 @@ class ViewDataModule(L.LightningDataModule):
             raise ConfigError(f"{kept} training samples are fewer than one batch of "
                               f"{self.batch_size} per rank on {world_size} rank(s)")
         return batches
+
+
+def held_out_options(datamodule) -> str:
+    """The options that size or supply the held-out split of this data."""
+    options = getattr(datamodule, "held_out_options", None)
+    return options() if options else "a held-out split"
 
 
 def require_usable(records: Iterable, where: str) -> None:

@@ -105,6 +105,16 @@ def shard_sizes(shards: Sequence[str]) -> list[int] | None:
     return sizes
 
 
+def missing_shards(shards: Sequence[str]) -> list[str]:
+    """The shard URLs that name no file."""
+    missing = []
+    for url in shards:
+        fs, path = fsspec.core.url_to_fs(url)
+        if not fs.exists(path):
+            missing.append(url)
+    return missing
+
+
 def tar_members(url: str) -> Iterator[tuple[str, bytes] | BadSample]:
     """(member name, bytes) of the regular files of one tar, streamed.
 
@@ -257,7 +267,7 @@ class WebDatasetData(ViewDataModule):
                  local_crops: dict | None = None,
                  augment: str = "none") -> None:
         super().__init__(img_size, batch_size, num_workers, crop_scale, flip, tokenizer, fields,
-                         seed, local_crops, augment)
+                         seed, val_fraction, local_crops, augment)
         if not urls:
             raise ConfigError("data=webdataset needs data.urls=<shard pattern>, e.g. "
                               "'shards/{000000..000127}.tar'")
@@ -276,6 +286,10 @@ class WebDatasetData(ViewDataModule):
         self.num_samples = num_samples
         if num_samples is None:
             sizes = shard_sizes(self.shards)
+            missing = missing_shards(self.shards) if sizes is None else []
+            if missing:
+                raise ConfigError(f"{len(missing)} of the {len(self.shards)} shards of data.urls "
+                                  f"'{urls}' do not exist, e.g. {missing[0]}")
             if sizes is None:
                 raise ConfigError(
                     f"the number of samples in {urls} is unknown: write a sizes.json beside the "
@@ -291,6 +305,13 @@ class WebDatasetData(ViewDataModule):
                         "or write classes.json beside them to train on labels", urls)
         has_captions = any((caption_of(g) or "").strip() for g in groups)
         self.announce(names if has_cls and num_classes else None, captions and has_captions)
+
+    def held_out_options(self) -> str:
+        if self.val_shards:
+            return "labelled samples (.cls members) in the held-out shards data.val_urls"
+        return ("held-out shards data.val_urls=<pattern> (a separate validation set), or a "
+                f"bigger data.val_fraction (now {self.val_fraction}: the samples whose key "
+                "hashes below it are held out of training)")
 
     def train_dataloader(self):
         rank, world_size, epoch, step = self.placement()
