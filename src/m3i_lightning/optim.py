@@ -20,14 +20,18 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
 
 
+def decays(name: str, parameter: nn.Parameter) -> bool:
+    """Whether weight decay applies: not to 1-D tensors (norms, biases) nor to tokens."""
+    return parameter.ndim > 1 and not any(key in name for key in NO_DECAY_NAMES)
+
+
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Split trainable parameters: 1-D tensors (norms, biases) and tokens get no decay."""
+    """Split trainable parameters into those with weight decay and those without."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or any(key in name for key in NO_DECAY_NAMES)
-        (no_decay if skip else decay).append(p)
+        (decay if decays(name, p) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
