@@ -12,15 +12,16 @@ import random
 import pytest
 import torch
 from conftest import CONF_DIR, TINY_VIT, tiny_backbone
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from runs import run
+from runs import TWO_CPU_PROCESSES, losses, run
 
 from m3i_lightning.data.views import RandomView
 from m3i_lightning.errors import ConfigError
 from m3i_lightning.export import export_backbone
 from m3i_lightning.finetune import Classifier, layer_decay_groups
 from m3i_lightning.finetune.augment import RecipeView
-from m3i_lightning.finetune.command import build_classifier
+from m3i_lightning.finetune.command import build_classifier, recipe_from
 
 LR, DECAY, WEIGHT_DECAY = 1e-3, 0.5, 0.05
 # The layer of each parameter of a depth-2 ViT, written out: embeddings and the class token
@@ -142,3 +143,33 @@ def test_a_checkpoint_of_another_architecture_is_one_error_line_naming_both(tmp_
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: checkpoint="), done.stderr
     assert "depth=1" in lines[0] and "depth=2" in lines[0]
+
+
+def test_the_imagenet_recipes_compose_with_vit_base_and_their_sources_lr():
+    """lr = blr · 1024 / 256: MAE's 5e-4 → 2e-3, SiameseIM's 2.5e-4 → 1e-3."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        for recipe, lr in (("mae_vit_base", 2e-3), ("siameseim_vit_base", 1e-3)):
+            cfg = compose("finetune", overrides=[f"finetune={recipe}"])
+            assert cfg.backbone.arch == "vit_base_patch16_224"
+            assert recipe_from(cfg, cfg.finetune.batch_size).lr == pytest.approx(lr)
+            assert cfg.finetune.layer_decay == 0.65 and cfg.trainer.max_epochs == 100
+
+
+def test_fsdp2_fine_tuning_tracks_ddp(tmp_path):
+    """2 gloo processes, 4 steps of the CPU recipe with an EMA: the per-step losses of FSDP2
+    and DDP agree (rtol 1e-4), as do their last checkpoints' weights, EMA included."""
+    common = [*TINY, *TWO_CPU_PROCESSES, "random_init=true", "finetune.epochs=1",
+              "finetune.ema=0.5", "+trainer.limit_train_batches=4", "trainer.log_every_n_steps=1",
+              "+trainer.limit_val_batches=2"]
+    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
+    run(*common, "strategy=fsdp", f"hydra.run.dir={fsdp}", module="m3i_lightning.finetune")
+    run(*common, "strategy=ddp", f"hydra.run.dir={ddp}", module="m3i_lightning.finetune")
+    assert sorted(losses(fsdp)) == [0, 1, 2, 3]
+    torch.testing.assert_close(losses(fsdp), losses(ddp), rtol=1e-4, atol=0)
+    sharded, replicated = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)
+                           for d in (fsdp, ddp))
+    assert any(k.startswith("ema.") for k in replicated["state_dict"])
+    assert sharded["state_dict"].keys() == replicated["state_dict"].keys()
+    for name, value in replicated["state_dict"].items():
+        torch.testing.assert_close(sharded["state_dict"][name], value, rtol=1e-4, atol=1e-6,
+                                   msg=name)
