@@ -47,7 +47,8 @@ def evaluate(model: TrainedModel, datamodule, knn: Mapping, probe: Mapping) -> d
     train = _labelled(*extract_features(model.backbone, datamodule.eval_dataloader("train")))
     val = _labelled(*extract_features(model.backbone, datamodule.eval_dataloader("val")))
     num_classes = datamodule.num_classes
-    scores = knn_predict(*train, val[0], num_classes, knn["k"], knn["temperature"])
+    scores = knn_predict(*train, val[0], num_classes, knn["k"], knn["temperature"],
+                         knn.get("chunk_size"))
     results = {"knn_top1": top1(scores.argmax(-1), val[1])}
     linear = fit_linear_probe(*train, num_classes, **probe)
     results["linear_top1"] = top1(linear(val[0]).argmax(-1), val[1])
