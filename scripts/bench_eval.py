@@ -7,8 +7,9 @@ For each (queries, chunk size) it runs ``knn_predict`` on random float32 feature
 the peak memory above what the bank and queries already hold: on a GPU the allocator's peak
 (``torch.cuda.max_memory_allocated``), on the CPU the peak resident set of the process (Linux
 ``VmHWM``, reset before each run through ``/proc/self/clear_refs``). The model of that figure:
-one normalised copy of the bank plus chunk size × bank rows similarities, all float32; the dense
-computation would hold queries × bank rows (20k × 200k: 16 GB). ``main`` is meant to be the
+one normalised copy of the bank, chunk size × bank rows similarities and the queries × classes
+scores it returns, all float32; the dense computation would hold queries × bank rows
+(20k × 200k: 16 GB). ``main`` is meant to be the
 ``--eval`` section of ``scripts/benchmark.py``; ``knn_memory`` returns one row.
 """
 
@@ -60,7 +61,7 @@ def knn_memory(bank_rows: int, dim: int, queries: int, chunk_size: int | None, k
     peak = _peak_above_baseline(device, lambda: knn_predict(bank, labels, query, num_classes, k,
                                                             chunk_size=chunk_size))
     chunk = queries if chunk_size is None else min(chunk_size, queries)
-    predicted = 4 * (bank_rows * dim + chunk * bank_rows)
+    predicted = 4 * (bank_rows * dim + chunk * bank_rows + queries * num_classes)
     return {"bank": bank_rows, "dim": dim, "queries": queries, "chunk_size": chunk_size,
             "device": device.type, "peak_mb": peak / MB, "predicted_mb": predicted / MB,
             "dense_mb": 4 * queries * bank_rows / MB, "seconds": time.perf_counter() - start}

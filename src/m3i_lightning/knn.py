@@ -66,9 +66,10 @@ def nearest(bank: Tensor, queries: Tensor, k: int,
 
 
 def vote(top_sims: Tensor, top_labels: Tensor, num_classes: int, temperature: float) -> Tensor:
-    """Class scores [Q, C]: each neighbour votes for its label with weight exp(sim / T)."""
-    votes = F.one_hot(top_labels, num_classes).to(top_sims.dtype)
-    return (votes * (top_sims / temperature).exp().unsqueeze(-1)).sum(dim=1)
+    """Class scores [Q, C]: each neighbour votes for its label with weight exp(sim / T),
+    added in place (a one-hot [Q, k, C] tensor would be 20 × the scores' size)."""
+    scores = top_sims.new_zeros((top_sims.shape[0], num_classes))
+    return scores.scatter_add_(1, top_labels, (top_sims / temperature).exp())
 
 
 def _merge_over_ranks(top_sims: Tensor, top_labels: Tensor, k: int) -> tuple[Tensor, Tensor]:
