@@ -6,6 +6,7 @@ with a recipe of ``conf/finetune/``; writes best and last checkpoints and ``fine
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from m3i_lightning.checkpointing import AtomicCheckpointIO
+from m3i_lightning.checkpointing import AtomicCheckpointIO, LastCheckpoint
 from m3i_lightning.cli import per_device_batch, trainer_kwargs
 from m3i_lightning.errors import ConfigError, M3IError
 from m3i_lightning.factory import build_datamodule
@@ -105,23 +106,25 @@ def finetune(cfg: DictConfig, out: Path) -> dict:
     classifier, source = build_classifier(cfg, data.num_classes)
     checkpoints = out / "checkpoints"
     best = ModelCheckpoint(checkpoints, filename="best", monitor="val/top1", mode="max",
-                           save_last=True, enable_version_counter=False)
+                           enable_version_counter=False)
     trainer = L.Trainer(**trainer_kwargs(cfg), default_root_dir=out,
                         strategy=build_strategy(cfg.strategy, None),
                         plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
                         logger=run_loggers(cfg, out),
-                        callbacks=[best, StoreFineTuningConfig(cfg), LearningRateMonitor("step")])
+                        callbacks=[best, LastCheckpoint(checkpoints), StoreFineTuningConfig(cfg),
+                                   LearningRateMonitor("step")])
     data.batch_size = per_device_batch(r.batch_size, trainer.world_size)
     model = FineTuning(classifier, recipe_from(cfg, r.batch_size))
     trainer.fit(model, datamodule=datamodule)
     last = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
     results = {"top1": last["val/top1"], "top5": last["val/top5"],
-               **{k.removeprefix("val/"): v for k, v in last.items() if "ema_top" in k},
-               "best_top1": float(best.best_model_score or float("nan"))}
+               **{k.removeprefix("val/"): v for k, v in last.items() if "ema_top" in k}}
+    results["best_top1"] = keep_best(best, checkpoints / "last.ckpt", results["top1"],
+                                     trainer.is_global_zero)
     if trainer.is_global_zero:
         summary = {"source": source, "run_dir": str(out), "results": results,
                    "epochs": trainer.current_epoch, "steps": trainer.global_step,
-                   "lr": model.recipe.lr, "checkpoints": {"best": best.best_model_path,
+                   "lr": model.recipe.lr, "checkpoints": {"best": str(checkpoints / "best.ckpt"),
                                                           "last": str(checkpoints / "last.ckpt")},
                    "finetune": OmegaConf.to_container(r, resolve=True)}
         (out / RESULTS_FILE).write_text(json.dumps(summary, indent=2))
@@ -129,6 +132,18 @@ def finetune(cfg: DictConfig, out: Path) -> dict:
               f"(best top-1 {100 * results['best_top1']:.2f}%)")
         print(f"results: {out / RESULTS_FILE}")
     return results
+
+
+def keep_best(best: ModelCheckpoint, last: Path, last_top1: float, writer: bool) -> float:
+    """The best top-1 over the evaluations during training and the final one of the last
+    weights (which training validates only when the last epoch is a multiple of
+    ``eval_every``); ``best.ckpt`` becomes ``last.ckpt`` when the final one is the best."""
+    score = float("-inf") if best.best_model_score is None else float(best.best_model_score)
+    if last_top1 <= score:
+        return score
+    if writer:
+        shutil.copyfile(last, Path(best.dirpath) / "best.ckpt")
+    return last_top1
 
 
 @hydra.main(config_path="../conf", config_name="finetune", version_base="1.3")
