@@ -9,9 +9,10 @@ import csv
 import json
 import random
 
+import lightning as L
 import pytest
 import torch
-from conftest import CONF_DIR, TINY_VIT, tiny_backbone
+from conftest import CONF_DIR, TINY_VIT, digits_module, tiny_backbone
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from runs import TWO_CPU_PROCESSES, losses, run
@@ -19,9 +20,10 @@ from runs import TWO_CPU_PROCESSES, losses, run
 from m3i_lightning.data.views import RandomView
 from m3i_lightning.errors import ConfigError
 from m3i_lightning.export import export_backbone
-from m3i_lightning.finetune import Classifier, layer_decay_groups
+from m3i_lightning.finetune import Classifier, FineTuning, Recipe, layer_decay_groups
 from m3i_lightning.finetune.augment import RecipeView
-from m3i_lightning.finetune.command import build_classifier, recipe_from
+from m3i_lightning.finetune.command import FineTuningData, build_classifier, recipe_from
+from m3i_lightning.text import ByteTokenizer
 
 LR, DECAY, WEIGHT_DECAY = 1e-3, 0.5, 0.05
 # The layer of each parameter of a depth-2 ViT, written out: embeddings and the class token
@@ -175,3 +177,16 @@ def test_fsdp2_fine_tuning_tracks_ddp(tmp_path):
     for name, value in replicated["state_dict"].items():
         torch.testing.assert_close(sharded["state_dict"][name], value, rtol=1e-4, atol=1e-6,
                                    msg=name)
+
+
+def test_unlabelled_training_images_stop_the_run_with_a_clear_error():
+    """Cross-entropy would silently ignore label -100: a batch holding one is refused."""
+    L.seed_everything(0)
+    dm = digits_module(ByteTokenizer(16), batch_size=8, fields={"view1", "label"})
+    dm.labels_on = False  # every record without a label
+    model = FineTuning(tiny_classifier(), Recipe(warmup_epochs=0))
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, accelerator="cpu")
+    with pytest.raises(ConfigError, match="needs a label for every training image: 8 of"):
+        trainer.fit(model, datamodule=FineTuningData(dm, RecipeView(dm.view)))

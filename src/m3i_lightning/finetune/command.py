@@ -53,6 +53,15 @@ class FineTuningData(L.LightningDataModule):
     def val_dataloader(self):
         return split_loader(self.data, "val")
 
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Refuse unlabelled training images while the labels are still on the host (no
+        device sync): cross-entropy would silently ignore them."""
+        if self.trainer.training and (batch["label"] < 0).any():
+            missing = int((batch["label"] < 0).sum())
+            raise ConfigError(f"fine-tuning needs a label for every training image: {missing} "
+                              f"of a batch of {len(batch['label'])} have none")
+        return batch
+
 
 class StoreFineTuningConfig(L.Callback):
     """The resolved fine-tuning config in every checkpoint, under its own key (these are not

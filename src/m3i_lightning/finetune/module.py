@@ -95,15 +95,13 @@ class FineTuning(L.LightningModule):
         return self.classifier(images)
 
     def on_fit_start(self) -> None:
-        """Identical weights on every rank, then each rank its own drop-path and mixing draws."""
+        """Identical weights on every rank, then each rank its own drop-path draws (Mixup's λ
+        comes from NumPy's stream, the same on every rank, as for one global batch)."""
         if self.trainer.world_size > 1:
             torch.manual_seed(torch.initial_seed() + self.global_rank)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images, labels = batch["view1"], batch["label"]
-        if (labels < 0).any():
-            raise ConfigError(f"fine-tuning needs a label for every training image: "
-                              f"{int((labels < 0).sum())} of a batch of {len(labels)} have none")
         if self.mixup is not None:
             if len(labels) % 2:
                 raise ConfigError(f"mixup / cutmix pair the images of a batch: the per-rank "
@@ -160,6 +158,7 @@ class FineTuning(L.LightningModule):
                                     r.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=r.lr, betas=tuple(r.betas))
         total = int(self.trainer.estimated_stepping_batches)
+        self.trainer.fit_loop.setup_data()  # the epoch length, also when max_steps ends the run
         per_epoch = math.ceil(self.trainer.num_training_batches
                               / self.trainer.accumulate_grad_batches)
         warmup = int(r.warmup_epochs * per_epoch)
