@@ -23,13 +23,14 @@ TWO_CPU_PROCESSES = ["trainer.accelerator=cpu", "trainer.devices=2"]
 
 
 def run(*args: str, cwd: Path | None = None, prelude: str | None = None,
-        check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m m3i_lightning *args``, one thread per process (the machine is shared).
-    ``prelude``: Python run first in the same process (to inject a failure)."""
+        check: bool = True, module: str = "m3i_lightning") -> subprocess.CompletedProcess:
+    """``python -m <module> *args`` (the pre-training command by default), one thread per
+    process (the machine is shared). ``prelude``: Python run first in the same process (to
+    inject a failure into the pre-training command)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
     if prelude is None:
-        command = [sys.executable, "-m", "m3i_lightning", *args]
+        command = [sys.executable, "-m", module, *args]
     else:
         command = [sys.executable, "-c", f"{prelude}\nfrom m3i_lightning.cli import main\nmain()",
                    *args]

@@ -77,7 +77,8 @@ def evaluate(model: TrainedModel, datamodule, knn: Mapping, probe: Mapping,
         log.warning("the held-out split has only %d labelled images for %d classes: its top-1 "
                     "is mostly noise; give a bigger one with %s", sizes["val"], num_classes,
                     held_out_options(datamodule))
-    scores = knn_predict(*train, val[0], num_classes, knn["k"], knn["temperature"])
+    scores = knn_predict(*train, val[0], num_classes, knn["k"], knn["temperature"],
+                         knn.get("chunk_size"))
     results = {"knn_top1": top1(scores.argmax(-1), val[1])}
     linear = fit_linear_probe(*train, num_classes, **probe)
     results["linear_top1"] = top1(linear(val[0]).argmax(-1), val[1])

@@ -90,18 +90,21 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+def decays(name: str, parameter: nn.Parameter) -> bool:
+    """Whether weight decay applies: not to 1-D tensors (norms, biases) nor to tokens."""
+    return parameter.ndim > 1 and not any(key in name for key in NO_DECAY_NAMES)
+
+
 def param_groups(module: nn.Module, weight_decay: float,
                  exempt: Collection[nn.Parameter] = ()) -> list[dict]:
-    """Split trainable parameters: 1-D tensors (norms, biases), tokens and the ``exempt``
-    parameters (those a reference method keeps out of weight decay) get no decay."""
+    """Split trainable parameters into those with weight decay and those without (as
+    :func:`decays` says, and the ``exempt`` ones a reference method keeps out of it)."""
     exempt_ids = {id(p) for p in exempt}
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        skip = (p.ndim <= 1 or any(key in name for key in NO_DECAY_NAMES)
-                or id(p) in exempt_ids)
-        (no_decay if skip else decay).append(p)
+        (decay if decays(name, p) and id(p) not in exempt_ids else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

@@ -58,7 +58,8 @@ def _fsdp1(model: Engine) -> FSDPStrategy:
     if not torch.cuda.is_available():
         raise ConfigError("strategy=fsdp1 (Lightning FSDPStrategy) needs CUDA GPUs; use "
                           "strategy=fsdp (FSDP2), which also runs on CPU")
-    averaged = sorted(name for name, objective in model.objectives().items()
+    objectives = model.objectives() if isinstance(model, Engine) else {}
+    averaged = sorted(name for name, objective in objectives.items()
                       if objective.momentum_pairs())
     if averaged:
         raise ConfigError(f"strategy=fsdp1 cannot average the heads of {averaged} shard by "

@@ -1,0 +1,3 @@
+from m3i_lightning.finetune.command import main
+
+main()
