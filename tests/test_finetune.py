@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from runs import TWO_CPU_PROCESSES, losses, run
 
-from m3i_lightning.data.views import RandomView
+from m3i_lightning.data.views import CropSet
 from m3i_lightning.errors import ConfigError
 from m3i_lightning.export import export_backbone
 from m3i_lightning.finetune import Classifier, FineTuning, Recipe, layer_decay_groups
@@ -87,19 +87,19 @@ def test_pretrained_weights_arrive_and_the_pooling_switch_keeps_every_other_weig
 
 
 def test_recipe_view_draws_from_the_sample_seed_only():
-    view = RecipeView(RandomView(16), crop_scale=(0.3, 1.0), auto_augment="rand-m9-mstd0.5-inc1",
-                      reprob=0.5)
+    view = RecipeView(CropSet(16, (0.2, 1.0)), crop_scale=(0.3, 1.0),
+                      auto_augment="rand-m9-mstd0.5-inc1", reprob=0.5)
     image = torch.rand(3, 24, 24)
     random.seed(5)
     torch.manual_seed(5)
     before = (random.random(), torch.rand(1))
     random.seed(5)
     torch.manual_seed(5)
-    first, _ = view(image, random.Random(7))
-    second, _ = view(image, random.Random(7))
+    first, _ = view("view1", image, random.Random(7))
+    second, _ = view("view1", image, random.Random(7))
     assert (random.random(), torch.rand(1)) == before  # the global streams are untouched
     assert first.shape == (3, 16, 16) and torch.equal(first, second)
-    assert not torch.equal(first, view(image, random.Random(8))[0])
+    assert not torch.equal(first, view("view1", image, random.Random(8))[0])
 
 
 def test_short_finetune_beats_chance_and_writes_its_results(tmp_path):

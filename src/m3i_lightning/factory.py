@@ -69,7 +69,9 @@ def student_backbone(cfg: DictConfig) -> Backbone:
 
 
 def local_crop_count(cfg: DictConfig) -> int:
-    return int((cfg.data.get("local_crops") or {}).get("count", 0))
+    """Local crops per sample of the run's data (0 for a config without ``data.local_crops``,
+    such as one written before multi-crop)."""
+    return int(((cfg.get("data") or {}).get("local_crops") or {}).get("count", 0))
 
 
 def build_backbone(cfg: Mapping) -> Backbone:

@@ -7,10 +7,12 @@ flag. With it a decoder query can be placed at the location of the other view it
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
@@ -19,6 +21,22 @@ from torch import Tensor
 from m3i_lightning.plan import GLOBAL_VIEWS, local_view_names
 
 IDENTITY_GEOMETRY = (0.0, 0.0, 1.0, 1.0, 0.0)
+
+
+@contextlib.contextmanager
+def seeded_globals(rng: random.Random):
+    """Run the block with Python's, NumPy's and torch's global generators seeded from
+    ``rng`` (timm's transforms draw from all three), then restore them."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(rng.getrandbits(64))
+    np.random.seed(rng.getrandbits(32))
+    torch.default_generator.manual_seed(rng.getrandbits(63))  # the CPU stream alone: cheap
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
 
 
 def crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -95,10 +113,9 @@ class RandomView:
         if flipped:
             view = TF.horizontal_flip(view)
         if self.photometric is not None:
-            # torchvision draws from torch's generator: seed it from the sample's own stream,
-            # so a view stays a function of its seed (any worker, and after a resume)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(rng.randrange(2**63))
+            # torchvision draws from the global generators: seeded from the sample's own
+            # stream, a view stays a function of its seed (any worker, and after a resume)
+            with seeded_globals(rng):
                 view = self.photometric(view)
         geometry = torch.tensor([top / h, left / w, ch / h, cw / w, float(flipped)])
         return self.normalize(view), geometry
