@@ -175,3 +175,40 @@ def test_zero_steps_write_the_initial_checkpoint_and_metrics(tmp_path):
     assert checkpoint["global_step"] == 0 and "m3i_config" in checkpoint
     assert (tmp_path / "metrics.csv").read_text().splitlines() == ["epoch,step", "0,0"]
     assert "kNN top-1" in done.stdout
+
+
+ENGINE_VALUES = {
+    ("mask.ratio=0", "objective=[mim_feat]"): "mask ratio (mask.ratio) 0 hides 0 of",
+    ("mask.ratio=1", "objective=[mim_feat]"): "mask ratio (mask.ratio) must be in [0, 1)",
+    ("mask.ratio=1.5", "objective=[mim_feat]"): "must be in [0, 1), got 1.5",
+    ("mask.ratio=-0.5", "objective=[mim_feat]"): "must be in [0, 1), got -0.5",
+    ("mask.kind=nope", "objective=[mim_feat]"): "unknown mask kind 'nope' (mask.kind)",
+    ("data.batch_size=1", "objective=[inst_disc]"): "'inst_disc' needs a per-process batch",
+    ("data.batch_size=1", "objective=[clip]"): "'clip' needs a per-process batch of at least 2",
+    ("+optim.bogus=1",): "optim: unknown option(s) ['bogus']",
+}
+
+
+def test_engine_values_that_cannot_work_are_one_line(tmp_path, capsys, monkeypatch):
+    """What the engine refuses at build or at setup (mask, batch of one for contrastive and
+    BatchNorm heads, unknown optimiser keys) reaches the user as one line naming the option."""
+    for args, expected in ENGINE_VALUES.items():
+        line = train_fails(capsys, monkeypatch, tmp_path / "engine", *args)
+        assert expected in line, (args, line)
+    assert not (tmp_path / "engine" / "checkpoints").exists()
+
+
+def test_a_frozen_teacher_wider_than_its_heads_is_one_line(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import save_file
+
+    from m3i_lightning.backbone import Backbone
+
+    wide = Backbone("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=48, depth=1,
+                    num_heads=2)
+    save_file(wide.model.state_dict(), tmp_path / "wide.safetensors")
+    line = train_fails(capsys, monkeypatch, tmp_path / "wide", "objective=[global_distill]",
+                       "teacher.kind=frozen", f"teacher.checkpoint={tmp_path / 'wide.safetensors'}",
+                       "teacher.arch=vit_tiny_patch16_224",
+                       "teacher.model_args={img_size: 16, patch_size: 4, embed_dim: 48, depth: 1, "
+                       "num_heads: 2}")
+    assert "48 wide" in line and "['global_distill']" in line and "target_dim" in line
