@@ -5,6 +5,7 @@ the very trajectory of an uninterrupted run."""
 from __future__ import annotations
 
 import os
+import textwrap
 import time
 
 import pytest
@@ -64,21 +65,26 @@ def test_resume_auto_takes_the_newest_checkpoint_of_the_run_folder(tmp_path):
         resume_path(str(tmp_path / "missing.ckpt"), tmp_path)
 
 
+def on_second_save(failure: str) -> str:
+    """A prelude for the pre-training process: ``torch.save`` writes the first checkpoint,
+    then runs ``failure`` instead of the second (``obj``, ``f``, ``real_save`` in scope)."""
+    return ("import errno, io, os, signal, torch\n"
+            "real_save, calls = torch.save, []\n"
+            "def save(obj, f, *args, **kwargs):\n"
+            "    calls.append(1)\n"
+            "    if len(calls) < 2:\n"
+            "        return real_save(obj, f, *args, **kwargs)\n"
+            + textwrap.indent(textwrap.dedent(failure), "    ") + "torch.save = save\n")
+
+
 # Kill the process with SIGKILL half-way through writing its second checkpoint.
-KILL_ON_SECOND_SAVE = """
-import io, os, signal, torch
-real_save, calls = torch.save, []
-def save(obj, f, *args, **kwargs):
-    calls.append(1)
-    if len(calls) < 2:
-        return real_save(obj, f, *args, **kwargs)
+KILL_ON_SECOND_SAVE = on_second_save("""
     data = io.BytesIO()
     real_save(obj, data, *args, **kwargs)
     f.write(data.getvalue()[: len(data.getvalue()) // 2])
     f.flush()
     os.kill(os.getpid(), signal.SIGKILL)
-torch.save = save
-"""
+""")
 
 
 def test_run_killed_while_saving_resumes_exactly(tmp_path):
@@ -106,17 +112,10 @@ def test_run_killed_while_saving_resumes_exactly(tmp_path):
     assert resumed == {step: expected[step] for step in resumed}
 
 
-DISK_FULL_ON_SECOND_SAVE = """
-import errno, torch
-real_save, calls = torch.save, []
-def save(obj, f, *args, **kwargs):
-    calls.append(1)
-    if len(calls) < 2:
-        return real_save(obj, f, *args, **kwargs)
+DISK_FULL_ON_SECOND_SAVE = on_second_save("""
     f.write(b"half a checkpoint")
     raise OSError(errno.ENOSPC, "No space left on device")
-torch.save = save
-"""
+""")
 
 
 def test_disk_full_while_saving_ends_the_run_in_one_line_and_keeps_the_previous_checkpoint(
