@@ -4,7 +4,6 @@ normalised std, and the warning on a collapsed representation."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,22 +31,31 @@ def test_normalised_std_is_zero_when_collapsed_and_near_one_over_root_d_when_spr
     assert normalised_std(torch.randn(4096, 32)).item() == pytest.approx(32 ** -0.5, rel=0.05)
 
 
-class Constant(torch.nn.Module):
-    """A collapsed encoder: the same feature for every image."""
+class Constant:
+    """A collapsed engine: the same feature for every image, no teacher."""
 
-    def forward(self, images):
-        return SimpleNamespace(global_feature=torch.ones(images.shape[0], 16))
+    def global_features(self, images):
+        return torch.ones(images.shape[0], 16), None
+
+
+class Fresh:
+    """A freshly initialised ViT, no teacher."""
+
+    def __init__(self):
+        self.backbone = tiny_backbone().eval()
+
+    def global_features(self, images):
+        return self.backbone(images).global_feature, None
 
 
 def test_a_collapsed_representation_warns_and_a_fresh_one_does_not(recwarn):
     health = RepresentationHealth()
     images = torch.randn(32, 3, 16, 16)
-    values, dim = health.measure(SimpleNamespace(backbone=Constant(), teacher=None), images)
+    values, dim = health.measure(Constant(), images)
     with pytest.warns(UserWarning, match="collapsing at step 7"):
         health.warn_if_collapsed(values, dim, 7)
     torch.manual_seed(0)
-    fresh = SimpleNamespace(backbone=tiny_backbone().eval(), teacher=None)
-    values, dim = health.measure(fresh, images)
+    values, dim = health.measure(Fresh(), images)
     health.warn_if_collapsed(values, dim, 8)
     assert not [w for w in recwarn if "collapsing" in str(w.message)]
     assert values["rankme"].item() > 2

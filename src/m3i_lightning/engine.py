@@ -193,6 +193,14 @@ class Engine(L.LightningModule):
         (:class:`~m3i_lightning.monitors.ProbeMonitor`), so the engine stays metric-free."""
         return self.backbone(batch["image"]).global_feature.detach()
 
+    @torch.no_grad()
+    def global_features(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The student's and the teacher's (None without one) global features of ``images``,
+        for the health monitors (:mod:`m3i_lightning.health`); a step method, so a sharded
+        engine gathers its weights for it."""
+        student = self.backbone(images).global_feature
+        return student, None if self.teacher is None else self.teacher(images).global_feature
+
     def objective_pictures(self, batch: dict) -> dict[str, dict[str, Tensor]]:
         """Pictures of every objective that draws some (:meth:`Objective.pictures`), from the
         first reading of each; drawn by :class:`~m3i_lightning.pictures.ReconstructionGrid`.

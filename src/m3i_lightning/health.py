@@ -56,14 +56,13 @@ class RepresentationHealth(L.Callback):
         self.warn_if_collapsed(values, dim, step)
 
     @torch.no_grad()
-    def measure(self, pl_module, images: Tensor) -> tuple[dict[str, Tensor], int]:
-        """The health values of ``pl_module``'s backbone on ``images``, and the feature width."""
-        features = pl_module.backbone(images).global_feature
+    def measure(self, engine, images: Tensor) -> tuple[dict[str, Tensor], int]:
+        """The health values of the engine's features of ``images`` (its ``global_features``:
+        student, teacher or None), and the feature width."""
+        features, target = engine.global_features(images)
         values = {"rankme": rankme(features), "std": normalised_std(features)}
-        if getattr(pl_module, "teacher", None) is not None:
-            target = pl_module.teacher(images).global_feature
-            if target.shape == features.shape:
-                values["teacher_cosine"] = F.cosine_similarity(features, target, dim=-1).mean()
+        if target is not None and target.shape == features.shape:
+            values["teacher_cosine"] = F.cosine_similarity(features, target, dim=-1).mean()
         return values, features.shape[-1]
 
     def warn_if_collapsed(self, values: dict[str, Tensor], dim: int, step: int) -> None:

@@ -19,7 +19,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 # The engine's entry points that run the model, each registered as a forward of the root.
-FORWARD_METHODS = ("training_step", "validation_step", "objective_pictures")
+FORWARD_METHODS = ("training_step", "validation_step", "objective_pictures",
+                   "global_features")
 
 
 def block_classes(model: nn.Module) -> set[type[nn.Module]]:
