@@ -1,4 +1,4 @@
-"""Visible-token encoding of the timm ViT wrapper against a sequence built by hand."""
+"""Visible-token encoding of the ViT backbone against a sequence built by hand."""
 
 from __future__ import annotations
 
@@ -91,12 +91,16 @@ def test_masked_encoding_shapes(backbone):
 def test_masked_encoding_backpropagates(backbone):
     x = images(2)
     out = backbone(x, torch.tensor([[0, 5], [3, 9]]))
-    (out.tokens.sum() + out.global_feature.sum()).backward()
+    # random weights: a plain sum has a zero gradient through the final LayerNorm
+    g = torch.Generator().manual_seed(2)
+    loss = (out.tokens * torch.randn(out.tokens.shape, generator=g)).sum()
+    (loss + (out.global_feature * torch.randn(out.global_feature.shape, generator=g)).sum()
+     ).backward()
     m = backbone.model
     for param in (m.patch_embed.proj.weight, m.pos_embed, m.cls_token, m.norm.weight):
-        assert param.grad is not None and param.grad.abs().sum() > 0
+        assert param.grad is not None and param.grad.norm() > 1e-3
     # only the visible patches' position embeddings (and the cls slot) get a gradient
-    used = m.pos_embed.grad[0].abs().sum(-1) > 0
+    used = m.pos_embed.grad[0].norm(dim=-1) > 1e-3
     assert used.tolist() == [i in (0, 1, 4, 6, 10) for i in range(17)]
 
 
@@ -113,9 +117,9 @@ def test_unknown_arch():
         Backbone("not_a_real_vit")
 
 
-def test_non_vit_arch_is_rejected():
-    with pytest.raises(ValueError, match="not a ViT"):
-        Backbone("resnet10t")
+def test_arch_outside_the_families_is_rejected_naming_them():
+    with pytest.raises(ValueError, match="efficientnet.*convnext.*swin.*resnet.*vit"):
+        Backbone("efficientnet_b0")
 
 
 def test_timm_kwargs_are_kept_for_export():
