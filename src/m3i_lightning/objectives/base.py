@@ -104,6 +104,12 @@ class Objective(L.LightningModule):
         self.target_width = embed_dim
         self._momentum_heads: tuple[str, ...] = ()
 
+    @classmethod
+    def reads_tokens(cls) -> bool:
+        """The loss reads ``encoded.tokens``: every objective with a dense target does, so a
+        backbone without dense tokens (ResNet) cannot serve it."""
+        return getattr(cls, "target_repr", "").startswith("dense")
+
     def add_momentum_copy(self, head: str) -> None:
         """Register ``momentum_<head>``: a stop-gradient copy of the sub-module ``head`` that
         follows it by EMA with the teacher's momentum, as the reference methods average their
