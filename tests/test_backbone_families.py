@@ -392,3 +392,33 @@ def test_short_fit_on_a_fixed_batch_lowers_the_loss(family, name, batch32, other
         model.update_teacher(step, 30)
     after = measured_loss(model, batch32, name, queues)
     assert after < 0.9 * before, (before, after)
+
+
+# --- other image sizes (multi-crop views) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["vit", *MASKED])
+def test_an_image_of_another_size_is_encoded_on_its_own_grid(family):
+    """ConvNeXt takes any multiple of its stride; ViT and Swin with timm's
+    ``dynamic_img_size=True``. Masks index the grid of :meth:`Backbone.grid_for`."""
+    if family == "vit":
+        backbone = tiny_backbone(img_size=32, dynamic_img_size=True).eval()
+    else:
+        backbone = family_backbone(family, **({"dynamic_img_size": True} if family == "swin"
+                                              else {})).eval()
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(6))
+    rows, cols = backbone.grid_for(48)
+    assert (rows, cols) == (48 // backbone.patch_size,) * 2
+    cells = torch.arange(rows * cols)
+    visible, hidden = cells[::3].expand(2, -1), cells[cells % 3 != 0].expand(2, -1)
+    with torch.no_grad():
+        full, masked = backbone(x), backbone(x, visible, hidden)
+        features = backbone.model.forward_features(x)
+    if family == "vit":
+        features = features[:, backbone.num_prefix_tokens:]
+    elif family == "convnext":
+        features = features.flatten(2).transpose(1, 2)
+    else:
+        features = features.flatten(1, 2)
+    torch.testing.assert_close(full.tokens, features)
+    assert masked.tokens.shape == (2, visible.shape[1], backbone.embed_dim)
