@@ -329,6 +329,20 @@ def test_blocks_are_the_sharding_units_with_the_predictor_blocks(family):
     assert len(sharding.transformer_blocks(model)) == teachers * depth + len(predictors)
 
 
+def test_compile_takes_conv_blocks_static_and_transformer_blocks_dynamic(monkeypatch):
+    """ConvNeXt's block class runs at every stage's width: compiled with dynamic shapes,
+    inductor fails on the symbolic channel count (torch 2.14); static, it recompiles per
+    stage. (Compiling itself takes minutes on a CPU, so only the choice is tested here.)"""
+    backbone = family_backbone("convnext")
+    model = MultiObjective(backbone, heads(["mim_feat", "cls"], backbone))
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kw: calls.append((type(self).__name__, kw["dynamic"])))
+    sharding.compile_blocks(model)
+    assert sorted(set(calls)) == [("Block", None), ("ConvNeXtBlock", False)]
+    assert len(calls) == len(sharding.transformer_blocks(model))
+
+
 @pytest.mark.parametrize("family", MASKED)
 def test_activation_checkpointing_gives_the_same_gradients(family):
     visible, hidden = random_split(2, 6)

@@ -60,11 +60,15 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 def compile_blocks(model: nn.Module) -> None:
-    """``torch.compile`` each block in place: parameter names (and so checkpoints)
-    stay unchanged, and the masked, variable-length token sequences outside the blocks stay
-    eager."""
+    """``torch.compile`` each block in place: parameter names (and so checkpoints) stay
+    unchanged, and the masked, variable-length token sequences outside the blocks stay
+    eager. The blocks of a backbone declaring ``static_shapes`` are compiled for fixed shapes."""
+    from m3i_lightning.backbone import Backbone
+
+    static = {id(block) for m in model.modules() if isinstance(m, Backbone) and m.static_shapes
+              for block in m.blocks()}
     for block in transformer_blocks(model):
-        block.compile()
+        block.compile(dynamic=False if id(block) in static else None)
 
 
 def shard(model: nn.Module, mesh) -> None:

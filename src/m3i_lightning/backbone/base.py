@@ -67,6 +67,9 @@ class Backbone(nn.Module):
     timm_takes_img_size: ClassVar[bool] = True
     supports_masking: ClassVar[bool] = True
     supports_dense: ClassVar[bool] = True
+    # torch.compile the blocks for static shapes: a block class whose instances see other
+    # shapes (ConvNeXt's stages) makes inductor guess symbolic channel counts it then fails on.
+    static_shapes: ClassVar[bool] = True
     FAMILIES: ClassVar[dict[str, type[Backbone]]] = {}  # family name -> class
 
     def __init_subclass__(cls, **kwargs) -> None:

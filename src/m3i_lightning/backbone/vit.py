@@ -19,6 +19,7 @@ class VisionTransformerBackbone(Backbone):
     family = "vit"
     timm_class = VisionTransformer
     timm_modules = ("vision_transformer", "deit")
+    static_shapes = False  # the visible-token count differs between student and teacher
 
     def __init__(self, arch: str = "vit_tiny_patch16_224", img_size: int | Sequence[int] = 224,
                  **timm_kwargs) -> None:
