@@ -139,7 +139,8 @@ def test_full_encoding_is_timm_forward(family):
     torch.testing.assert_close(out.global_feature, pooled)
     grid = features if family == "swin" else features.permute(0, 2, 3, 1)
     torch.testing.assert_close(out.tokens, grid.flatten(1, 2))
-    torch.testing.assert_close(backbone.pool(out.tokens), pooled)
+    if backbone.supports_masking:  # pooling a subset of the tokens is for masked inputs
+        torch.testing.assert_close(backbone.pool(out.tokens), pooled)
 
 
 # --- SimMIM mask tokens --------------------------------------------------------------------------

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from timm.models import resnet
 from torch import Tensor, nn
 
-from m3i_lightning.backbone.base import Backbone, Encoded, Part
+from m3i_lightning.backbone.base import Backbone, Encoded
 
 
 class ResNetBackbone(Backbone):
     """A timm ResNet (ResNet, ResNeXt, SE-ResNet, ...). It takes no masked input and offers
     no dense tokens (``tokens`` is its last stage's map, for inspection); the engine refuses
-    the objectives that need either."""
+    the objectives that need either, and the mix, so it has no parts to compose or pool."""
 
     family = "resnet"
     timm_class = resnet.ResNet
@@ -26,25 +24,10 @@ class ResNetBackbone(Backbone):
         m = self.model
         return [block for layer in (m.layer1, m.layer2, m.layer3, m.layer4) for block in layer]
 
-    def embed(self, images: Tensor) -> Tensor:
-        return images
-
-    def features(self, images: Tensor, visible_index: Tensor | None = None) -> Tensor:
-        """The last stage's map [B, D, H, W]."""
+    def forward(self, images: Tensor, visible_index: Tensor | None = None,
+                masked_index: Tensor | None = None) -> Encoded:
         if visible_index is not None:
             raise ValueError(f"'{self.arch}' (a ResNet) encodes whole images only: no masked "
                              "or mixed input")
-        return self.model.forward_features(images)
-
-    def encode_parts(self, parts: Sequence[Part]) -> list[Tensor]:
-        if len(parts) != 1:
-            raise ValueError(f"'{self.arch}' (a ResNet) encodes one whole image at a time")
-        return [self.features(*parts[0]).flatten(2).transpose(1, 2)]
-
-    def pool(self, tokens: Tensor) -> Tensor:
-        return self.model.forward_head(tokens.transpose(1, 2).unsqueeze(-1), pre_logits=True)
-
-    def forward(self, images: Tensor, visible_index: Tensor | None = None,
-                masked_index: Tensor | None = None) -> Encoded:
-        x = self.features(images, visible_index)
+        x = self.model.forward_features(images)
         return Encoded(x.flatten(2).transpose(1, 2), self.model.forward_head(x, pre_logits=True))
