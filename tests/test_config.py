@@ -13,8 +13,8 @@ import pytest
 import timm
 import yaml
 from hydra import compose, initialize_config_dir
-from timm.models.vision_transformer import VisionTransformer
 
+from m3i_lightning.backbone import family_of
 from m3i_lightning.data import DATA_MODULES
 from m3i_lightning.engine import Engine
 from m3i_lightning.factory import accepted_options
@@ -65,10 +65,15 @@ def test_every_objective_has_a_yaml_and_every_yaml_an_objective():
 
 
 @pytest.mark.parametrize("path", sorted((CONF / "backbone").glob("*.yaml")), ids=lambda p: p.stem)
-def test_backbone_yaml_keys_are_timm_vit_arguments(path):
+def test_backbone_yaml_keys_are_arguments_of_the_family_timm_class(path):
+    """Every key is an argument of the timm class the architecture's family builds
+    (VisionTransformer, SwinTransformer, ConvNeXt, ResNet), or the backbone's own img_size."""
     node = load(path)
-    assert node.pop("arch") in timm.list_models()
-    assert set(node) <= set(inspect.signature(VisionTransformer.__init__).parameters)
+    arch = node.pop("arch")
+    assert arch in timm.list_models()
+    family = family_of(arch)
+    assert set(node) <= set(inspect.signature(family.timm_class.__init__).parameters) | {
+        "img_size"}, family.family
 
 
 @pytest.mark.parametrize("path", sorted((CONF / "data").glob("*.yaml")), ids=lambda p: p.stem)

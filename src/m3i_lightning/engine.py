@@ -21,7 +21,7 @@ from m3i_lightning.backbone import Backbone, Encoded
 from m3i_lightning.errors import ConfigError, NonFiniteLossError
 from m3i_lightning.masking import MASKS, build_mask
 from m3i_lightning.mixing import check_mixable, encode_mixed, partner_rows
-from m3i_lightning.objectives.base import Objective, Targets
+from m3i_lightning.objectives.base import OBJECTIVES, Objective, Targets
 from m3i_lightning.optim import OptimConfig, build_optimizer, follow_weight_decay
 from m3i_lightning.plan import INPUT_MODES, Input, Plan, Reading, build_plan, local_view_names
 from m3i_lightning.teacher import EMATeacher, TargetEncoder, ema_
@@ -57,6 +57,7 @@ class Engine(L.LightningModule):
             raise ConfigError("mix=true mixes two images into the one shared input: it needs "
                               "input=shared")
         objectives = self.objectives()
+        _check_backbone(backbone, objectives, mix)
         self.backbone = backbone
         self.input_mode, self.mix = input_mode, mix
         self.plan: Plan = build_plan(objectives, input_mode, mix, local_view_names(local_crops))
@@ -150,7 +151,7 @@ class Engine(L.LightningModule):
     def _mask_for(self, images: Tensor):
         """The mask generator of the images' patch grid: the backbone's, or one per local-crop
         size (MSN masks its focal views too)."""
-        grid = tuple(side // self.backbone.patch_size for side in images.shape[-2:])
+        grid = self.backbone.grid_for(tuple(images.shape[-2:]))
         if grid == tuple(self.backbone.grid_size):
             return self.mask_generator
         if grid not in self._grid_masks:
@@ -367,6 +368,26 @@ def _mask_generator(plan: Plan, objectives: Mapping[str, Objective], grid: tuple
         except ValueError as err:
             raise ConfigError(f"{err} (mask.ratio)") from None
     return generator
+
+
+def _check_backbone(backbone: Backbone, objectives: Mapping[str, Objective], mix: bool) -> None:
+    """A family without masked input or dense tokens (ResNet) serves the global objectives
+    only: name the others, and the mix, before anything is built on it."""
+
+    def unserved(objective: Objective | type[Objective]) -> bool:
+        return ((objective.masked_input and not backbone.supports_masking)
+                or (objective.reads_tokens() and not backbone.supports_dense))
+
+    needs = sorted(n for n, o in objectives.items() if unserved(o))
+    needs += ["mix"] if mix and not backbone.supports_masking else []
+    if needs:
+        lacks = [what for what, has in (("masked input", backbone.supports_masking),
+                                        ("dense tokens", backbone.supports_dense)) if not has]
+        usable = sorted(n for n, o in OBJECTIVES.items() if not unserved(o))
+        raise ConfigError(
+            f"backbone '{backbone.arch}' ({backbone.family} family) gives no "
+            f"{' and no '.join(lacks)}, which {needs} need: select only objectives among "
+            f"{usable} (and mix=false), or a vit, swin or convnext backbone")
 
 
 def _check_teacher_width(teacher: TargetEncoder, objectives: Mapping[str, Objective]) -> None:

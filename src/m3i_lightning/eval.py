@@ -176,7 +176,7 @@ def evaluate_command(cfg: DictConfig, out_dir: Path, overrides=()) -> dict[str, 
     model.backbone.to(device)
     if model.clip is not None:
         model.clip.to(device)
-    cfg.data.img_size = model.backbone.model.patch_embed.img_size[0]
+    cfg.data.img_size = model.backbone.img_size[0]
     datamodule = build_datamodule(cfg.data, model.tokenizer)
     datamodule.setup("validate")
     evaluation = evaluate(model, datamodule, cfg.knn, cfg.probe, cfg.zeroshot.templates)

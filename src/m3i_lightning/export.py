@@ -42,7 +42,7 @@ def export_backbone(backbone: Backbone, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
     save_file(state, out / WEIGHTS_FILE, metadata={"architecture": backbone.arch})
-    input_size = [3, *backbone.model.patch_embed.img_size]
+    input_size = [3, *backbone.img_size]
     config = {"architecture": backbone.arch, "model_args": backbone.timm_kwargs,
               "pretrained_cfg": {"num_classes": 0, "input_size": input_size}}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
@@ -99,7 +99,9 @@ def load_exported(folder: str | Path) -> TrainedModel:
         raise ConfigError(f"backbone_dir={folder} holds no {CONFIG_FILE} and {WEIGHTS_FILE}: "
                           "give a folder written by the export, e.g. <run folder>/backbone")
     config = json.loads((folder / CONFIG_FILE).read_text())
-    backbone = Backbone(config["architecture"], **config["model_args"])
+    # ConvNeXt / ResNet take no img_size: the training size is the pretrained_cfg's input size
+    img_size = tuple(config["pretrained_cfg"]["input_size"][1:])
+    backbone = Backbone(config["architecture"], **{"img_size": img_size, **config["model_args"]})
     backbone.model.load_state_dict(read_weights(folder / WEIGHTS_FILE))
     clip_dir = folder / CLIP_DIR
     if not clip_dir.is_dir():

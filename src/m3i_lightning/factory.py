@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from m3i_lightning.backbone import Backbone
+from m3i_lightning.backbone import Backbone, family_of
 from m3i_lightning.data import DATA_MODULES
 from m3i_lightning.engine import MultiObjective
 from m3i_lightning.errors import ConfigError
@@ -63,8 +63,8 @@ def student_backbone(cfg: DictConfig) -> Backbone:
     options = _plain(cfg.backbone)
     if cfg.get("mix") and options.get("global_pool", "token") == "token":
         options.update(global_pool="avg", fc_norm=False)
-    if local_crop_count(cfg):
-        options["dynamic_img_size"] = True
+    if local_crop_count(cfg) and family_of(options["arch"]).timm_takes_img_size:
+        options["dynamic_img_size"] = True  # ViT, Swin; a ConvNeXt takes any size as it is
     return build_backbone(options)
 
 

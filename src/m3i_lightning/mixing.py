@@ -1,11 +1,11 @@
-"""M3I's multi-input encoding: two masked images mixed at patch level into one sequence."""
+"""M3I's multi-input encoding: two masked images mixed at patch level into one encoder input."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from m3i_lightning.backbone import Backbone, Encoded, gather_tokens
+from m3i_lightning.backbone import Backbone, Encoded
 from m3i_lightning.masking import MaskGenerator
 
 
@@ -37,21 +37,19 @@ def mixed_masks(mask_generator: MaskGenerator, batch_size: int,
 
 def encode_mixed(backbone: Backbone, images: Tensor, partner: Tensor,
                  mask_generator: MaskGenerator) -> tuple[Encoded, Encoded]:
-    """Encode A = ``images`` and B = ``images[partner]`` in ONE transformer pass.
+    """Encode A = ``images`` and B = ``images[partner]`` in ONE network pass.
 
-    The sequence is [prefix tokens, A's visible patches, B's visible patches], each patch with
-    the position embedding of its own image's grid. The output is split back per image, each
-    with its own visible / hidden indices and a global feature pooled over its own tokens.
+    Each image keeps its visible final-grid cells where its own grid has them: a ViT encodes
+    [prefix tokens, A's visible patches, B's visible patches], each with its own position
+    embedding; a hierarchical network one patch-embedding map holding, in every final-grid
+    cell, that cell of A or of B (or the mask token where both are hidden). The output is
+    split back per image, each with its own visible / hidden indices and a global feature
+    pooled over its own tokens.
     """
     mask_a, mask_b = mixed_masks(mask_generator, images.shape[0], images.device)
     vis_a, hid_a = mask_generator.split(mask_a)
     vis_b, hid_b = mask_generator.split(mask_b)
     x = backbone.embed(images)
-    p = backbone.num_prefix_tokens
-    patches = x[:, p:]
-    sequence = torch.cat([x[:, :p], gather_tokens(patches, vis_a),
-                          gather_tokens(patches[partner], vis_b)], dim=1)
-    tokens = backbone.encode(sequence)[:, p:]
-    tokens_a, tokens_b = tokens.split(vis_a.shape[1], dim=1)
+    tokens_a, tokens_b = backbone.encode_parts([(x, vis_a), (x[partner], vis_b)])
     return (Encoded(tokens_a, backbone.pool(tokens_a), vis_a, hid_a),
             Encoded(tokens_b, backbone.pool(tokens_b), vis_b, hid_b))

@@ -3,13 +3,14 @@
 The engine's ``configure_model`` calls :func:`configure`; Lightning runs that hook once the
 processes exist, for every strategy, so the same model scales from one CPU to many GPUs.
 
-FSDP2 layout: every transformer block (of the student, the EMA teacher, the predictors and the
-text tower) is its own ``fully_shard`` unit, then the engine is the root unit holding the rest
-(embeddings, norms, heads). Lightning calls ``training_step``, never ``forward``, so the
+FSDP2 layout: every block (of the student and the EMA teacher: ViT, Swin or ConvNeXt blocks,
+ResNet bottlenecks; of the predictors and the text tower) is its own ``fully_shard`` unit,
+then the engine is the root unit holding the rest (embeddings, stems, downsampling layers,
+norms, mask tokens, heads). Lightning calls ``training_step``, never ``forward``, so the
 steps are registered as the root's forward: the root all-gathers its parameters at the start
-of a step. Each parameter is sharded on dim 0 over the same
-mesh, so the teacher's local shard and the student's hold the same slice and the EMA update
-runs on local shards (:func:`m3i_lightning.teacher.ema_`).
+of a step. Each parameter is sharded on dim 0 over the same mesh, so the teacher's local shard
+and the student's hold the same slice and the EMA update runs on local shards
+(:func:`m3i_lightning.teacher.ema_`).
 """
 
 from __future__ import annotations
@@ -24,15 +25,19 @@ FORWARD_METHODS = ("training_step", "validation_step", "objective_pictures",
 
 
 def block_classes(model: nn.Module) -> set[type[nn.Module]]:
-    """Classes of the repeated transformer layers in ``model``: those of every timm ViT's
-    ``blocks``, and the classes a ``transformers`` model names in ``_no_split_modules`` that
+    """Classes of the repeated layers in ``model``: every backbone's blocks (ViT, Swin and
+    ConvNeXt blocks, ResNet bottlenecks), the transformer blocks of the dense objectives'
+    predictors, and the classes a ``transformers`` model names in ``_no_split_modules`` that
     it stacks in a ``ModuleList`` (its layers, not its embeddings)."""
-    from timm.models.vision_transformer import VisionTransformer
+    from m3i_lightning.backbone import Backbone
+    from m3i_lightning.predictor import TokenPredictor
 
     classes: set[type[nn.Module]] = set()
     names: set[str] = set()
     for module in model.modules():
-        if isinstance(module, VisionTransformer):
+        if isinstance(module, Backbone):
+            classes |= {type(block) for block in module.blocks()}
+        elif isinstance(module, TokenPredictor):
             classes |= {type(block) for block in module.blocks}
         names |= set(getattr(module, "_no_split_modules", None) or ())
     stacked = (layer for m in model.modules() if isinstance(m, nn.ModuleList) for layer in m)
@@ -45,8 +50,8 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute the blocks of the ViTs (timm's flag, honoured by the library's ``Backbone``)
-    and of the ``transformers`` text tower in the backward pass instead of storing their
+    """Recompute the blocks of the timm networks (timm's flag, honoured by every ``Backbone``
+    family) and of the ``transformers`` text tower in the backward pass instead of storing their
     activations."""
     for module in model.modules():
         if hasattr(module, "set_grad_checkpointing"):
@@ -56,15 +61,19 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 def compile_blocks(model: nn.Module) -> None:
-    """``torch.compile`` each transformer block in place: parameter names (and so checkpoints)
-    stay unchanged, and the masked, variable-length token sequences outside the blocks stay
-    eager."""
+    """``torch.compile`` each block in place: parameter names (and so checkpoints) stay
+    unchanged, and the masked, variable-length token sequences outside the blocks stay
+    eager. The blocks of a backbone declaring ``static_shapes`` are compiled for fixed shapes."""
+    from m3i_lightning.backbone import Backbone
+
+    static = {id(block) for m in model.modules() if isinstance(m, Backbone) and m.static_shapes
+              for block in m.blocks()}
     for block in transformer_blocks(model):
-        block.compile()
+        block.compile(dynamic=False if id(block) in static else None)
 
 
 def shard(model: nn.Module, mesh) -> None:
-    """FSDP2: each transformer block one unit, then ``model`` the root (see the module doc).
+    """FSDP2: each block one unit, then ``model`` the root (see the module doc).
 
     The root reshards after each step's forward too (FSDP2 keeps a root's parameters gathered
     by default): a validation step, which has no backward, then leaves no full copy behind,

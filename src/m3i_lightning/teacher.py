@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from m3i_lightning.backbone import Backbone
@@ -114,14 +113,14 @@ CHECKPOINT_PREFIXES = ("backbone.model.", "module.")
 
 
 def load_encoder_weights(backbone: Backbone, checkpoint: str | Path) -> None:
-    """Load a local checkpoint into ``backbone``'s timm ViT.
+    """Load a local checkpoint into ``backbone``'s timm network (any family).
 
     Accepted: a ``.safetensors`` file or a torch file (``.pth``, ``.pt``, ``.ckpt``) holding
     timm keys (this library's export, timm hub files), a Lightning checkpoint of this library
     (its student backbone is taken), a ``{'model': ...}`` wrapper (MAE, DeiT), or any layout
-    timm's own converter knows (OpenAI / open_clip CLIP, DINOv2); position embeddings are
-    resampled to the backbone's grid. Every weight of the network must be found; extra
-    entries (decoders, heads) are ignored.
+    the family's timm converter knows (OpenAI / open_clip CLIP, DINOv2, original ConvNeXt and
+    Swin releases); ViT position embeddings are resampled to the backbone's grid. Every weight
+    of the network must be found; extra entries (decoders, heads) are ignored.
     """
     path = Path(checkpoint)
     if not path.is_file():
@@ -136,7 +135,7 @@ def load_encoder_weights(backbone: Backbone, checkpoint: str | Path) -> None:
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             break
-    state = checkpoint_filter_fn(state, backbone.model)
+    state = backbone.filter_checkpoint(state)
     missing, _ = backbone.model.load_state_dict(state, strict=False)
     if missing:
         raise ValueError(f"teacher checkpoint '{path}' lacks {len(missing)} weight(s) of "

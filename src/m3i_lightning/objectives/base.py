@@ -113,6 +113,12 @@ class Objective(L.LightningModule):
         self.target_width = embed_dim
         self._momentum_heads: tuple[str, ...] = ()
 
+    @classmethod
+    def reads_tokens(cls) -> bool:
+        """The loss reads ``encoded.tokens``: every objective with a dense target does, so a
+        backbone without dense tokens (ResNet) cannot serve it."""
+        return getattr(cls, "target_repr", "").startswith("dense")
+
     def add_momentum_copy(self, head: str) -> nn.Module:
         """Register ``momentum_<head>`` (dots of a nested path as ``_``): a stop-gradient copy
         of the sub-module ``head`` that follows it by EMA with the teacher's momentum, as the
