@@ -212,3 +212,12 @@ def test_a_frozen_teacher_wider_than_its_heads_is_one_line(tmp_path, capsys, mon
                        "teacher.model_args={img_size: 16, patch_size: 4, embed_dim: 48, depth: 1, "
                        "num_heads: 2}")
     assert "48 wide" in line and "['global_distill']" in line and "target_dim" in line
+
+
+def test_unknown_config_group_choices_are_one_line_with_the_choices(capsys, monkeypatch):
+    for args, expected in ((["backbone=vit_nope"], "unknown backbone choice(s) ['vit_nope']"),
+                           (["data=nope"], "'embedded', 'hf', 'imagefolder', 'webdataset'"),
+                           (["-m", "experiment=mae,maee"], "unknown experiment choice(s)"),
+                           (["objective=[mim_feat,nope]"], "['nope']; choose from ['ae'")):
+        line = fails_with_one_line(capsys, monkeypatch, cli.main, "m3i_lightning", *args)
+        assert expected in line, line

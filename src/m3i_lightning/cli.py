@@ -41,6 +41,7 @@ from m3i_lightning.runfolder import (
 from m3i_lightning.strategies import build_strategy, check_launch, consolidated
 
 log = logging.getLogger("m3i_lightning")
+CONF_DIR = Path(__file__).parent / "conf"  # the configs shipped inside the package
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict:
@@ -113,27 +114,41 @@ def pretrain(cfg: DictConfig) -> dict:
     return results
 
 
-def check_objective_names(args: list[str]) -> None:
-    """Hydra reports an unknown member of a list override (``objective=[mim_feat,nope]``)
-    without the valid choices: name them before Hydra composes the config."""
+def check_choices(args: list[str]) -> None:
+    """Hydra reports an unknown choice of a config group (``backbone=vit_nope``, a member of
+    ``objective=[mim_feat,nope]``) in several lines of its own: name the value and the valid
+    choices in one line before Hydra composes the config. Objectives are the registered ones;
+    the other groups are the files shipped in ``conf/`` (not checked when the command adds a
+    ``hydra.searchpath``, whose folders may hold more)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     from m3i_lightning.objectives import OBJECTIVES
 
     parser = OverridesParser.create()
+    overrides = []
     for arg in args:
         try:
-            override = parser.parse_override(arg)
+            overrides.append(parser.parse_override(arg))
         except HydraException:
             continue  # a flag, or a malformed override that Hydra reports itself
-        if override.key_or_group != "objective" or override.is_delete():
+    searched = any(o.key_or_group == "hydra.searchpath" for o in overrides)
+    for override in overrides:
+        group = override.key_or_group
+        if override.is_delete() or group.startswith("hydra") or "." in group:
+            continue
+        if group == "objective":
+            choices = sorted(OBJECTIVES)
+        elif (CONF_DIR / group).is_dir() and not searched:
+            choices = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        else:
             continue
         values = override.sweep_iterator() if override.is_sweep_override() else [override.value()]
-        names = [str(n) for v in values for n in (v if isinstance(v, list) else [v])]
-        unknown = [n for n in names if n not in OBJECTIVES]
+        names = [str(n) for v in values for n in (v if isinstance(v, list) else [v])
+                 if n is not None]
+        unknown = [n for n in names if n not in choices]
         if unknown:
-            raise ConfigError(f"unknown objective(s) {unknown}; choose from {sorted(OBJECTIVES)}")
+            raise ConfigError(f"unknown {group} choice(s) {unknown}; choose from {choices}")
 
 
 FAILED_FILE = "FAILED"  # in the folder of a sweep job that failed: its error line
@@ -179,7 +194,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def main() -> float | None:
     """``python -m m3i_lightning`` / ``m3i-pretrain``: check the objective names, then run;
     a sweep with failed jobs ends with one line counting them and exit code 2."""
-    check_objective_names(sys.argv[1:])
+    check_choices(sys.argv[1:])
     result = hydra_main()
     if SWEEP.failures:
         raise M3IError(f"{len(SWEEP.failures)} of {SWEEP.jobs} sweep jobs failed (each folder "
