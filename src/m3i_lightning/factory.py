@@ -61,9 +61,11 @@ def student_backbone(cfg: DictConfig) -> Backbone:
     ``global_pool='avg', fc_norm=False``). Local crops (multi-crop) are encoded at their own
     size, with position embeddings resampled to it (timm ``dynamic_img_size``)."""
     options = _plain(cfg.backbone)
-    if cfg.get("mix") and options.get("global_pool", "token") == "token":
-        options.update(global_pool="avg", fc_norm=False)
-    if local_crop_count(cfg) and family_of(options["arch"]).timm_takes_img_size:
+    family = family_of(options["arch"])
+    if (cfg.get("mix") and family.family == "vit"
+            and options.get("global_pool", "token") == "token"):
+        options.update(global_pool="avg", fc_norm=False)  # other families already pool by mean
+    if local_crop_count(cfg) and family.timm_takes_img_size:
         options["dynamic_img_size"] = True  # ViT, Swin; a ConvNeXt takes any size as it is
     return build_backbone(options)
 
