@@ -29,8 +29,12 @@ lock: $(STAMP)
 run: install
 	$(BIN)/python -m m3i_lightning $(ARGS)
 
+# Two pytest workers (pytest-xdist), each test file on one worker: the subprocess and
+# 2-process tests wait on each other less; TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/python -m pytest tests $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests $(ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests scripts
