@@ -54,3 +54,19 @@ def assert_each_term_logged(run_dir: Path, names, steps: int) -> None:
     for name in names:
         values = [float(r[f"train/loss/{name}"]) for r in rows if r.get(f"train/loss/{name}")]
         assert len(values) == steps and all(math.isfinite(v) for v in values), (name, values)
+
+
+# A fresh interpreter that imports only torch and timm loads each folder both documented ways.
+TIMM_ONLY = """
+import json, sys, timm, torch
+for folder in sys.argv[1:]:
+    spec = json.load(open(f"{folder}/config.json"))
+    x = torch.load(f"{folder}/input.pt")
+    by_file = timm.create_model(spec["architecture"], pretrained=True,
+                                pretrained_cfg_overlay=dict(file=f"{folder}/model.safetensors"),
+                                **spec["model_args"]).eval()
+    by_dir = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    with torch.no_grad():
+        torch.save(torch.stack([by_file(x), by_dir(x)]), f"{folder}/timm_features.pt")
+assert "m3i_lightning" not in sys.modules
+"""

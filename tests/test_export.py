@@ -12,27 +12,13 @@ import lightning as L
 import pytest
 import torch
 from conftest import compose_config, tiny_backbone
+from runs import TIMM_ONLY
 
 from m3i_lightning import export
 from m3i_lightning.errors import ConfigError
 from m3i_lightning.factory import build_datamodule, build_model, build_tokenizer_from
 from m3i_lightning.restore import CONFIG_KEY, StoreConfig, TrainedModel, load_checkpoint
 from m3i_lightning.zeroshot import class_embeddings
-
-# Runs in a fresh interpreter that imports only torch and timm: the two documented ways to load.
-TIMM_ONLY = """
-import json, sys, timm, torch
-folder = sys.argv[1]
-spec = json.load(open(f"{folder}/config.json"))
-x = torch.load(f"{folder}/input.pt")
-by_file = timm.create_model(spec["architecture"], pretrained=True,
-                            pretrained_cfg_overlay=dict(file=f"{folder}/model.safetensors"),
-                            **spec["model_args"]).eval()
-by_dir = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
-with torch.no_grad():
-    torch.save(torch.stack([by_file(x), by_dir(x)]), f"{folder}/timm_features.pt")
-assert "m3i_lightning" not in sys.modules
-"""
 
 
 def test_exported_backbone_gives_identical_features_in_a_clean_timm_process(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
-from runs import run
+from runs import TIMM_ONLY, run
 from test_backbone_families import TINY_FAMILIES, family_backbone
 
 from m3i_lightning import export
@@ -24,20 +24,6 @@ from m3i_lightning.teacher import FrozenTeacher
 
 FAMILIES = ["convnext", "swin", "resnet"]
 
-# A fresh interpreter that imports only torch and timm loads each folder both documented ways.
-TIMM_ONLY = """
-import json, sys, timm, torch
-for folder in sys.argv[1:]:
-    spec = json.load(open(f"{folder}/config.json"))
-    x = torch.load(f"{folder}/input.pt")
-    by_file = timm.create_model(spec["architecture"], pretrained=True,
-                                pretrained_cfg_overlay=dict(file=f"{folder}/model.safetensors"),
-                                **spec["model_args"]).eval()
-    by_dir = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
-    with torch.no_grad():
-        torch.save(torch.stack([by_file(x), by_dir(x)]), f"{folder}/timm_features.pt")
-assert "m3i_lightning" not in sys.modules
-"""
 
 
 def timm_features(folders) -> None:
