@@ -117,15 +117,20 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def cosine_ramp(step: int, total_steps: int, start: float, end: float) -> float:
+    """``start`` at step 0 moving to ``end`` at ``total_steps`` on a half cosine: the schedule
+    of the EMA momentum (BYOL, DINO) and of DINO's weight decay."""
+    progress = min(step / max(total_steps, 1), 1.0)
+    return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
+
+
 def follow_weight_decay(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int,
                         total_steps: int) -> None:
     """Set the decayed groups' weight decay to the schedule's value at ``step`` (a cosine from
     ``weight_decay`` to ``final_weight_decay``, as DINO's); nothing without a final value."""
     if cfg.final_weight_decay is None:
         return
-    progress = min(step / max(total_steps, 1), 1.0)
-    decay = cfg.final_weight_decay - (cfg.final_weight_decay - cfg.weight_decay) * (
-        math.cos(math.pi * progress) + 1) / 2
+    decay = cosine_ramp(step, total_steps, cfg.weight_decay, cfg.final_weight_decay)
     for group in optimizer.param_groups:
         if group["weight_decay"] > 0:
             group["weight_decay"] = decay

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
 import torch
@@ -12,13 +11,13 @@ from torch import nn
 
 from m3i_lightning.backbone import Backbone
 from m3i_lightning.checkpointing import read_checkpoint
+from m3i_lightning.optim import cosine_ramp
 from m3i_lightning.sharding import local
 
 
 def cosine_momentum(step: int, total_steps: int, base: float, final: float = 1.0) -> float:
     """BYOL/DINO schedule: ``base`` at step 0 rising to ``final`` at ``total_steps`` on a cosine."""
-    progress = min(step / max(total_steps, 1), 1.0)
-    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+    return cosine_ramp(step, total_steps, base, final)
 
 
 @torch.no_grad()
