@@ -317,14 +317,9 @@ def _encode_grouped(batch: dict, keys: list[Input],
         together = encode(torch.cat(images) if len(images) > 1 else images[0], masked)
         start = 0
         for key, part in zip(group, images, strict=True):
-            encoded[key] = _rows(together, start, start + part.shape[0])
+            encoded[key] = together.select(slice(start, start + part.shape[0]))
             start += part.shape[0]
     return encoded
-
-
-def _rows(encoded: Encoded, start: int, stop: int) -> Encoded:
-    return Encoded(*(None if t is None else t[start:stop] for t in (
-        encoded.tokens, encoded.global_feature, encoded.visible_index, encoded.masked_index)))
 
 
 def _reading(reading: Reading, encoded: dict[Input, Encoded], batch: dict,

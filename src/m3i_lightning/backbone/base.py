@@ -31,8 +31,9 @@ class Encoded:
     visible_index: Tensor | None = None
     masked_index: Tensor | None = None
 
-    def select(self, rows: Tensor) -> Encoded:
-        """The same encoding for the samples ``rows`` of the batch (e.g. a permutation)."""
+    def select(self, rows: Tensor | slice) -> Encoded:
+        """The same encoding for the samples ``rows`` of the batch (a permutation, or a slice:
+        one input's part of a batched pass)."""
         return Encoded(*(None if t is None else t[rows] for t in (
             self.tokens, self.global_feature, self.visible_index, self.masked_index)))
 
