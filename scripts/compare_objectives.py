@@ -1,32 +1,50 @@
-"""Pre-train every objective of the unified table, and M3I with and without mix, on the embedded
-digits under the same budget, then print one table: objective, input, target, distribution
-form, kNN top-1 on the held-out split and wall time.
+"""Pre-train objectives of the unified table, and M3I with and without mix, on the embedded digits
+under one budget, next to the same architecture left at random init, over several seeds; print
+one table of kNN, linear-probe and (optionally) fine-tuning top-1 on the held-out split as
+mean ± std over the seeds.
 
-    python scripts/compare_objectives.py --epochs 10            # the README table
-    python scripts/compare_objectives.py --only cls mim_feat    # a subset
+    python scripts/compare_objectives.py                        # the README table
+    python scripts/compare_objectives.py --rows all --seeds 0   # every row of the unified table
+    python scripts/compare_objectives.py --only M3I random      # rows starting with these names
+    python scripts/compare_objectives.py --finetune-epochs 0    # no fine-tuning column
 
-Each run is a separate ``python -m m3i_lightning`` process with ``input=native`` (each objective
-with its reference input), the default CPU ViT and its default CPU-sized heads.
+Each pre-training is a separate ``python -m m3i_lightning`` process with ``input=native`` (each
+objective with its reference input), the default CPU ViT and its CPU-sized heads
+(``conf/scale/cpu.yaml``); the random-init rows are the same commands with
+``trainer.max_steps=0``. Fine-tuning runs ``python -m m3i_lightning.finetune`` on each row's
+checkpoint with the ``cpu`` recipe (``--finetune-epochs``). ``--jobs 2`` runs two processes at a
+time with one thread each, which on 2 cores finishes sooner than one process with two threads.
+``--curves PNG`` plots the online kNN / linear probe over training of M3I and of the best
+single objective (seed of the first run).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from m3i_lightning.objectives import OBJECTIVES
 
 # backbone=vit_cpu brings the CPU-sized heads of conf/scale/cpu.yaml to the recipe too.
 M3I = ["experiment=m3i", "backbone=vit_cpu", "global_batch_size=128"]
+UNTRAINED = "trainer.max_steps=0"
+# The default rows: the supervised and image-text references and one objective per family of
+# self-supervised target (dense pixels, dense features, global feature; intra- and inter-view).
+DEFAULT_ROWS = ("cls", "clip", "mim_pixel", "mim_feat", "sim_feat", "inst_disc (moco)",
+                "global_distill", "sim_global")
+PROTOCOLS = {"knn_top1": "kNN", "linear_top1": "linear probe", "finetune_top1": "fine-tune"}
 
 
-def runs() -> list[tuple[str, list[str]]]:
-    """(row label, overrides) for every row of the comparison."""
+def table_rows() -> list[tuple[str, list[str]]]:
+    """(label, overrides) of every objective of the unified table (each variant its own row)."""
     rows = []
     for name, family in OBJECTIVES.items():
         if family.variants:
@@ -35,68 +53,170 @@ def runs() -> list[tuple[str, list[str]]]:
                      for v in family.variants]
         else:
             rows.append((name, [f"objective=[{name}]", "input=native"]))
-    rows.append(("[mim_feat,clip,cls] shared", ["objective=[mim_feat,clip,cls]"]))
-    rows.append(("M3I (mix)", M3I))
-    rows.append(("M3I w/o mix", [*M3I, "mix=false"]))
     return rows
 
 
-def describe(label: str) -> tuple[str, str, str]:
-    """Input, target and distribution form of a row, read from the objective classes."""
-    name = label.split()[0]
-    if name not in OBJECTIVES:
-        shared = "masked view1 (A+B mixed)" if "mix)" in label else "masked view1"
-        return shared, "per objective", "Gaussian + Boltzmann"
-    obj = OBJECTIVES[name]
-    if obj.variants:
-        obj = obj.variants[label.split("(")[1].rstrip(")")]
-    source = ("masked " if obj.masked_input else "") + obj.input_view
-    target = obj.target_repr + (f" of {obj.target_view}" if obj.target_view else "")
-    return source, target, obj.form
+def runs(which: str) -> list[tuple[str, list[str]]]:
+    """The random-init baselines (the class-token ViT of the single objectives and the
+    mean-pooled ViT that a mixed M3I run evaluates), the objective rows, then M3I."""
+    objectives = [(label, o) for label, o in table_rows()
+                  if which == "all" or label in DEFAULT_ROWS]
+    return [("random init", ["objective=[cls]", UNTRAINED]),
+            ("random init (mean-pooled, as M3I mix)", [*M3I, UNTRAINED]),
+            *objectives,
+            ("M3I (mix)", M3I),
+            ("M3I w/o mix", [*M3I, "mix=false"])]
 
 
-def knn_of(run_dir: Path) -> float | None:
-    """kNN top-1 the run wrote to its ``eval.json``."""
+def run(cmd: list[str], threads: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+
+
+def pretrain_and_evaluate(label: str, overrides: list[str], seed: int, epochs: int,
+                          finetune_epochs: int, run_dir: Path, threads: int,
+                          shared: list[str]) -> dict:
+    """One row at one seed: pre-train (its end-of-run eval gives kNN and linear probe), then
+    fine-tune its checkpoint. A failed step leaves its values None and keeps the error."""
+    start = time.perf_counter()
+    result = {"objective": label, "seed": seed, "run_dir": str(run_dir)}
+    proc = run([sys.executable, "-m", "m3i_lightning", *overrides, f"seed={seed}",
+                f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false",
+                f"hydra.run.dir={run_dir}", *shared], threads)
     report = run_dir / "eval.json"
-    if not report.exists():
-        return None
-    return json.loads(report.read_text())["results"].get("knn_top1")
+    if proc.returncode or not report.exists():
+        return {**result, "error": proc.stderr[-2000:]}
+    result.update(json.loads(report.read_text())["results"])
+    if finetune_epochs:
+        ft_dir = run_dir / "finetune"
+        proc = run([sys.executable, "-m", "m3i_lightning.finetune",
+                    f"checkpoint={run_dir / 'checkpoints' / 'last.ckpt'}", f"seed={seed}",
+                    f"finetune.epochs={finetune_epochs}", "trainer.enable_progress_bar=false",
+                    f"hydra.run.dir={ft_dir}", *shared], threads)
+        if proc.returncode:
+            return {**result, "error": proc.stderr[-2000:]}
+        result["finetune_top1"] = json.loads((ft_dir / "finetune.json").read_text())[
+            "results"]["top1"]
+    return {**result, "seconds": round(time.perf_counter() - start, 1)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--only", nargs="*", help="row labels starting with these names")
-    parser.add_argument("--out", type=Path, default=Path("compare_objectives.json"))
-    args = parser.parse_args()
-    selected = [(label, o) for label, o in runs()
-                if not args.only or any(label.startswith(p) for p in args.only)]
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, (label, overrides) in enumerate(selected):
-            run_dir = Path(tmp) / f"run{i}"
-            cmd = [sys.executable, "-m", "m3i_lightning", *overrides,
-                   f"trainer.max_epochs={args.epochs}", "trainer.enable_progress_bar=false",
-                   f"hydra.run.dir={run_dir}"]
-            start = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            seconds = time.perf_counter() - start
-            if proc.returncode:
-                print(f"{label}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-            knn = knn_of(run_dir) if proc.returncode == 0 else None
-            source, target, form = describe(label)
-            results.append({"objective": label, "input": source, "target": target,
-                            "form": form, "knn_top1": knn, "seconds": round(seconds, 1)})
-            print(f"done {label}: kNN {knn}", file=sys.stderr, flush=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"{len(selected)} runs, {args.epochs} epochs each on the embedded digits "
-          "(default CPU ViT), kNN k=20 on the held-out split\n")
-    print("| objective | input | target | form | kNN top-1 | wall time |")
-    print("|---|---|---|---|---|---|")
+def summary(values: list[float]) -> str:
+    if not values:
+        return "failed"
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def aggregate(results: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """label → protocol → the values of its seeds that ran."""
+    table: dict[str, dict[str, list[float]]] = {}
     for r in results:
-        knn = "failed" if r["knn_top1"] is None else f"{100 * r['knn_top1']:.1f}%"
-        print(f"| {r['objective']} | {r['input']} | {r['target']} | {r['form']} | {knn} "
-              f"| {r['seconds']:.0f} s |")
+        row = table.setdefault(r["objective"], {key: [] for key in PROTOCOLS})
+        for key in PROTOCOLS:
+            if r.get(key) is not None:
+                row[key].append(r[key])
+    return table
+
+
+def best_single(table: dict[str, dict[str, list[float]]]) -> str | None:
+    """The objective row (not random init, not M3I) with the best mean linear probe."""
+    singles = {label: row["linear_top1"] for label, row in table.items()
+               if row["linear_top1"] and not label.startswith(("random init", "M3I"))}
+    return max(singles, key=lambda k: statistics.mean(singles[k])) if singles else None
+
+
+def plot_probe_curves(results: list[dict], labels: list[str], out: Path) -> None:
+    """Online kNN and linear probe (``val/*``, metrics.csv) against the step for ``labels``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from m3i_lightning.pictures import read_metrics
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    seed = results[0]["seed"]
+    for label in labels:
+        run_dir = next(Path(r["run_dir"]) for r in results
+                       if r["objective"] == label and r["seed"] == seed)
+        series = read_metrics(run_dir / "metrics.csv")
+        for axis, key in zip(axes, ("val/knn_top1", "val/linear_top1"), strict=True):
+            if series.get(key):
+                steps, values = zip(*series[key], strict=True)
+                axis.plot(steps, [100 * v for v in values], marker="o", label=label)
+    for axis, title in zip(axes, ("kNN top-1", "linear-probe top-1"), strict=True):
+        axis.set(title=f"{title} on the held-out digits (seed {seed})", xlabel="step",
+                 ylabel="top-1 (%)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rows", choices=["default", "all"], default="default")
+    parser.add_argument("--only", nargs="*", help="row labels starting with these names")
+    parser.add_argument("--finetune-epochs", type=int, default=3,
+                        help="epochs of the cpu fine-tuning recipe per checkpoint (0: none)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    parser.add_argument("--curves", type=Path, help="PNG of the probes over training")
+    parser.add_argument("--probe-every", type=int, default=5,
+                        help="epochs between online probes (the --curves points)")
+    parser.add_argument("--out", type=Path, default=Path("compare_objectives.json"))
+    parser.add_argument("--keep", type=Path, help="keep the run folders here")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides of every pre-training and fine-tuning, e.g. backbone.depth=2")
+    args = parser.parse_args(argv)
+    selected = [(label, o) for label, o in runs(args.rows)
+                if not args.only or any(label.startswith(p) for p in args.only)]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    root = args.keep or Path(tempfile.mkdtemp(prefix="compare_objectives_"))
+    jobs = [(label, [*o, f"trainer.check_val_every_n_epoch={args.probe_every}"], seed,
+             root / f"run{i}-seed{seed}")
+            for i, (label, o) in enumerate(selected) for seed in args.seeds]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(pretrain_and_evaluate, label, o, seed, args.epochs,
+                               args.finetune_epochs, run_dir, threads, args.set)
+                   for label, o, seed, run_dir in jobs]
+        results = []
+        for future in futures:
+            results.append(future.result())
+            r = results[-1]
+            print(f"done {r['objective']} seed {r['seed']}: "
+                  + ("failed" if "error" in r else
+                     ", ".join(f"{PROTOCOLS[k]} {100 * r[k]:.1f}" for k in PROTOCOLS if k in r)),
+                  file=sys.stderr, flush=True)
+    minutes = (time.perf_counter() - start) / 60
+    table = aggregate(results)
+    best = best_single(table)
+    args.out.write_text(json.dumps({"epochs": args.epochs, "seeds": args.seeds,
+                                    "finetune_epochs": args.finetune_epochs,
+                                    "minutes": round(minutes, 1), "best_single": best,
+                                    "runs": results}, indent=2))
+    if args.curves and best and "M3I (mix)" in table:
+        plot_probe_curves(results, ["M3I (mix)", best, "random init"], args.curves)
+    for r in results:
+        if "error" in r:
+            print(f"{r['objective']} seed {r['seed']} failed:\n{r['error']}", file=sys.stderr)
+    columns = [k for k in PROTOCOLS if any(row[k] for row in table.values())]
+    print(f"{len(jobs)} runs in {minutes:.0f} min ({args.jobs} at a time): {args.epochs} epochs "
+          f"of pre-training on the embedded digits (default CPU ViT, batch 128)"
+          + (f", then {args.finetune_epochs} epochs of the cpu fine-tuning recipe"
+             if args.finetune_epochs else "")
+          + f"; top-1 (%) on the 359 held-out digits, mean ± std over seeds {args.seeds}\n")
+    print("| objective | " + " | ".join(PROTOCOLS[k] for k in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for label, row in table.items():
+        print(f"| {label} | " + " | ".join(summary(row[k]) for k in columns) + " |")
+    if best:
+        print(f"\nbest single objective on the linear probe: {best}")
 
 
 if __name__ == "__main__":
