@@ -162,3 +162,40 @@ def test_protocol_selection_defaults_and_refuses_unknown_names():
     with pytest.raises(ConfigError, match="zero_shot needs a model trained with the clip"):
         selected_protocols(["zero_shot"], clip=False)
     assert set(PROTOCOLS) == {"knn", "linear", "zero_shot", "finetune", "segmentation"}
+
+
+def test_eval_command_runs_segmentation_and_finetune_protocols_into_one_table(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from conftest import compose_config
+
+    from m3i_lightning.eval import RESULTS_FILE, evaluate_command
+    from m3i_lightning.export import export_model
+    from m3i_lightning.restore import TrainedModel
+
+    torch.manual_seed(0)
+    folder = export_model(TrainedModel(tiny_backbone()), tmp_path / "export")
+    cfg = compose_config(f"backbone_dir={folder}", "protocols=[segmentation,finetune]",
+                         "segmentation.data.train_scenes=16", "segmentation.data.val_scenes=8",
+                         "segmentation.epochs=2", "finetune.epochs=1", "finetune.eval_every=1",
+                         "finetune.warmup_epochs=0", name="eval")
+    results = evaluate_command(cfg, tmp_path / "eval")
+    assert set(results) == {"finetune_top1", "segmentation_miou"}
+    assert 0 < results["segmentation_miou"] <= 1 and 0 <= results["finetune_top1"] <= 1
+    table = capsys.readouterr().out
+    assert "segmentation mIoU (2 epochs)" in table and "fine-tuning top-1" in table
+    saved = json.loads((tmp_path / "eval" / RESULTS_FILE).read_text())
+    assert saved["results"] == results and saved["segmentation"]["epochs"] == 2
+    assert saved["data"]["samples"] == {"segmentation_train": 16, "segmentation_val": 8}
+    finetuned = json.loads((tmp_path / "eval" / "finetune" / "finetune.json").read_text())
+    assert finetuned["results"]["top1"] == results["finetune_top1"]
+
+    script = Path(__file__).parents[1] / "scripts" / "summarize_runs.py"
+    spec = importlib.util.spec_from_file_location("summarize_runs", script)
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    shown = summarize.final_metrics(tmp_path / "eval")
+    assert shown["segmentation_miou"] == f"{100 * results['segmentation_miou']:.2f}%"
+    assert shown["finetune_top1"] == f"{100 * results['finetune_top1']:.2f}%"
