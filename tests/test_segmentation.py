@@ -199,3 +199,29 @@ def test_eval_command_runs_segmentation_and_finetune_protocols_into_one_table(tm
     shown = summarize.final_metrics(tmp_path / "eval")
     assert shown["segmentation_miou"] == f"{100 * results['segmentation_miou']:.2f}%"
     assert shown["finetune_top1"] == f"{100 * results['finetune_top1']:.2f}%"
+
+
+def test_a_dense_objective_beats_random_init_on_the_scenes():
+    """300 steps of mim_feat on the digits, probe on the scenes (4 x 4 patch grid). Measured
+    over seeds 0 and 1: random init 0.080 / 0.079, mim_feat 0.093 / 0.094 mIoU."""
+    import lightning as L
+    from conftest import compose_config
+
+    from m3i_lightning.factory import build_datamodule, build_model, build_tokenizer_from
+
+    cfg = compose_config("objective=[mim_feat]", "objective.mim_feat.predictor_dim=32",
+                         "objective.mim_feat.predictor_depth=1",
+                         "objective.mim_feat.predictor_heads=2", "data.batch_size=64",
+                         "optim.lr=2e-3")
+    options = {**tiny_options({"source": "embedded", "train_scenes": 500, "val_scenes": 200,
+                               "max_digits": 2}, num_classes=11, epochs=30), "batch_size": 64}
+    L.seed_everything(0)
+    tokenizer = build_tokenizer_from(cfg.text)
+    data = build_datamodule(cfg.data, tokenizer)
+    model = build_model(cfg, data.num_classes, tokenizer)
+    data.fields = model.batch_fields()
+    random_init = segmentation_probe(model.backbone, options).miou
+    L.Trainer(max_steps=300, limit_val_batches=0, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+              devices=1).fit(model, datamodule=data)
+    assert segmentation_probe(model.backbone, options).miou > random_init + 0.006
