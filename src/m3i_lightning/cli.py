@@ -25,7 +25,7 @@ from m3i_lightning.checkpointing import (
 from m3i_lightning.console import ParameterSummary, progress_bar, quiet_lightning
 from m3i_lightning.data.skips import SkipReport
 from m3i_lightning.errors import ConfigError, M3IError, full_trace_wanted, one_line_errors
-from m3i_lightning.eval import check_eval_options
+from m3i_lightning.eval import check_eval_options, selected_protocols
 from m3i_lightning.factory import (
     build_datamodule,
     build_model,
@@ -86,6 +86,7 @@ def pretrain(cfg: DictConfig) -> dict:
     out = Path(HydraConfig.get().runtime.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     check_eval_options(cfg.knn, cfg.probe)
+    selected_protocols(cfg.protocols, "clip" in cfg.objective)
     tokenizer = build_tokenizer_from(cfg.text)
     datamodule = build_datamodule(cfg.data, tokenizer)
     model = build_model(cfg, datamodule.num_classes, tokenizer)

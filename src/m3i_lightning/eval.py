@@ -1,6 +1,7 @@
-"""``python -m m3i_lightning.eval checkpoint=PATH`` (or ``backbone_dir=DIR``): kNN, linear-probe
-and, for models trained with clip, zero-shot top-1 on the held-out split; prints a table and
-writes ``eval.json``. The training command runs the same :func:`evaluate` at its end.
+"""``python -m m3i_lightning.eval checkpoint=PATH`` (or ``backbone_dir=DIR``): the scores of the
+``protocols`` (:data:`PROTOCOLS`; by default kNN, linear-probe and, for models trained with
+clip, zero-shot top-1 on the held-out split); prints a table and writes ``eval.json``. The
+training command runs the same :func:`run_protocols` at its end, with the same option.
 
 The model comes from the checkpoint's stored config or the exported folder; the data, at the
 model's resolution, is by default the one the checkpoint was trained on (``data=...`` chooses
@@ -42,6 +43,31 @@ def top1(predicted: Tensor, labels: Tensor) -> float:
 
 MIN_HELD_OUT, MIN_HELD_OUT_PER_CLASS = 50, 10  # below these, top-1 is mostly noise
 
+CLASSIFICATION = ("knn", "linear", "zero_shot")  # scored on features of the data's images
+PROTOCOLS = (*CLASSIFICATION, "finetune", "segmentation")
+NEEDS_LABELS = (*CLASSIFICATION, "finetune")
+
+
+def selected_protocols(protocols: Sequence[str] | None, clip: bool) -> list[str]:
+    """The protocols to run: ``protocols`` in :data:`PROTOCOLS` order, or by default kNN,
+    linear probe and, with a clip head (``clip``), zero-shot."""
+    if protocols is None:
+        return ["knn", "linear", *(["zero_shot"] if clip else [])]
+    check_protocols(protocols)
+    if "zero_shot" in protocols and not clip:
+        raise ConfigError("protocol zero_shot needs a model trained with the clip objective")
+    return [p for p in PROTOCOLS if p in protocols]
+
+
+def check_protocols(protocols: Sequence[str] | None) -> None:
+    """Refuse an unknown protocol name (or an empty list) before anything runs."""
+    if protocols is None:
+        return
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown or not protocols:
+        raise ConfigError(f"protocols={list(protocols)}: choose a non-empty subset of "
+                          f"{list(PROTOCOLS)}")
+
 
 @dataclass
 class Evaluation:
@@ -62,11 +88,12 @@ def _labelled(features: Tensor, labels: Tensor, split: str, datamodule) -> tuple
 
 
 def evaluate(model: TrainedModel, datamodule, knn: Mapping, probe: Mapping,
-             templates: Sequence[str] | None = None) -> Evaluation:
-    """Top-1 of every protocol the model supports. Features of the train split (memory,
-    probe training set) and of the val split (queries) are extracted once and shared;
-    ``templates``: the zero-shot prompts (``zeroshot.templates``, see :mod:`zeroshot`).
-    :class:`EmptySplitError` when a split has no labelled image."""
+             templates: Sequence[str] | None = None,
+             protocols: Sequence[str] = CLASSIFICATION) -> Evaluation:
+    """Top-1 of each of the classification ``protocols`` the model supports. Features of the
+    train split (memory, probe training set) and of the val split (queries) are extracted
+    once and shared; ``templates``: the zero-shot prompts (``zeroshot.templates``, see
+    :mod:`zeroshot`). :class:`EmptySplitError` when a split has no labelled image."""
     train = _labelled(*extract_features(model.backbone, datamodule.eval_dataloader("train")),
                       "train", datamodule)
     val = _labelled(*extract_features(model.backbone, datamodule.eval_dataloader("val")),
@@ -77,16 +104,44 @@ def evaluate(model: TrainedModel, datamodule, knn: Mapping, probe: Mapping,
         log.warning("the held-out split has only %d labelled images for %d classes: its top-1 "
                     "is mostly noise; give a bigger one with %s", sizes["val"], num_classes,
                     held_out_options(datamodule))
-    scores = knn_predict(*train, val[0], num_classes, knn["k"], knn["temperature"],
-                         knn.get("chunk_size"))
-    results = {"knn_top1": top1(scores.argmax(-1), val[1])}
-    linear = fit_linear_probe(*train, num_classes, **probe)
-    results["linear_top1"] = top1(linear(val[0]).argmax(-1), val[1])
-    if model.clip is not None:
+    results = {}
+    if "knn" in protocols:
+        scores = knn_predict(*train, val[0], num_classes, knn["k"], knn["temperature"],
+                             knn.get("chunk_size"))
+        results["knn_top1"] = top1(scores.argmax(-1), val[1])
+    if "linear" in protocols:
+        linear = fit_linear_probe(*train, num_classes, **probe)
+        results["linear_top1"] = top1(linear(val[0]).argmax(-1), val[1])
+    if model.clip is not None and "zero_shot" in protocols:
         prompts = class_prompts(datamodule, templates)
         classes = class_embeddings(model.clip, model.tokenizer, prompts)
         results["zero_shot_top1"] = top1(zero_shot_predict(model.clip, val[0], classes), val[1])
     return Evaluation(results, sizes)
+
+
+def run_protocols(model: TrainedModel, datamodule, cfg: DictConfig, out_dir: Path,
+                  protocols: Sequence[str]) -> Evaluation:
+    """Each of ``protocols`` (from :func:`selected_protocols`): the classification ones on
+    ``datamodule`` (None when none is selected), ``segmentation`` with the ``segmentation:``
+    options, ``finetune`` with the ``finetune:`` recipe in ``out_dir/finetune``."""
+    classification = [p for p in protocols if p in CLASSIFICATION]
+    evaluation = Evaluation({}, {})
+    if classification:
+        evaluation = evaluate(model, datamodule, cfg.knn, cfg.probe, cfg.zeroshot.templates,
+                              classification)
+    if "finetune" in protocols:
+        from m3i_lightning.finetune.protocol import finetune_top1
+
+        evaluation.results["finetune_top1"] = finetune_top1(model.backbone, cfg,
+                                                            Path(out_dir) / "finetune")
+    if "segmentation" in protocols:
+        from m3i_lightning.segmentation import segmentation_probe
+
+        score = segmentation_probe(model.backbone, OmegaConf.to_container(cfg.segmentation,
+                                                                          resolve=True))
+        evaluation.results["segmentation_miou"] = score.miou
+        evaluation.sizes.update({f"segmentation_{k}": v for k, v in score.sizes.items()})
+    return evaluation
 
 
 def check_eval_options(knn: Mapping, probe: Mapping) -> None:
@@ -110,19 +165,27 @@ def describe_data(data: Mapping) -> str:
     return f"data={kind}" + (f" {source}" if source else "")
 
 
-def format_table(evaluation: Evaluation, knn: Mapping, probe: Mapping, data: str = "") -> str:
-    """A Markdown table of the top-1 results, naming each protocol's settings, the data and the
+def format_table(evaluation: Evaluation, knn: Mapping, probe: Mapping, data: str = "",
+                 segmentation: Mapping | None = None) -> str:
+    """A Markdown table of the results, naming each protocol's settings, the data and the
     split sizes."""
     names = {"knn_top1": f"kNN top-1 (k={knn['k']}, T={knn['temperature']})",
              "linear_top1": f"linear-probe top-1 ({probe['epochs']} epochs)",
-             "zero_shot_top1": "zero-shot top-1 (clip prompts)"}
-    rows = [f"| {names[key]:<32} | {100 * value:6.2f}% |"
+             "zero_shot_top1": "zero-shot top-1 (clip prompts)",
+             "finetune_top1": "fine-tuning top-1 (finetune recipe)"}
+    sizes, captions = evaluation.sizes, []
+    if "val" in sizes:
+        captions.append(f"{data + ': ' if data else ''}{sizes['val']} held-out images scored "
+                        f"against {sizes['train']} training images")
+    if segmentation is not None and "segmentation_val" in sizes:
+        source = segmentation["data"]["source"]
+        names["segmentation_miou"] = f"segmentation mIoU ({segmentation['epochs']} epochs)"
+        captions.append(f"segmentation: {source} data, {sizes['segmentation_val']} held-out "
+                        f"images, probe trained on {sizes['segmentation_train']}")
+    rows = [f"| {names[key]:<36} | {100 * value:6.2f}% |"
             for key, value in evaluation.results.items()]
-    header = f"| {'held-out split':<32} | {'top-1':>7} |"
-    sizes = evaluation.sizes
-    caption = (f"{data + ': ' if data else ''}{sizes['val']} held-out images scored against "
-               f"{sizes['train']} training images")
-    return "\n".join([caption, "", header, f"|{'-' * 34}|{'-' * 9}|", *rows])
+    header = f"| {'held-out split':<36} | {'score':>7} |"
+    return "\n".join(["; ".join(captions), "", header, f"|{'-' * 38}|{'-' * 9}|", *rows])
 
 
 def report(evaluation: Evaluation, cfg: DictConfig, out_dir: Path,
@@ -130,13 +193,19 @@ def report(evaluation: Evaluation, cfg: DictConfig, out_dir: Path,
     """Print the table and write ``eval.json`` (results, their settings, the data and its
     split sizes, and what was evaluated)."""
     knn, probe = OmegaConf.to_container(cfg.knn), OmegaConf.to_container(cfg.probe)
+    segmentation = OmegaConf.to_container(cfg.segmentation, resolve=True)
     data = describe_data(cfg.data)
-    print(format_table(evaluation, knn, probe, data))
+    print(format_table(evaluation, knn, probe, data, segmentation))
+    settings = {"knn": knn, "probe": probe}
+    if "segmentation_miou" in evaluation.results:
+        settings["segmentation"] = segmentation
+    if "finetune_top1" in evaluation.results:
+        settings["finetune"] = OmegaConf.to_container(cfg.finetune, resolve=True)
     path = Path(out_dir) / RESULTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**source, "results": evaluation.results,
                                 "data": {"config": data, "samples": evaluation.sizes},
-                                "knn": knn, "probe": probe}, indent=2))
+                                **settings}, indent=2))
     return path
 
 
@@ -170,16 +239,20 @@ def data_config(cfg: DictConfig, trained: DictConfig | None, overrides) -> DictC
 def evaluate_command(cfg: DictConfig, out_dir: Path, overrides=()) -> dict[str, float]:
     """``overrides``: the command line's, which say whether it chose the data itself."""
     check_eval_options(cfg.knn, cfg.probe)
+    check_protocols(cfg.protocols)
     model, source = load_trained(cfg)
+    protocols = selected_protocols(cfg.protocols, model.clip is not None)
     cfg.data = data_config(cfg, model.config, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.backbone.to(device)
     if model.clip is not None:
         model.clip.to(device)
     cfg.data.img_size = model.backbone.img_size[0]
-    datamodule = build_datamodule(cfg.data, model.tokenizer)
-    datamodule.setup("validate")
-    evaluation = evaluate(model, datamodule, cfg.knn, cfg.probe, cfg.zeroshot.templates)
+    datamodule = None
+    if any(p in CLASSIFICATION for p in protocols):
+        datamodule = build_datamodule(cfg.data, model.tokenizer)
+        datamodule.setup("validate")
+    evaluation = run_protocols(model, datamodule, cfg, out_dir, protocols)
     print(f"results: {report(evaluation, cfg, out_dir, source)}")
     return evaluation.results
 

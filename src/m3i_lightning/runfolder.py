@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from m3i_lightning.checkpointing import checkpoints_in
 from m3i_lightning.errors import ConfigError, EmptySplitError
-from m3i_lightning.eval import evaluate, report
+from m3i_lightning.eval import NEEDS_LABELS, report, run_protocols, selected_protocols
 from m3i_lightning.export import export_model
 from m3i_lightning.health import RepresentationHealth
 from m3i_lightning.metrics_log import LogLastStep, ResumedCSVLogger, RunCSVLogger
@@ -100,7 +100,8 @@ def run_callbacks(cfg: DictConfig, datamodule, out: Path) -> list[L.Callback]:
 
 def finish_run(trainer: L.Trainer, model, datamodule, tokenizer, cfg: DictConfig,
                out: Path) -> dict:
-    """Export, evaluate (table printed, ``eval.json``) and draw the curves; rank 0 only. A
+    """Export, evaluate ``protocols`` (table printed, ``eval.json``) and draw the curves; rank
+    0 only. Data without labels runs only the protocols that need none (segmentation); a
     split without labelled images skips the evaluation with a warning naming the options that
     supply it: a finished run never turns into a crash."""
     if not trainer.is_global_zero:
@@ -110,10 +111,12 @@ def finish_run(trainer: L.Trainer, model, datamodule, tokenizer, cfg: DictConfig
     results: dict = {}
     if cfg.export:
         results["export"] = str(export_model(trained, out / EXPORT_DIR))
-    if evaluable(datamodule):
+    protocols = selected_protocols(cfg.get("protocols"), clip is not None)
+    if not evaluable(datamodule):
+        protocols = [p for p in protocols if p not in NEEDS_LABELS]
+    if protocols:
         try:
-            evaluation = evaluate(trained, datamodule, cfg.knn, cfg.probe,
-                                  cfg.zeroshot.templates)
+            evaluation = run_protocols(trained, datamodule, cfg, out, protocols)
         except EmptySplitError as err:
             log.warning("end-of-run evaluation skipped: %s", err)
         else:

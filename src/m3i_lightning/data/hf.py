@@ -65,6 +65,30 @@ def load_hf(name: str, split: str, streaming: bool) -> tuple:
                           f"loaded: {type(err).__name__}: {err}") from None
 
 
+def prepare_columns(dataset, image_columns: Sequence[str], optional: Sequence[str | None] = ()):
+    """Check the columns exist and read the image columns undecoded (images, and the masks of
+    :mod:`m3i_lightning.segmentation`), so the workers decode them with the project's rules."""
+    from datasets import Image
+
+    columns = dataset.column_names
+    if columns is not None:
+        for column in [*image_columns, *optional]:
+            if column is not None and column not in columns:
+                raise ConfigError(f"the dataset has no column '{column}'; columns: {columns}")
+    features = dataset.features or {}
+    for column in image_columns:
+        if isinstance(features.get(column), Image):
+            dataset = dataset.cast_column(column, Image(decode=False))
+    return dataset
+
+
+def image_data(cell):
+    """What an undecoded image cell holds to decode: its bytes, else its path (None: empty)."""
+    if isinstance(cell, dict):
+        return cell.get("bytes") or cell.get("path")
+    return cell
+
+
 @dataclass(frozen=True)
 class Columns:
     """Which columns hold the image, caption and label, and how many classes there are."""
@@ -76,9 +100,7 @@ class Columns:
 
     def record(self, row: dict, name: str) -> tuple | BadSample:
         """(image data, label, caption, name) of one row, or why it cannot be used."""
-        image = row.get(self.image)
-        if isinstance(image, dict):
-            image = image.get("bytes") or image.get("path")
+        image = image_data(row.get(self.image))
         if image is None:
             return BadSample("sample without image", name)
         return image, self.label_of(row), self.caption_of(row), name
@@ -176,11 +198,11 @@ class HFData(ViewDataModule):
         self.name, self.streaming = name, streaming
         self.shuffle_buffer, self.eval_samples = shuffle_buffer, eval_samples
         dataset, size = load_hf(name, split, streaming)
-        dataset = self._prepare(dataset, image_column, [text_column, label_column])
+        dataset = prepare_columns(dataset, [image_column], [text_column, label_column])
         classes = self._classes(dataset, label_column, num_classes)
         self.columns = Columns(image_column, text_column, label_column, len(classes))
-        val = (self._prepare(load_hf(name, val_split, streaming)[0], image_column,
-                             [text_column, label_column]) if val_split else None)
+        val = (prepare_columns(load_hf(name, val_split, streaming)[0], [image_column],
+                               [text_column, label_column]) if val_split else None)
         self.val_fraction = 0.0 if val_split else val_fraction
         self.val_split = val_split
         where = f"Hugging Face dataset '{name}' split '{split}'"
@@ -196,21 +218,6 @@ class HFData(ViewDataModule):
             require_usable((everything.record(i) for i in range(len(everything))), where)
             self.sources = self._map_splits(dataset, val, seed)
         self.announce(classes or None, text_column is not None)
-
-    @staticmethod
-    def _prepare(dataset, image_column: str, optional: list[str | None]):
-        """Check the columns exist and read the image column undecoded."""
-        from datasets import Image
-
-        columns = dataset.column_names
-        if columns is not None:
-            for column in [image_column, *optional]:
-                if column is not None and column not in columns:
-                    raise ConfigError(f"the dataset has no column '{column}'; columns: {columns}")
-        features = dataset.features or {}
-        if isinstance(features.get(image_column), Image):
-            dataset = dataset.cast_column(image_column, Image(decode=False))
-        return dataset
 
     def _classes(self, dataset, label_column: str | None, num_classes: int | None) -> list[str]:
         """Class names: a ``ClassLabel``'s, else ``num_classes`` numbers, else (map-style) as

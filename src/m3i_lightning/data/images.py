@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -37,6 +38,14 @@ def decode_image(data: bytes | str | os.PathLike | Image.Image, name: str | None
     Raises :class:`BadSample` (reason ``unreadable image``) for anything that is not a
     complete, decodable image; ``name`` labels the sample in that message.
     """
+    array = open_image(data, name, rgb_array)
+    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+
+
+def open_image(data: bytes | str | os.PathLike | Image.Image, name: str | None,
+               convert: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
+    """``convert`` of the fully decoded image ``data`` (what :func:`decode_image` and the
+    segmentation masks share), or :class:`BadSample` (``unreadable image``) naming ``name``."""
     name = name or (str(data) if isinstance(data, str | os.PathLike) else "<bytes>")
     try:
         with warnings.catch_warnings():
@@ -46,14 +55,14 @@ def decode_image(data: bytes | str | os.PathLike | Image.Image, name: str | None
             else:
                 image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
             image.load()
-            array = rgb_array(image)
+            array = convert(image)
     except UnidentifiedImageError:
         raise BadSample("unreadable image", f"{name}: not an image format PIL knows") from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct/zlib errors
         raise BadSample("unreadable image", f"{name}: {type(err).__name__}: {err}") from None
     if min(array.shape[:2]) == 0:
         raise BadSample("unreadable image", f"{name}: empty image")
-    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+    return array
 
 
 def rgb_array(image: Image.Image) -> np.ndarray:

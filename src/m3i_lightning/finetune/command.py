@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from m3i_lightning.backbone import Backbone
 from m3i_lightning.checkpointing import AtomicCheckpointIO, LastCheckpoint
 from m3i_lightning.cli import per_device_batch, trainer_kwargs
 from m3i_lightning.errors import ConfigError, one_line_errors
@@ -82,14 +83,23 @@ def recipe_from(cfg: DictConfig, global_batch: int) -> Recipe:
                   mixup=r.mixup, cutmix=r.cutmix, smoothing=r.smoothing, ema=r.ema)
 
 
-def build_classifier(cfg: DictConfig, num_classes: int) -> tuple[Classifier, str]:
-    """``backbone=`` with the pre-trained weights of exactly one source, and its name."""
+def build_classifier(cfg: DictConfig, num_classes: int,
+                     pretrained: tuple[Backbone, str] | None = None) -> tuple[Classifier, str]:
+    """``backbone=`` with the pre-trained weights of exactly one source, and its name;
+    ``pretrained``: a backbone in memory and its name (the eval command's ``finetune``
+    protocol), whose own architecture is then fine-tuned."""
+    r = cfg.finetune
+    if pretrained is not None:
+        source, name = pretrained
+        spec = {"arch": source.arch, "img_size": source.img_size, **source.timm_kwargs}
+        backbone = finetuning_backbone(spec, r.drop_path, r.global_pool)
+        transfer(source, backbone, name)
+        return Classifier(backbone, num_classes), name
     sources = [bool(cfg.checkpoint), bool(cfg.backbone_dir), bool(cfg.random_init)]
     if sum(sources) != 1:
         raise ConfigError("give exactly one of checkpoint=PATH (a pre-training checkpoint), "
                           "backbone_dir=DIR (an exported folder) or random_init=true (the "
                           "from-scratch baseline)")
-    r = cfg.finetune
     backbone = finetuning_backbone(OmegaConf.to_container(cfg.backbone, resolve=True),
                                    r.drop_path, r.global_pool)
     name = "random_init"
@@ -99,8 +109,9 @@ def build_classifier(cfg: DictConfig, num_classes: int) -> tuple[Classifier, str
     return Classifier(backbone, num_classes), name
 
 
-def finetune(cfg: DictConfig, out: Path) -> dict:
-    """Fit, validate the last weights once more, and write ``finetune.json`` (rank 0)."""
+def finetune(cfg: DictConfig, out: Path, pretrained: tuple[Backbone, str] | None = None) -> dict:
+    """Fit, validate the last weights once more, and write ``finetune.json`` (rank 0);
+    ``pretrained``: see :func:`build_classifier`."""
     if cfg.strategy.name not in STRATEGIES:
         raise ConfigError(f"fine-tuning runs with strategy= one of {STRATEGIES}, not "
                           f"'{cfg.strategy.name}'")
@@ -111,7 +122,7 @@ def finetune(cfg: DictConfig, out: Path) -> dict:
     r = cfg.finetune
     datamodule = FineTuningData(data, RecipeView(
         data.view, r.crop_scale, r.hflip, r.auto_augment, r.reprob, r.remode, r.interpolation))
-    classifier, source = build_classifier(cfg, data.num_classes)
+    classifier, source = build_classifier(cfg, data.num_classes, pretrained)
     checkpoints = out / "checkpoints"
     best = ModelCheckpoint(checkpoints, filename="best", monitor="val/top1", mode="max",
                            enable_version_counter=False)
