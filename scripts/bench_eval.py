@@ -9,8 +9,8 @@ the peak memory above what the bank and queries already hold: on a GPU the alloc
 ``VmHWM``, reset before each run through ``/proc/self/clear_refs``). The model of that figure:
 one normalised copy of the bank, chunk size × bank rows similarities and the queries × classes
 scores it returns, all float32; the dense computation would hold queries × bank rows
-(20k × 200k: 16 GB). ``main`` is meant to be the
-``--eval`` section of ``scripts/benchmark.py``; ``knn_memory`` returns one row.
+(20k × 200k: 16 GB). ``main`` is also the ``--eval`` section of ``scripts/benchmark.py``
+(``python scripts/benchmark.py --eval --bank ...``); ``knn_memory`` returns one row.
 """
 
 from __future__ import annotations

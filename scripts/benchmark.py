@@ -23,6 +23,9 @@ other, and their ratios are ratios of medians. On CPU torch runs one intra-op th
 ``--threads`` says otherwise: on a busy 2-core machine two threads wait on each other and a
 step's time becomes a matter of luck (the composed CPU-model step: 3.9 s with two threads
 against 0.8 s with one, same load). The CPU run is for ratios; absolute figures are the GPU's.
+
+``--data ...`` and ``--eval ...`` run another section instead, with the options that follow:
+the loader (``scripts/bench_data.py``) and the kNN's peak memory (``scripts/bench_eval.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import io
 import itertools
 import json
@@ -533,6 +537,10 @@ def format_tables(result: dict) -> str:
     return "\n".join(lines)
 
 
+# options that hand the rest of the command line to another script of this folder
+SECTIONS = {"data": "bench_data", "eval": "bench_eval"}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -540,6 +548,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", nargs=argparse.REMAINDER, metavar="OPTION",
                         help="the loader benchmark instead (scripts/bench_data.py), given the "
                              "options that follow: --path, --workers, --batches, --json")
+    parser.add_argument("--eval", nargs=argparse.REMAINDER, metavar="OPTION",
+                        help="the kNN memory benchmark instead (scripts/bench_eval.py), given "
+                             "the options that follow: --bank, --dim, --queries, "
+                             "--chunk-sizes, --device, --json")
     parser.add_argument("--out", default="bench.json", help="where to write the JSON")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int,
@@ -565,12 +577,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.data is not None:  # the loader section: scripts/bench_data.py, same folder
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import bench_data
-
-        bench_data.main(args.data)
-        return {}
+    for option, script in SECTIONS.items():
+        section_args = getattr(args, option)
+        if section_args is not None:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            importlib.import_module(script).main(section_args)
+            return {}
     device = torch.device(args.device)
     if args.threads or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("compare_objectives.json"))
     parser.add_argument("--keep", type=Path, help="keep the run folders here")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="overrides of every pre-training and fine-tuning, e.g. backbone.depth=2")
+                        help="overrides of every pre-training and fine-tuning run")
     args = parser.parse_args(argv)
     selected = [(label, o) for label, o in runs(args.rows)
                 if not args.only or any(label.startswith(p) for p in args.only)]

@@ -86,6 +86,26 @@ def test_data_option_hands_the_options_after_it_to_the_loader_benchmark(benchmar
     assert received == [["--workers", "0", "--batches", "1", "data.batch_size=8"]]
 
 
+def test_eval_option_runs_the_knn_memory_benchmark_with_the_options_after_it(benchmark,
+                                                                              tmp_path, capsys):
+    """A tiny bank: one row per (queries, chunk size), its model figure the float32 bytes of
+    the normalised bank, one chunk's similarities and the returned scores."""
+    out = tmp_path / "knn.json"
+    assert benchmark.main(["--eval", "--bank", "300", "--dim", "8", "--queries", "40", "100",
+                           "--chunk-sizes", "16", "64", "--device", "cpu",
+                           "--json", str(out)]) == {}
+    rows = json.loads(out.read_text())
+    assert [(r["queries"], r["chunk_size"]) for r in rows] == [(40, 16), (40, 64), (100, 16),
+                                                              (100, 64)]
+    for row in rows:
+        chunk = min(row["chunk_size"], row["queries"])
+        expected = 4 * (300 * 8 + chunk * 300 + row["queries"] * 1000) / 2**20
+        assert row["predicted_mb"] == pytest.approx(expected)
+        assert row["dense_mb"] == pytest.approx(4 * row["queries"] * 300 / 2**20)
+        assert row["device"] == "cpu" and row["seconds"] > 0
+    assert capsys.readouterr().out.count("| 300 × 8 |") == 4
+
+
 def test_text_tower_drops_the_padding_mask_only_where_it_changes_nothing():
     """Right padding after the end token: the pooled caption embedding is the same with and
     without the mask (causal attention), so the tower leaves the mask and its sync out."""

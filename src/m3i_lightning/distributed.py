@@ -28,15 +28,23 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     return torch.cat(dist_fn.all_gather(x), dim=0), rank * x.shape[0]
 
 
+def sum_over_ranks(x: Tensor) -> Tensor:
+    """Sum ``x`` over ranks, without gradient: statistics of data sharded over ranks."""
+    _, size = world()
+    if size == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x
+
+
 def mean_over_ranks(x: Tensor) -> Tensor:
     """Average ``x`` over ranks, without gradient: with equal per-rank batches, a per-rank batch
     mean becomes the mean over the global batch (DINO's center)."""
     _, size = world()
     if size == 1:
         return x
-    x = x.detach().clone()
-    dist.all_reduce(x)
-    return x / size
+    return sum_over_ranks(x) / size
 
 
 def sum_with_grad(x: Tensor) -> Tensor:

@@ -7,6 +7,10 @@ The model comes from the checkpoint's stored config or the exported folder; the 
 model's resolution, is by default the one the checkpoint was trained on (``data=...`` chooses
 another; ``data.<key>=...`` changes one option); an exported folder is evaluated on the
 command's ``data`` config. The table and ``eval.json`` name the data and both split sizes.
+
+``trainer.devices=N`` (``trainer.accelerator``, ``trainer.num_nodes``, ``strategy=ddp``, as for
+training) evaluates on N processes, each on its share of the data, with the one-process result
+(see :func:`evaluate`); only rank 0 prints the table and writes ``eval.json``.
 """
 
 from __future__ import annotations
@@ -18,18 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.fabric import Fabric
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from m3i_lightning.data.module import held_out_options
+from m3i_lightning.distributed import world
 from m3i_lightning.errors import ConfigError, EmptySplitError, check_options, one_line_errors
 from m3i_lightning.export import load_exported
 from m3i_lightning.factory import build_datamodule
 from m3i_lightning.knn import extract_features, knn_predict
 from m3i_lightning.probe import fit_linear_probe
 from m3i_lightning.restore import TrainedModel, load_checkpoint
+from m3i_lightning.shares import gather_rows, row_counts, split_loader
 from m3i_lightning.zeroshot import class_embeddings, class_prompts, zero_shot_predict
 
 log = logging.getLogger("m3i_lightning")
@@ -78,13 +85,24 @@ class Evaluation:
 
 
 def _labelled(features: Tensor, labels: Tensor, split: str, datamodule) -> tuple[Tensor, Tensor]:
+    """The labelled rows of this rank's ``features`` and ``labels``; :class:`EmptySplitError`
+    on every rank when no rank holds one (a collective)."""
     known = labels >= 0
-    if not known.any():
+    if not sum(row_counts(labels[known])):
         where = (held_out_options(datamodule) if split == "val" else
                  "labelled training images (data.labels=true and a label for some images)")
         raise EmptySplitError(f"the {split} split has no labelled image, so kNN, linear probe "
                               f"and zero-shot cannot be scored; evaluation needs {where}")
     return features[known], labels[known]
+
+
+def _features(model: TrainedModel, datamodule, split: str, gather: bool) -> tuple[Tensor, Tensor]:
+    """The labelled features of this rank's share of ``split`` (``gather``: of every rank's),
+    on the model's device, where the kNN and the probe then run."""
+    device = next(model.backbone.parameters()).device
+    loader = split_loader(datamodule, split)
+    features, labels = extract_features(model.backbone, loader, gather=gather)
+    return _labelled(features.to(device), labels.to(device), split, datamodule)
 
 
 def evaluate(model: TrainedModel, datamodule, knn: Mapping, probe: Mapping,
@@ -93,24 +111,31 @@ def evaluate(model: TrainedModel, datamodule, knn: Mapping, probe: Mapping,
     """Top-1 of each of the classification ``protocols`` the model supports. Features of the
     train split (memory, probe training set) and of the val split (queries) are extracted
     once and shared; ``templates``: the zero-shot prompts (``zeroshot.templates``, see
-    :mod:`zeroshot`). :class:`EmptySplitError` when a split has no labelled image."""
-    train = _labelled(*extract_features(model.backbone, datamodule.eval_dataloader("train")),
-                      "train", datamodule)
-    val = _labelled(*extract_features(model.backbone, datamodule.eval_dataloader("val")),
-                    "val", datamodule)
+    :mod:`zeroshot`). :class:`EmptySplitError` when a split has no labelled image.
+
+    Under a process group every rank calls it (a collective) with the whole model and extracts
+    its share of each split: the training features stay sharded (kNN bank searched shard by
+    shard, probe trained DDP-style, see :func:`~m3i_lightning.probe.fit_linear_probe`), the
+    queries are gathered; every rank returns the one-process result."""
+    train = _features(model, datamodule, "train", gather=False)
+    val = _features(model, datamodule, "val", gather=True)
     num_classes = datamodule.num_classes
-    sizes = {"train": len(train[1]), "val": len(val[1])}
-    if sizes["val"] < max(MIN_HELD_OUT, MIN_HELD_OUT_PER_CLASS * num_classes):
+    shares = row_counts(train[1])
+    sizes = {"train": sum(shares), "val": len(val[1])}
+    if sizes["val"] < max(MIN_HELD_OUT, MIN_HELD_OUT_PER_CLASS * num_classes) and world()[0] == 0:
         log.warning("the held-out split has only %d labelled images for %d classes: its top-1 "
                     "is mostly noise; give a bigger one with %s", sizes["val"], num_classes,
                     held_out_options(datamodule))
     results = {}
     if "knn" in protocols:
-        scores = knn_predict(*train, val[0], num_classes, knn["k"], knn["temperature"],
-                             knn.get("chunk_size"))
+        # a shard with fewer than k rows could miss neighbours it owns: such a bank is gathered
+        sharded_bank = len(shares) > 1 and min(shares) >= knn["k"]
+        bank = train if sharded_bank else tuple(map(gather_rows, train))
+        scores = knn_predict(*bank, val[0], num_classes, knn["k"], knn["temperature"],
+                             knn.get("chunk_size"), sharded_bank=sharded_bank)
         results["knn_top1"] = top1(scores.argmax(-1), val[1])
     if "linear" in protocols:
-        linear = fit_linear_probe(*train, num_classes, **probe)
+        linear = fit_linear_probe(*train, num_classes, **probe, sharded=True)
         results["linear_top1"] = top1(linear(val[0]).argmax(-1), val[1])
     if model.clip is not None and "zero_shot" in protocols:
         prompts = class_prompts(datamodule, templates)
@@ -123,12 +148,17 @@ def run_protocols(model: TrainedModel, datamodule, cfg: DictConfig, out_dir: Pat
                   protocols: Sequence[str]) -> Evaluation:
     """Each of ``protocols`` (from :func:`selected_protocols`): the classification ones on
     ``datamodule`` (None when none is selected), ``segmentation`` with the ``segmentation:``
-    options, ``finetune`` with the ``finetune:`` recipe in ``out_dir/finetune``."""
+    options, ``finetune`` with the ``finetune:`` recipe in ``out_dir/finetune``. Under a
+    process group every rank calls it: the classification protocols run on every rank's share
+    (:func:`evaluate`); fine-tuning and the segmentation probe run on one process, rank 0,
+    whose results alone are reported."""
     classification = [p for p in protocols if p in CLASSIFICATION]
     evaluation = Evaluation({}, {})
     if classification:
         evaluation = evaluate(model, datamodule, cfg.knn, cfg.probe, cfg.zeroshot.templates,
                               classification)
+    if world()[0] != 0:
+        return evaluation
     if "finetune" in protocols:
         from m3i_lightning.finetune.protocol import finetune_top1
 
@@ -236,24 +266,47 @@ def data_config(cfg: DictConfig, trained: DictConfig | None, overrides) -> DictC
     return data
 
 
+EVAL_STRATEGIES = ("auto", "ddp")
+
+
+def launch(cfg: DictConfig) -> Fabric:
+    """The processes of ``trainer.accelerator`` / ``devices`` / ``num_nodes`` and
+    ``strategy=``, as for training: Lightning Fabric starts the others (re-running the command
+    line, or joining those torchrun / SLURM started) and sets up the process group. The frozen
+    model is whole on every process, so the sharded strategies have nothing to shard."""
+    if cfg.strategy.name not in EVAL_STRATEGIES:
+        raise ConfigError(f"evaluation runs with strategy= one of {EVAL_STRATEGIES} (the frozen "
+                          f"model is replicated on every process), not '{cfg.strategy.name}'")
+    trainer = cfg.trainer
+    try:
+        fabric = Fabric(accelerator=trainer.accelerator, devices=trainer.devices,
+                        num_nodes=trainer.num_nodes, strategy=cfg.strategy.name)
+    except (MisconfigurationException, ValueError, TypeError) as err:
+        raise ConfigError(f"trainer options: {err}") from None
+    fabric.launch()
+    return fabric
+
+
 def evaluate_command(cfg: DictConfig, out_dir: Path, overrides=()) -> dict[str, float]:
-    """``overrides``: the command line's, which say whether it chose the data itself."""
+    """``overrides``: the command line's, which say whether it chose the data itself. Every
+    process evaluates its share (:func:`evaluate`); rank 0 prints and writes the results."""
     check_eval_options(cfg.knn, cfg.probe)
     check_protocols(cfg.protocols)
+    fabric = launch(cfg)
     model, source = load_trained(cfg)
     protocols = selected_protocols(cfg.protocols, model.clip is not None)
     cfg.data = data_config(cfg, model.config, overrides)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.backbone.to(device)
+    model.backbone.to(fabric.device)
     if model.clip is not None:
-        model.clip.to(device)
+        model.clip.to(fabric.device)
     cfg.data.img_size = model.backbone.img_size[0]
     datamodule = None
     if any(p in CLASSIFICATION for p in protocols):
         datamodule = build_datamodule(cfg.data, model.tokenizer)
         datamodule.setup("validate")
     evaluation = run_protocols(model, datamodule, cfg, out_dir, protocols)
-    print(f"results: {report(evaluation, cfg, out_dir, source)}")
+    if fabric.is_global_zero:
+        print(f"results: {report(evaluation, cfg, out_dir, source)}")
     return evaluation.results
 
 

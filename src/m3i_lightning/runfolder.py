@@ -3,7 +3,8 @@
 Before: the loggers (CSV always, since the curves are drawn from ``metrics.csv``; TensorBoard
 too with ``logger=tensorboard``) and the callbacks: the config stored in each checkpoint,
 the online probes when the data has labels, the reconstruction grids. After, on rank 0: the
-exported model, the evaluation table (``eval.json``) and the curves.
+exported model, the evaluation table (``eval.json``) and the curves; the evaluation itself
+runs on every rank.
 """
 
 from __future__ import annotations
@@ -100,27 +101,32 @@ def run_callbacks(cfg: DictConfig, datamodule, out: Path) -> list[L.Callback]:
 
 def finish_run(trainer: L.Trainer, model, datamodule, tokenizer, cfg: DictConfig,
                out: Path) -> dict:
-    """Export, evaluate ``protocols`` (table printed, ``eval.json``) and draw the curves; rank
-    0 only. Data without labels runs only the protocols that need none (segmentation); a
+    """Export, evaluate ``protocols`` (table printed, ``eval.json``) and draw the curves. Every
+    rank calls it with the whole model: the classification protocols run on every rank's share
+    of the data (see :func:`~m3i_lightning.eval.run_protocols`), the rest on rank 0, which alone
+    returns results. Data without labels runs only the protocols that need none (segmentation); a
     split without labelled images skips the evaluation with a warning naming the options that
     supply it: a finished run never turns into a crash."""
-    if not trainer.is_global_zero:
-        return {}
+    writer = trainer.is_global_zero
     clip = model.heads["clip"] if "clip" in model.heads else None
     trained = TrainedModel(model.backbone, clip, tokenizer, cfg)
     results: dict = {}
-    if cfg.export:
+    if cfg.export and writer:
         results["export"] = str(export_model(trained, out / EXPORT_DIR))
     protocols = selected_protocols(cfg.get("protocols"), clip is not None)
     if not evaluable(datamodule):
         protocols = [p for p in protocols if p not in NEEDS_LABELS]
+    evaluation = None
     if protocols:
         try:
             evaluation = run_protocols(trained, datamodule, cfg, out, protocols)
         except EmptySplitError as err:
-            log.warning("end-of-run evaluation skipped: %s", err)
-        else:
-            results.update(evaluation.results)
-            report(evaluation, cfg, out, {"run_dir": str(out)})
+            if writer:
+                log.warning("end-of-run evaluation skipped: %s", err)
+    if not writer:
+        return {}
+    if evaluation is not None:
+        results.update(evaluation.results)
+        report(evaluation, cfg, out, {"run_dir": str(out)})
     results["curves"] = str(plot_curves(out / "metrics.csv", out / PICTURES_DIR / "curves.png"))
     return results

@@ -76,18 +76,26 @@ def valid_rows(batch: dict) -> Tensor:
     return torch.ones(len(batch["label"]), dtype=torch.bool)
 
 
+def row_counts(x: Tensor) -> list[int]:
+    """The number of rows of ``x`` on every rank, in rank order (a collective)."""
+    _, size = world()
+    if size == 1:
+        return [x.shape[0]]
+    count = torch.tensor([x.shape[0]], device=x.device)
+    counts = [torch.zeros_like(count) for _ in range(size)]
+    dist.all_gather(counts, count)
+    return [int(c.item()) for c in counts]
+
+
 def gather_rows(x: Tensor) -> Tensor:
     """Concatenate ``x`` [n_r, ...] of every rank in rank order; the row counts may differ
     (a stream's shares), so each rank's rows travel padded to the largest count."""
     _, size = world()
     if size == 1:
         return x
-    counts = torch.tensor([x.shape[0]], device=x.device)
-    all_counts = [torch.zeros_like(counts) for _ in range(size)]
-    dist.all_gather(all_counts, counts)
-    longest = int(max(c.item() for c in all_counts))
-    padded = x.new_zeros((longest, *x.shape[1:]))
+    counts = row_counts(x)
+    padded = x.new_zeros((max(counts), *x.shape[1:]))
     padded[: x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[: int(c.item())] for p, c in zip(parts, all_counts, strict=True)])
+    return torch.cat([p[:count] for p, count in zip(parts, counts, strict=True)])

@@ -7,7 +7,8 @@
 - ``fsdp1``: Lightning's ``FSDPStrategy`` (FSDP1) wrapping the same blocks; CUDA only.
 
 Sharded runs write consolidated checkpoints (one file, gathered on rank 0), so ``last.ckpt``
-is written atomically like any other and resumes under any strategy or world size.
+is written atomically like any other and resumes under any strategy or world size; after the
+fit every rank gets the consolidated model, for the end-of-run evaluation on every rank.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 
@@ -69,19 +71,22 @@ def _fsdp1(model: Engine) -> FSDPStrategy:
 
 
 def consolidated(trainer: Trainer, build: Callable[[], Engine]) -> Engine:
-    """The trained model with full weights, for export and evaluation after ``fit``: the model
-    itself unless its strategy shards it; after a sharded run, on rank 0 a fresh ``build()``
-    holding the weights the strategy gathers, on the other ranks the sharded model. Every rank
-    must call it (the gather is a collective)."""
+    """The trained model with full weights on every rank, for export and evaluation after
+    ``fit`` (which every rank runs on its share of the data): the model itself unless its
+    strategy shards it; after a sharded run a fresh ``build()`` holding the weights the
+    strategy gathers on rank 0, sent from there to the others. Every rank must call it (the
+    gather and the broadcast are collectives)."""
     model = trainer.lightning_module
     if not isinstance(trainer.strategy, FSDPStrategy | ModelParallelStrategy):
         return model
     state = trainer.strategy.lightning_module_state_dict()
-    if not trainer.is_global_zero:
-        return model
     full = build()
-    full.load_state_dict(state)
-    return full.to(trainer.strategy.root_device)
+    if trainer.is_global_zero:
+        full.load_state_dict(state)
+    full = full.to(trainer.strategy.root_device)
+    for value in full.state_dict().values():
+        dist.broadcast(value, src=0)
+    return full
 
 
 def check_launch(trainer: Trainer, multirun: bool) -> None:
