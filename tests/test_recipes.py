@@ -44,7 +44,7 @@ PAPERS = {
                                               projected_targets=True)}),
     "data2vec": dict(batch=2048, lr=2e-3, epochs=800, betas=(0.9, 0.98), wd=0.05,
                      mask=(BlockMask, 0.6), momentum=(0.9998, 0.99999),
-                     heads={"mim_feat": dict(loss="smooth_l1")}),
+                     heads={"mim_feat": dict(loss="smooth_l1", beta=2.0, target_blocks=6)}),
     "densecl": dict(batch=256, epochs=200, momentum=(0.999, 0.999), augment="mocov2",
                     crops=(0.2, 1.0),
                     heads={"dense_id": dict(temperature=0.2, queue=65536, dense_weight=0.5)}),
@@ -60,9 +60,11 @@ PAPERS = {
 
 
 def built(recipe: str):
-    """The recipe's modules at its paper sizes, on a one-block ViT-B (fast to build)."""
+    """The recipe's modules at its paper sizes, on a ViT-B cut to the fewest blocks it reads
+    (fast to build): one, or data2vec's top-K target blocks."""
+    depth = PAPERS[recipe]["heads"].get("mim_feat", {}).get("target_blocks", 1)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"experiment={recipe}", "+backbone.depth=1",
+        cfg = compose("config", overrides=[f"experiment={recipe}", f"+backbone.depth={depth}",
                                            "data.num_workers=0"])
     tokenizer = build_tokenizer_from(cfg.text)
     data = build_datamodule(cfg.data, tokenizer)
@@ -137,8 +139,10 @@ def check_head(head, expected: dict) -> None:  # noqa: C901 - one branch per sta
             assert head.prototypes.shape[0] == value
         elif key == "anchor_temp":
             assert head.anchor_temperature == value
-        elif key == "target_temp":
-            assert head.target_temperature == value
+        elif key == "target_temp":  # MSN's: constant, its release schedules 0.25 -> 0.25
+            for epoch in (0, 10**6):
+                head.follow_schedule(epoch)
+                assert head.target_temperature == value
         elif key == "me_max":
             assert head.me_max_weight == value
         elif key == "no_decay":
@@ -147,6 +151,10 @@ def check_head(head, expected: dict) -> None:  # noqa: C901 - one branch per sta
             assert (head.target_projection is not None) == value
         elif key == "loss":
             assert head.distribution.kind == value
+        elif key == "beta":
+            assert head.distribution.beta == value
+        elif key == "target_blocks":
+            assert head.teacher_blocks == value
         elif key == "queue":
             assert head.queue.shape[0] == value
         elif key == "label_smoothing":
