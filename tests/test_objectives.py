@@ -195,6 +195,8 @@ def test_data2vec_target_averages_the_teachers_last_blocks_in_one_pass(k, tokeni
 def test_data2vec_targets_beyond_the_teachers_depth_or_family_are_refused(tokenizer):
     with pytest.raises(ConfigError, match="has 2: choose target_blocks <= 2"):
         tiny_objective("mim_feat", tokenizer, backbone=tiny_backbone(), target_blocks=3)
+    with pytest.raises(ValueError, match="has 2 blocks; 3 top blocks asked for"):
+        tiny_backbone()(torch.zeros(1, 3, 16, 16), top_blocks=3)
     with pytest.raises(ConfigError, match="target_blocks=-1 must be an integer >= 0"):
         tiny_objective("mim_feat", tokenizer, target_blocks=-1)
     convnext = Backbone("convnext_atto", img_size=32, patch_size=4, output_stride=8,
