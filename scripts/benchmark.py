@@ -12,7 +12,8 @@ measures, in one run:
    hand-written plain-PyTorch step of the same computation;
 4. masked encoding: the encoder's forward+backward at mask ratio 0.75 against 0;
 5. peak memory per configuration;
-6. on CUDA: images/s and MFU of the ViT-B/16 M3I step in bf16, with and without torch.compile.
+6. multi-crop: the DINO recipe's step time and peak memory with 2+6 crops over 2+0;
+7. on CUDA: images/s and MFU of the ViT-B/16 M3I step in bf16, with and without torch.compile.
 
 Every figure is a median over repeated steps after a warm-up step, which also counts the
 step's host-device syncs and measures its peak memory. On a shared machine the load changes
@@ -153,7 +154,8 @@ def build_case(spec: Spec, extra: list[str], device: torch.device,
     data.setup("fit")
     batch = {k: v.to(device) if torch.is_tensor(v) else v
              for k, v in next(iter(data.train_dataloader())).items()}
-    optim = build_optimizer(model, model.optim, total_steps)
+    # one process stepping this batch: a recipe's base_lr scales with it, as under a Trainer
+    optim = build_optimizer(model, model.optim, total_steps, global_batch_size=spec.batch_size)
     model.train()
     return Case(spec, model, batch, optim["optimizer"], optim["lr_scheduler"]["scheduler"],
                 total_steps, cfg.trainer.get("gradient_clip_val"))
@@ -419,6 +421,33 @@ def bench_overhead(model_name: str, batch_size: int, extra: list[str], device: t
 
 
 # ---------------------------------------------------------------------------------------------
+# Multi-crop: what DINO's local crops cost.
+
+LOCAL_CROPS = (0, 6)  # 2+0 against 2+6 crops (DINO's own comparison, its Table 9)
+
+
+def bench_multicrop(model_name: str, batch_size: int, extra: list[str], device: torch.device,
+                    repeats: int) -> dict:
+    """The DINO recipe's step with 2 global crops and no local one against 2 global and 6
+    local crops (``data.local_crops.count``), stepped in rounds: the ratios of step time and
+    of peak memory, both from this one run."""
+    labels = [f"2+{count}" for count in LOCAL_CROPS]
+    cases = {label: build_case(Spec(model_name, f"experiment=dino {label}",
+                                    ["experiment=dino", f"data.local_crops.count={count}"],
+                                    batch_size), extra, device)
+             for label, count in zip(labels, LOCAL_CROPS, strict=True)}
+    firsts = {label: first_step(case, device) for label, case in cases.items()}
+    times = time_rounds({label: case.step for label, case in cases.items()}, 0, repeats, device)
+    base, multi = labels
+    peaks = [firsts[label]["peak_mb"] for label in labels]
+    return {"name": f"multi-crop {multi} / {base}", "model": model_name,
+            "batch_size": batch_size,
+            "step_time": median_ratio(times[multi], times[base]),
+            "peak_memory": None if None in peaks else peaks[1] / peaks[0],
+            "student_passes": {label: firsts[label]["student_passes"] for label in labels}}
+
+
+# ---------------------------------------------------------------------------------------------
 # Masked encoding.
 
 
@@ -524,6 +553,13 @@ def format_tables(result: dict) -> str:
         lines.append(f"{row['name']:<26} {row['model']:<9} {row['value']:>6.2f} "
                      f"{row['target']:>8}  {'yes' if row['met'] else 'NO ':<5} "
                      f"{row.get('detail', '')}")
+    lines += ["", f"{'multi-crop (DINO recipe)':<26} {'model':<9} {'batch':>5} "
+              f"{'step time':>9} {'peak mem':>8}  student passes"]
+    for row in result["multicrop"]:
+        memory = "-" if row["peak_memory"] is None else f"{row['peak_memory']:.2f}x"
+        passes = ", ".join(f"{k}: {v}" for k, v in row["student_passes"].items())
+        lines.append(f"{row['name']:<26} {row['model']:<9} {row['batch_size']:>5} "
+                     f"{row['step_time']:>8.2f}x {memory:>8}  {passes}")
     gpu = result["gpu"]
     lines.append("")
     if isinstance(gpu, str):
@@ -597,7 +633,7 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{os.cpu_count()} cores)",
                     "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "command": " ".join(["scripts/benchmark.py", *(argv or sys.argv[1:])]),
-                    "throughput": [], "ratios": []}
+                    "throughput": [], "ratios": [], "multicrop": []}
 
     def batch_size(model: str) -> int:
         if model.endswith("_cpu"):
@@ -627,6 +663,9 @@ def main(argv: list[str] | None = None) -> dict:
         progress(f"{vits[0]}: Trainer.fit against the plain step")
         result["ratios"].append(bench_overhead(vits[0], batch_size(vits[0]), extra, device,
                                                warmup=2, repeats=2 * repeats))
+        progress(f"{vits[0]}: multi-crop 2+0 against 2+6")
+        result["multicrop"].append(bench_multicrop(vits[0], batch_size(vits[0]), extra, device,
+                                                   max(repeats, 3)))
     result["memory_method"] = PeakMemory.METHOD[device.type]
     if device.type == "cuda":
         progress("vit_base: bf16 M3I step, eager and compiled")

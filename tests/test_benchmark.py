@@ -1,6 +1,6 @@
 """scripts/benchmark.py in its quickest mode on the tiny ViT: the table and the JSON carry the
-throughput rows and the three ratios with their targets; each distinct input is encoded once
-and the training step stays free of host-device syncs but the NaN check."""
+throughput rows, the ratios with their targets and the multi-crop comparison; each distinct
+input is encoded once and the training step stays free of host-device syncs but the NaN check."""
 
 from __future__ import annotations
 
@@ -52,6 +52,17 @@ def test_quick_run_reports_every_ratio_with_its_target(quick_run, capsys):
             "[mim_feat,clip,cls] native", "experiment=m3i"} <= configs
     assert all(row["images_per_s"] > 0 for row in quick_run["throughput"])
     assert quick_run["gpu"] == "skipped: no CUDA device" or quick_run["gpu"][0]["mfu"]
+
+
+def test_multicrop_section_compares_six_local_crops_with_none(quick_run, capsys):
+    """One row, measured in the run: the 2+6 step over the 2+0 step, time and peak memory; the
+    local crops add a student pass unless they share the global views' size (the tiny ViT's
+    16 px), when the engine encodes all crops in one."""
+    (row,) = quick_run["multicrop"]
+    assert row["name"] == "multi-crop 2+6 / 2+0" and row["model"] == "vit_cpu"
+    assert math.isfinite(row["step_time"]) and row["step_time"] > 0
+    assert row["peak_memory"] is None or row["peak_memory"] > 0
+    assert row["student_passes"] == {"2+0": 1, "2+6": 1}
 
 
 def test_each_distinct_input_is_encoded_once(quick_run):

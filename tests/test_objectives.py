@@ -8,7 +8,9 @@ import pytest
 import torch
 from conftest import digits_module, tiny_backbone, tiny_objective
 
+from m3i_lightning.backbone import Backbone
 from m3i_lightning.engine import MultiObjective
+from m3i_lightning.errors import ConfigError
 from m3i_lightning.objectives import CLIP, Classification, MaskedFeature
 from m3i_lightning.optim import OptimConfig, build_optimizer
 from m3i_lightning.teacher import cosine_momentum
@@ -140,3 +142,64 @@ def test_each_objective_trains_alone_through_lightning(name, tokenizer):
         assert not torch.allclose(teacher[key], student[key])
     else:
         assert objective.teacher is None
+
+
+# --- data2vec's targets: the average of the teacher's last K blocks --------------------------
+
+
+def ref_data2vec_target(vit, images: torch.Tensor, k: int) -> torch.Tensor:
+    """data2vec vision (fairseq ``end_of_block_targets``, ``layer_norm_targets``): the timm ViT
+    run block by block by hand, the patch tokens each of its last k blocks outputs (after the
+    residual, before the final norm) averaged, then standardised per token over the channels."""
+    x = vit._pos_embed(vit.patch_embed(images))
+    outputs = []
+    for block in vit.blocks:
+        x = block(x)
+        outputs.append(x[:, vit.num_prefix_tokens:])
+    mean = sum(outputs[-k:]) / k
+    centred = mean - mean.mean(dim=-1, keepdim=True)
+    return centred / (centred.pow(2).mean(dim=-1, keepdim=True) + 1e-5).sqrt()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_data2vec_target_averages_the_teachers_last_blocks_in_one_pass(k, tokenizer, batch):
+    torch.manual_seed(0)
+    objective = tiny_objective("mim_feat", tokenizer, backbone=tiny_backbone(depth=3),
+                               target_blocks=k, loss="smooth_l1", beta=2.0)
+    teacher = objective.teacher.encoder
+    with torch.no_grad():  # a teacher unlike its student, so the test tells them apart
+        for p in teacher.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    passes = []
+    teacher.model.blocks[0].register_forward_hook(lambda *_: passes.append(1))
+    readings = objective.readings(batch)["mim_feat"]
+    assert len(passes) == 1
+    reading_batch, encoded, targets = readings[0]
+    loss, _ = objective.loss(reading_batch, encoded, targets)
+
+    with torch.no_grad():
+        target = ref_data2vec_target(teacher.model, batch["view1"], k)
+    hidden = encoded.masked_index
+    target = target.gather(1, hidden[..., None].expand(-1, -1, target.shape[-1]))
+    pred = objective.predictor(encoded.tokens, encoded.visible_index,
+                               objective.predictor.position(hidden))
+    error = (pred - target).abs()
+    huber = torch.where(error < 2.0, 0.5 * error**2 / 2.0, error - 1.0).mean()
+    torch.testing.assert_close(loss, huber, rtol=1e-4, atol=1e-5)
+    # the target is not the teacher's output token: the final norm is left out
+    final = torch.nn.functional.layer_norm(targets.teacher.tokens, (32,))
+    assert not torch.allclose(final.gather(1, hidden[..., None].expand(-1, -1, 32)), target,
+                              atol=1e-2)
+
+
+def test_data2vec_targets_beyond_the_teachers_depth_or_family_are_refused(tokenizer):
+    with pytest.raises(ConfigError, match="has 2: choose target_blocks <= 2"):
+        tiny_objective("mim_feat", tokenizer, backbone=tiny_backbone(), target_blocks=3)
+    with pytest.raises(ValueError, match="has 2 blocks; 3 top blocks asked for"):
+        tiny_backbone()(torch.zeros(1, 3, 16, 16), top_blocks=3)
+    with pytest.raises(ConfigError, match="target_blocks=-1 must be an integer >= 0"):
+        tiny_objective("mim_feat", tokenizer, target_blocks=-1)
+    convnext = Backbone("convnext_atto", img_size=32, patch_size=4, output_stride=8,
+                        depths=(1, 1, 1, 1), dims=(16, 16, 24, 32))
+    with pytest.raises(ConfigError, match="convnext teacher does not give"):
+        tiny_objective("mim_feat", tokenizer, target_blocks=1, backbone=convnext)

@@ -4,13 +4,17 @@ the modules the recipe builds, not from the YAML."""
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
 
+from m3i_lightning.backbone import Backbone
+from m3i_lightning.export import export_backbone
 from m3i_lightning.factory import build_datamodule, build_model, build_tokenizer_from
 from m3i_lightning.masking import BlockMask, RandomMask
+from m3i_lightning.teacher import FrozenTeacher
 
 # Paper values. "lr": the learning rate at the recipe's batch (the linear scaling rule applied).
 PAPERS = {
@@ -44,7 +48,12 @@ PAPERS = {
                                               projected_targets=True)}),
     "data2vec": dict(batch=2048, lr=2e-3, epochs=800, betas=(0.9, 0.98), wd=0.05,
                      mask=(BlockMask, 0.6), momentum=(0.9998, 0.99999),
-                     heads={"mim_feat": dict(loss="smooth_l1")}),
+                     heads={"mim_feat": dict(loss="smooth_l1", beta=2.0, target_blocks=6)}),
+    "milan": dict(batch=4096, lr=1.5e-4 * 16, epochs=400, warmup=40, wd=0.05,
+                  betas=(0.9, 0.95), mask=(RandomMask, 0.75), crops=(0.2, 1.0),
+                  teacher="vit_base_patch16_clip_224",
+                  heads={"mim_feat": dict(loss="cosine", predictor=(512, 8, 16),
+                                          target_blocks=0)}),
     "densecl": dict(batch=256, epochs=200, momentum=(0.999, 0.999), augment="mocov2",
                     crops=(0.2, 1.0),
                     heads={"dense_id": dict(temperature=0.2, queue=65536, dense_weight=0.5)}),
@@ -59,15 +68,41 @@ PAPERS = {
 }
 
 
-def built(recipe: str):
-    """The recipe's modules at its paper sizes, on a one-block ViT-B (fast to build)."""
+def composed(recipe: str, *overrides: str):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"experiment={recipe}", "+backbone.depth=1",
-                                           "data.num_workers=0"])
+        return compose("config", overrides=[f"experiment={recipe}", "data.num_workers=0",
+                                            *overrides])
+
+
+def built(cfg):
     tokenizer = build_tokenizer_from(cfg.text)
     data = build_datamodule(cfg.data, tokenizer)
     torch.manual_seed(0)
-    return cfg, data, build_model(cfg, data.num_classes, tokenizer)
+    return data, build_model(cfg, data.num_classes, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def frozen_teachers(tmp_path_factory) -> dict[str, list[str]]:
+    """Local stand-ins for the CLIP weights a frozen-teacher recipe reads (no download): the
+    recipe's own teacher architecture at one block, at ViT-B's 224 px grid and at the CPU
+    ViT's 32 px one, exported as the library exports a backbone."""
+    folder = tmp_path_factory.mktemp("teachers")
+    sizes = {"vit_base": dict(depth=1),
+             "vit_cpu": dict(img_size=32, patch_size=4, embed_dim=64, depth=1, num_heads=2)}
+    overrides = {}
+    for scale, args in sizes.items():
+        torch.manual_seed(1)
+        teacher = Backbone(PAPERS["milan"]["teacher"], **args)
+        weights = export_backbone(teacher, folder / scale)
+        model_args = "{" + ",".join(f"{k}:{v}" for k, v in args.items()) + "}"
+        overrides[scale] = [f"teacher.checkpoint={weights}", f"teacher.model_args={model_args}"]
+    return overrides
+
+
+def paper_overrides(recipe: str, teachers: dict[str, list[str]], scale: str) -> list[str]:
+    """What a run of ``recipe`` needs beyond it: the local teacher weights of a frozen-teacher
+    recipe."""
+    return teachers[scale] if "teacher" in PAPERS[recipe] else []
 
 
 def test_every_recipe_is_stated_here():
@@ -75,9 +110,14 @@ def test_every_recipe_is_stated_here():
 
 
 @pytest.mark.parametrize("recipe", sorted(PAPERS))
-def test_recipe_builds_what_the_paper_states(recipe):
+def test_recipe_builds_what_the_paper_states(recipe, frozen_teachers):
+    """The recipe's modules at its paper sizes, on a ViT-B cut to the fewest blocks it reads
+    (fast to build): one, or data2vec's top-K target blocks."""
     paper = PAPERS[recipe]
-    cfg, data, model = built(recipe)
+    depth = paper["heads"].get("mim_feat", {}).get("target_blocks") or 1
+    cfg = composed(recipe, f"+backbone.depth={depth}",
+                   *paper_overrides(recipe, frozen_teachers, "vit_base"))
+    data, model = built(cfg)
     optim = model.optim
     assert cfg.global_batch_size == paper["batch"]
     assert cfg.trainer.max_epochs == paper["epochs"]
@@ -99,6 +139,9 @@ def test_recipe_builds_what_the_paper_states(recipe):
         assert (model.teacher.momentum, model.teacher.final_momentum) == paper["momentum"]
     if paper.get("teacher") is False:
         assert model.teacher is None
+    elif "teacher" in paper:
+        assert isinstance(model.teacher, FrozenTeacher)
+        assert model.teacher.encoder.arch == paper["teacher"]
     assert model.input_mode == paper.get("input", "native") and model.mix == paper.get("mix", False)
     assert cfg.trainer.gradient_clip_val == paper.get("clip")
     view1 = data.view.views["view1"]
@@ -119,6 +162,10 @@ def check_head(head, expected: dict) -> None:  # noqa: C901 - one branch per sta
             assert type(head).__name__ == value
         elif key == "dims":
             assert (head.hidden_dim, head.out_dim) == value
+        elif key == "predictor":
+            predictor = head.predictor
+            assert (predictor.embed.out_features, len(predictor.blocks),
+                    predictor.blocks[0].attn.num_heads) == value
         elif key == "decoder":
             decoder = getattr(head, "decoder", None) or head.predictor.decoder
             assert (decoder.embed.out_features, len(decoder.blocks),
@@ -137,8 +184,10 @@ def check_head(head, expected: dict) -> None:  # noqa: C901 - one branch per sta
             assert head.prototypes.shape[0] == value
         elif key == "anchor_temp":
             assert head.anchor_temperature == value
-        elif key == "target_temp":
-            assert head.target_temperature == value
+        elif key == "target_temp":  # MSN's: constant, its release schedules 0.25 -> 0.25
+            for epoch in (0, 10**6):
+                head.follow_schedule(epoch)
+                assert head.target_temperature == value
         elif key == "me_max":
             assert head.me_max_weight == value
         elif key == "no_decay":
@@ -147,6 +196,10 @@ def check_head(head, expected: dict) -> None:  # noqa: C901 - one branch per sta
             assert (head.target_projection is not None) == value
         elif key == "loss":
             assert head.distribution.kind == value
+        elif key == "beta":
+            assert head.distribution.beta == value
+        elif key == "target_blocks":
+            assert head.teacher_blocks == value
         elif key == "queue":
             assert head.queue.shape[0] == value
         elif key == "label_smoothing":
@@ -161,3 +214,20 @@ def check_head(head, expected: dict) -> None:  # noqa: C901 - one branch per sta
             assert head.max_logit_scale == value
         else:
             assert getattr(head, key) == value, key
+
+
+@pytest.mark.parametrize("recipe", sorted(PAPERS))
+def test_recipe_trains_two_steps_on_the_embedded_data(recipe, frozen_teachers):
+    """Each recipe on the embedded digits, as its comment runs it (the CPU ViT and its scale;
+    here a batch of 8), for two optimizer steps: every term finite."""
+    cfg = composed(recipe, "backbone=vit_cpu", "data.batch_size=8", "data.source_size=16",
+                   *paper_overrides(recipe, frozen_teachers, "vit_cpu"))
+    data, model = built(cfg)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, accelerator="cpu",
+                        devices=1)
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 2
+    for name in cfg.objective:
+        assert torch.isfinite(trainer.callback_metrics[f"train/loss/{name}"]), name

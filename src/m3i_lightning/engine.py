@@ -69,6 +69,7 @@ class Engine(L.LightningModule):
             self.teacher = teacher or EMATeacher(backbone, teacher_momentum,
                                                  teacher_final_momentum)
             _check_teacher_width(self.teacher, objectives)
+        self.teacher_blocks = _teacher_blocks(self.teacher, objectives)
         self.optim = OptimConfig(**optim) if isinstance(optim, Mapping) else optim or OptimConfig()
         self.check_finite_every = check_finite_every
         self.scaling = {"activation_checkpointing": activation_checkpointing, "compile": compile}
@@ -121,8 +122,9 @@ class Engine(L.LightningModule):
         if plan.mixed:
             partner = partner_rows(batch["view1"].shape[0], batch["view1"].device)
         encoded = self._encode_inputs(batch, partner)
+        blocks = {"top_blocks": self.teacher_blocks} if self.teacher_blocks else {}
         teacher = _encode_grouped(batch, [Input(v, False) for v in plan.teacher_views],
-                                  lambda images, _: self.teacher(images))
+                                  lambda images, _: self.teacher(images, **blocks))
         teacher = {key.view: enc for key, enc in teacher.items()}
         student = {view: encoded[Input(view, False)] for view in plan.student_views}
         sources = {False: (batch, teacher, student)}
@@ -395,3 +397,23 @@ def _check_teacher_width(teacher: TargetEncoder, objectives: Mapping[str, Object
             f"{sorted({objectives[n].target_width for n in wrong})}-wide targets: set their "
             "target_dim to the teacher's width where the objective takes one, or use a "
             "teacher as wide as the student")
+
+
+def _teacher_blocks(teacher: TargetEncoder | None, objectives: Mapping[str, Objective]) -> int:
+    """How many last block outputs the teacher keeps in its one pass: the most any objective
+    reads (each takes its own last K of them), refused where the teacher cannot give them."""
+    wanting = {n: o.teacher_blocks for n, o in objectives.items() if o.teacher_blocks}
+    if not wanting:
+        return 0
+    count = max(wanting.values())
+    encoder = teacher.encoder
+    if not encoder.supports_top_blocks:
+        raise ConfigError(f"objective(s) {sorted(wanting)} read the teacher's last block "
+                          f"outputs (target_blocks), which a {encoder.family} teacher does not "
+                          "give: use a vit teacher or target_blocks=0")
+    depth = len(encoder.blocks())
+    if count > depth:
+        raise ConfigError(f"objective(s) {sorted(wanting)} average the teacher's last "
+                          f"{count} blocks (target_blocks) but '{encoder.arch}' has {depth}: "
+                          f"choose target_blocks <= {depth}")
+    return count

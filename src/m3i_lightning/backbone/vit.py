@@ -20,6 +20,7 @@ class VisionTransformerBackbone(Backbone):
     timm_class = VisionTransformer
     timm_modules = ("vision_transformer", "deit")
     static_shapes = False  # the visible-token count differs between student and teacher
+    supports_top_blocks = True
 
     def __init__(self, arch: str = "vit_tiny_patch16_224", img_size: int | Sequence[int] = 224,
                  **timm_kwargs) -> None:
@@ -46,19 +47,28 @@ class VisionTransformerBackbone(Backbone):
                    for x, visible in parts]
         return torch.cat([parts[0][0][:, :p], *patches], dim=1)
 
-    def encode(self, x: Tensor) -> Tensor:
-        """The transformer on an embedded token sequence (any subset or mixture of patches)."""
+    def encode(self, x: Tensor, top_blocks: int = 0) -> tuple[Tensor, list[Tensor]]:
+        """The transformer on an embedded token sequence (any subset or mixture of patches),
+        and the outputs of its last ``top_blocks`` blocks (each after its residual, before the
+        final norm), kept from the same pass."""
         m = self.model
         x = m.norm_pre(m.patch_drop(x))
-        if m.grad_checkpointing and torch.is_grad_enabled():
+        kept = []
+        if top_blocks:
+            first_kept = len(m.blocks) - top_blocks
+            for i, block in enumerate(m.blocks):
+                x = block(x)
+                if i >= first_kept:
+                    kept.append(x)
+        elif m.grad_checkpointing and torch.is_grad_enabled():
             x = torch.utils.checkpoint.checkpoint_sequential(m.blocks, len(m.blocks), x,
                                                              use_reentrant=False)
         else:
             x = m.blocks(x)
-        return m.norm(x)
+        return m.norm(x), kept
 
     def encode_parts(self, parts: Sequence[Part]) -> list[Tensor]:
-        tokens = self.encode(self.sequence(parts))[:, self.num_prefix_tokens:]
+        tokens = self.encode(self.sequence(parts))[0][:, self.num_prefix_tokens:]
         sizes = [x.shape[1] - self.num_prefix_tokens if visible is None else visible.shape[1]
                  for x, visible in parts]
         return list(tokens.split(sizes, dim=1))
@@ -68,11 +78,16 @@ class VisionTransformerBackbone(Backbone):
         return self.model.fc_norm(tokens.mean(dim=1))
 
     def forward(self, images: Tensor, visible_index: Tensor | None = None,
-                masked_index: Tensor | None = None) -> Encoded:
-        x = self.encode(self.sequence([(self.embed(images), visible_index)]))
+                masked_index: Tensor | None = None, top_blocks: int = 0) -> Encoded:
+        if not 0 <= top_blocks <= len(self.model.blocks):
+            raise ValueError(f"'{self.arch}' has {len(self.model.blocks)} blocks; "
+                             f"{top_blocks} top blocks asked for")
+        x, kept = self.encode(self.sequence([(self.embed(images), visible_index)]), top_blocks)
+        p = self.num_prefix_tokens
         return Encoded(
-            tokens=x[:, self.num_prefix_tokens:],
+            tokens=x[:, p:],
             global_feature=self.model.forward_head(x, pre_logits=True),
             visible_index=visible_index,
             masked_index=masked_index,
+            top_blocks=torch.stack([k[:, p:] for k in kept], dim=1) if kept else None,
         )

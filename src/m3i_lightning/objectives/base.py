@@ -70,6 +70,9 @@ class Objective(L.LightningModule):
     multi_crop: bool = False
     reads_local_crops: bool = False
     requires: ClassVar[frozenset[str]] = frozenset()
+    # How many of the teacher's last block outputs the loss reads (``targets.teacher.top_blocks``,
+    # data2vec's targets); 0: only its final tokens.
+    teacher_blocks: int = 0
     # Parameters (attribute names) the reference keeps out of weight decay (MSN's prototypes).
     no_weight_decay: ClassVar[tuple[str, ...]] = ()
     # Smallest per-process batch the loss means something at (BatchNorm heads, batch negatives).

@@ -6,14 +6,23 @@ import torch.nn.functional as F
 
 from m3i_lightning.backbone import gather_tokens
 from m3i_lightning.distributions import Gaussian
+from m3i_lightning.errors import check_options
 from m3i_lightning.objectives.base import Objective
 from m3i_lightning.predictor import TokenPredictor
 
 
 class MaskedFeature(Objective):
-    """data2vec / MILAN / BEiT v2 style: the masked view predicts, at each masked patch, the EMA
+    """data2vec / MILAN / BEiT v2 style: the masked view predicts, at each masked patch, the
     teacher's feature of the full view, normalised by a LayerNorm without affine parameters;
-    the stop-gradient teacher is the regulariser."""
+    the stop-gradient teacher is the regulariser.
+
+    The feature is the teacher's output token (``target_blocks=0``, MILAN's CLIP target), or
+    data2vec's: the average of the outputs of the teacher's last ``target_blocks`` blocks, each
+    taken after its residual and before the final norm, as the data2vec vision release does
+    (fairseq ``Data2VecVisionConfig``: ``end_of_block_targets``, no per-block normalisation,
+    ``layer_norm_targets`` on the average; ``average_top_k_layers: 6`` for ViT-B). The
+    teacher keeps those outputs from its one pass.
+    """
 
     name = "mim_feat"
     form = "Gaussian"
@@ -22,18 +31,27 @@ class MaskedFeature(Objective):
     target_view = "view1"
     uses_teacher = True
 
-    def __init__(self, loss: str = "mse", predictor_dim: int = 768, predictor_depth: int = 4,
-                 predictor_heads: int = 16, target_dim: int | None = None, **kwargs) -> None:
+    def __init__(self, loss: str = "mse", beta: float = 1.0, predictor_dim: int = 768,
+                 predictor_depth: int = 4, predictor_heads: int = 16,
+                 target_dim: int | None = None, target_blocks: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
+        check_options({"objective.mim_feat.target_blocks": (
+            target_blocks, lambda k: isinstance(k, int) and k >= 0, "an integer >= 0")})
+        self.teacher_blocks = target_blocks
         self.target_width = target_dim or self.embed_dim
         self.predictor = TokenPredictor(self.embed_dim, self.target_width,
                                         self.grid_size, predictor_dim, predictor_depth,
                                         predictor_heads)
-        self.distribution = Gaussian(loss)
+        self.distribution = Gaussian(loss, beta)
 
     def loss(self, batch, encoded, targets):
         query = self.predictor.position(encoded.masked_index)
         pred = self.predictor(encoded.tokens, encoded.visible_index, query)
-        target = gather_tokens(targets.teacher.tokens, encoded.masked_index)
+        teacher = targets.teacher
+        if self.teacher_blocks:
+            features = teacher.top_blocks[:, -self.teacher_blocks:].mean(dim=1)
+        else:
+            features = teacher.tokens
+        target = gather_tokens(features, encoded.masked_index)
         target = F.layer_norm(target, target.shape[-1:])
         return self.distribution(pred, target), {}
