@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from m3i_lightning.errors import M3IError
 
@@ -50,26 +51,20 @@ def is_sharded(path: Path) -> bool:
 
 def read_sharded(folder: Path, read_metadata: Callable[[Path], dict]) -> dict[str, Any]:
     """The checkpoint in ``folder`` as one dict laid out like a consolidated file: full
-    tensors assembled from every rank's shards, optimizer states keyed by parameter index in
-    the order of their groups (``torch.optim.Optimizer.state_dict``'s). One process, no process
-    group. ``read_metadata`` reads ``meta.pt`` (the caller's safe loader)."""
+    tensors assembled from every rank's shards, on one process without a process group.
+    Optimizer states stay keyed by parameter name: a torch optimizer loads them by position in
+    its groups, Lightning's FSDP2 loader by name (an index would need the model's parameter
+    order, frozen ones included). ``read_metadata`` reads ``meta.pt`` (the caller's safe
+    loader)."""
     checkpoint = read_metadata(Path(folder) / METADATA_FILE)
     shards: dict[str, Any] = {}
-    dcp.load(shards, checkpoint_id=folder, planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    # torch's own DCP-to-file converter (format_utils.dcp_to_torch_save), minus the file
+    _load_state_dict(shards, dcp.FileSystemReader(folder), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
     checkpoint["state_dict"] = shards.pop("state_dict")
     count = len([key for key in shards if key.startswith("optimizer_")])
-    checkpoint["optimizer_states"] = [_keyed_by_index(shards[f"optimizer_{i}"])
-                                      for i in range(count)]
+    checkpoint["optimizer_states"] = [shards[f"optimizer_{i}"] for i in range(count)]
     return checkpoint
-
-
-def _keyed_by_index(optimizer: dict[str, Any]) -> dict[str, Any]:
-    """An optimizer state keyed by parameter name (DCP's) keyed by index instead."""
-    names = [name for group in optimizer["param_groups"] for name in group["params"]]
-    index = {name: i for i, name in enumerate(names)}
-    return {"state": {index[name]: state for name, state in optimizer["state"].items()},
-            "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
-                             for group in optimizer["param_groups"]]}
 
 
 class ShardedCheckpointWriter:
