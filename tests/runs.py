@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # A 16 px ViT of depth 1, no validation passes and no export, so a run is mostly its ~10 s of
@@ -25,17 +26,20 @@ TWO_CPU_PROCESSES = ["trainer.accelerator=cpu", "trainer.devices=2"]
 def run(*args: str, cwd: Path | None = None, prelude: str | None = None,
         check: bool = True, module: str = "m3i_lightning") -> subprocess.CompletedProcess:
     """``python -m <module> *args`` (the pre-training command by default), one thread per
-    process (the machine is shared). ``prelude``: Python run first in the same process (to
-    inject a failure into the pre-training command)."""
+    process (the machine is shared), in a session of its own (a run may kill its process
+    group). ``prelude``: Python run first in the same process (to inject a failure into the
+    pre-training command), from a script file so that the processes Lightning starts for the
+    other ranks, which re-run the command line, run it too."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    if prelude is None:
+    with tempfile.TemporaryDirectory() as scripts:
         command = [sys.executable, "-m", module, *args]
-    else:
-        command = [sys.executable, "-c", f"{prelude}\nfrom m3i_lightning.cli import main\nmain()",
-                   *args]
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+        if prelude is not None:
+            script = Path(scripts, "pretrain.py")
+            script.write_text(f"{prelude}\nfrom m3i_lightning.cli import main\nmain()\n")
+            command = [sys.executable, str(script), *args]
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=600, start_new_session=True)
     if check:
         assert done.returncode == 0, done.stderr[-4000:]
     return done

@@ -41,6 +41,18 @@ def test_strategy_names(tokenizer, monkeypatch):
         build_strategy({"name": "fsdp1"}, _model(tokenizer, "inst_disc"))
 
 
+def test_sharded_checkpoints_need_fsdp2_and_async_needs_sharded(tokenizer):
+    model = _model(tokenizer, "cls")
+    plain = build_strategy({"name": "fsdp"}, model, {"sharded": False, "async": False})
+    assert plain.checkpoint_writer is None
+    background = build_strategy({"name": "fsdp"}, model, {"sharded": True, "async": True})
+    assert background.checkpoint_writer.asynchronous
+    with pytest.raises(ConfigError, match="checkpoint.sharded=true needs strategy=fsdp"):
+        build_strategy({"name": "ddp"}, model, {"sharded": True, "async": False})
+    with pytest.raises(ConfigError, match="checkpoint.async=true .* needs checkpoint.sharded"):
+        build_strategy({"name": "fsdp"}, model, {"sharded": False, "async": True})
+
+
 def test_blocks_of_student_teacher_predictor_and_text_tower_are_found(tokenizer):
     model = _model(tokenizer, "mim_feat", "clip")
     assert sharding.block_classes(model) == {Block, CLIPEncoderLayer}

@@ -10,11 +10,14 @@
   logit scale, optimizer, LR schedule and loop counters are Lightning's own.
 - :func:`resume_path` finds the checkpoint to resume from: ``resume=auto`` takes the newest of
   the run folder, for jobs that restart into the same folder.
-- :func:`read_checkpoint` is the one reader of checkpoint files (resume, eval, export): the
-  safe loader, whose failures become one line naming the option and the file.
+- :func:`read_checkpoint` is the one reader of checkpoints (resume, eval, export): the safe
+  loader, whose failures become one line naming the option and the file. It also reads the
+  sharded folders of ``checkpoint.sharded=true`` (:mod:`m3i_lightning.sharded_checkpoint`) as
+  one consolidated checkpoint, which :mod:`m3i_lightning.consolidate` writes as a file.
 
-Everything in a checkpoint is tensors, numbers and strings, so it loads with
-``weights_only=True``.
+Everything in a checkpoint is tensors, numbers and strings, so a file (and a sharded folder's
+``meta.pt``) loads with ``weights_only=True``. A sharded folder's shard index is DCP's own
+pickle, read by ``torch.distributed.checkpoint``: load those only from trusted run folders.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import CombinedLoader
 
 from m3i_lightning.errors import ConfigError, M3IError
+from m3i_lightning.sharded_checkpoint import is_sharded, read_sharded, remove_stale
 
 log = logging.getLogger("m3i_lightning")
 
@@ -85,16 +89,30 @@ def human_bytes(count: float) -> str:
 
 def read_checkpoint(path, option: str, map_location="cpu") -> dict[str, Any]:
     """``torch.load(path, weights_only=True)``: the safe loader, which never runs code stored in
-    a file. Every way it can fail is a :class:`ConfigError` naming ``option`` (the setting that
-    gave the path): a missing file, a folder, a truncated or foreign file, and a pickle the safe
-    loader refuses (it stays refused: this library writes only tensors, numbers and strings)."""
+    a file; a sharded folder is assembled into one checkpoint (:func:`read_sharded`). Every way
+    it can fail is a :class:`ConfigError` naming ``option`` (the setting that gave the path): a
+    missing file, a folder that is no complete sharded checkpoint, a truncated or foreign file,
+    and a pickle the safe loader refuses (it stays refused: this library writes only tensors,
+    numbers and strings)."""
     path = Path(path)
+    if is_sharded(path):
+        try:
+            return read_sharded(path, lambda metadata: _read_file(metadata, option, map_location))
+        except (RuntimeError, ValueError, OSError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"{option}={path} cannot be read as a sharded checkpoint "
+                              f"(missing or truncated shards): {reason}") from None
     if path.is_dir():
         found = sorted(checkpoints_in(path))
         hint = f", e.g. {option}={found[-1]}" if found else ""
-        raise ConfigError(f"{option}={path} is a folder; give a checkpoint file{hint}")
+        raise ConfigError(f"{option}={path} is a folder but no complete sharded checkpoint; "
+                          f"give a checkpoint file or sharded folder{hint}")
     if not path.is_file():
         raise ConfigError(f"{option}={path}: no such file")
+    return _read_file(path, option, map_location)
+
+
+def _read_file(path: Path, option: str, map_location) -> dict[str, Any]:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -130,6 +148,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(partial, path)
+            remove_stale(path)
         except OSError as err:
             partial.unlink(missing_ok=True)
             raise M3IError(unwritable(path, checkpoint, err)) from None
@@ -234,25 +253,28 @@ def _restore(state: dict[str, Any]) -> None:
 
 def checkpoints_in(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run folder: ``checkpoints/*.ckpt`` and the
-    ``hpc_ckpt_*.ckpt`` Lightning writes when SLURM requeues a job (never ``*.partial``)."""
+    ``hpc_ckpt_*.ckpt`` Lightning writes when SLURM requeues a job, files or links to complete
+    sharded folders (never ``*.partial``, nor a folder a killed save left)."""
     run_dir = Path(run_dir)
     return [p for p in [*run_dir.glob("*.ckpt"), *(run_dir / "checkpoints").glob("*.ckpt")]
-            if p.is_file()]
+            if p.is_file() or is_sharded(p)]
 
 
 def resume_path(resume: str | None, run_dir: Path) -> str | None:
     """``resume``: null (start fresh), ``auto`` (the newest checkpoint of ``run_dir``, or a
-    fresh start when there is none yet) or a checkpoint path."""
+    fresh start when there is none yet) or a checkpoint path (file or sharded folder). The
+    newest is the last written: a file's time, or when a sharded folder's link last moved."""
     if not resume:
         return None
     if resume == "auto":
-        found = max(checkpoints_in(run_dir), key=lambda p: p.stat().st_mtime, default=None)
+        found = max(checkpoints_in(run_dir), key=lambda p: p.lstat().st_mtime, default=None)
         if found is None:
             log.info("resume=auto: no checkpoint in %s yet, starting fresh", run_dir)
             return None
         log.info("resume=auto: resuming from %s", found)
         return str(found)
-    if not Path(resume).is_file():
-        raise ConfigError(f"resume={resume}: no such checkpoint file; use resume=auto to take "
-                          "the newest checkpoint of the run folder")
+    if not (Path(resume).is_file() or is_sharded(Path(resume))):
+        raise ConfigError(f"resume={resume}: no such checkpoint file or complete sharded "
+                          "folder; use resume=auto to take the newest checkpoint of the run "
+                          "folder")
     return str(resume)

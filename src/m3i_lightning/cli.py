@@ -94,7 +94,7 @@ def pretrain(cfg: DictConfig) -> dict:
     check_run_folder(out, cfg.resume, cfg.get("overwrite", False))
     ckpt_path = resume_path(cfg.resume, out)
     trainer = build_trainer(
-        cfg, strategy=build_strategy(cfg.strategy, model),
+        cfg, strategy=build_strategy(cfg.strategy, model, cfg.checkpoint),
         plugins=[AtomicCheckpointIO()],
         default_root_dir=out,
         logger=run_loggers(cfg, out, resuming=ckpt_path is not None),

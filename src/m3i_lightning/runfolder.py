@@ -25,6 +25,7 @@ from m3i_lightning.metrics_log import LogLastStep, ResumedCSVLogger, RunCSVLogge
 from m3i_lightning.monitors import ProbeMonitor
 from m3i_lightning.pictures import ReconstructionGrid, plot_curves
 from m3i_lightning.restore import StoreConfig, TrainedModel
+from m3i_lightning.strategies import FullyShardedDataParallel
 
 log = logging.getLogger("m3i_lightning")
 
@@ -59,6 +60,8 @@ def untrained(trainer: L.Trainer, datamodule, out: Path) -> None:
         if trainer.is_global_zero:
             print("trainer.max_steps=0: no training step; last.ckpt holds the initial weights")
         trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)
+        if isinstance(trainer.strategy, FullyShardedDataParallel):
+            trainer.strategy.wait_for_checkpoint()  # the fit is over: nothing waits for it
         for logger in trainer.loggers:
             logger.log_metrics({"epoch": 0}, step=0)
             logger.save()

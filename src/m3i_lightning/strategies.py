@@ -6,14 +6,18 @@
   through Lightning's ``ModelParallelStrategy``; runs on CPU (gloo) as on GPUs (nccl).
 - ``fsdp1``: Lightning's ``FSDPStrategy`` (FSDP1) wrapping the same blocks; CUDA only.
 
-Sharded runs write consolidated checkpoints (one file, gathered on rank 0), so ``last.ckpt``
-is written atomically like any other and resumes under any strategy or world size; after the
-fit every rank gets the consolidated model, for the end-of-run evaluation on every rank.
+Sharded runs write consolidated checkpoints (one file, gathered on rank 0) by default, so
+``last.ckpt`` is written atomically like any other and resumes under any strategy or world
+size; ``checkpoint.sharded=true`` (FSDP2 only) has every rank write its shards instead (see
+:mod:`m3i_lightning.sharded_checkpoint`). After the fit every rank gets the consolidated
+model, for the end-of-run evaluation on every rank.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,6 +27,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, St
 from m3i_lightning.backbone import Backbone
 from m3i_lightning.engine import Engine
 from m3i_lightning.errors import ConfigError
+from m3i_lightning.sharded_checkpoint import ShardedCheckpointWriter
 from m3i_lightning.sharding import block_classes
 
 STRATEGIES = ("auto", "ddp", "fsdp", "fsdp1")
@@ -31,23 +36,62 @@ STRATEGIES = ("auto", "ddp", "fsdp", "fsdp1")
 class FullyShardedDataParallel(ModelParallelStrategy):
     """``ModelParallelStrategy`` as pure FSDP2 data parallelism: one data-parallel group of
     every process (its defaults would give tensor parallelism within a node instead, and every
-    process of a node the same batch)."""
+    process of a node the same batch). With ``sharded``, checkpoints are Lightning's sharded
+    folders, written atomically (and in the background with ``asynchronous``) by a
+    :class:`ShardedCheckpointWriter`; Lightning loads them, resharded to any world size."""
 
-    def __init__(self) -> None:
-        super().__init__(tensor_parallel_size=1, save_distributed_checkpoint=False)
+    def __init__(self, sharded: bool = False, asynchronous: bool = False) -> None:
+        super().__init__(tensor_parallel_size=1, save_distributed_checkpoint=sharded)
+        self.checkpoint_writer = ShardedCheckpointWriter(asynchronous) if sharded else None
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath,
+                        storage_options: Any = None) -> None:
+        if self.checkpoint_writer is None:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+        else:
+            self.checkpoint_writer.save(checkpoint, Path(self.broadcast(filepath)))
 
-def build_strategy(cfg: Mapping, model: Engine) -> Strategy | str:
-    """The strategy for ``cfg.name``; ``model`` gives the block classes FSDP1 wraps."""
+    def wait_for_checkpoint(self) -> None:
+        """Until the checkpoint being written in the background, if any, is on disk."""
+        if self.checkpoint_writer is not None:
+            self.checkpoint_writer.wait()
+
+    def teardown(self) -> None:
+        self.wait_for_checkpoint()
+        super().teardown()
+
+    def full_state_dict(self) -> dict[str, Any]:
+        """The model's full weights on rank 0 (empty elsewhere), whatever the checkpoints."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        return get_model_state_dict(self.model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+
+
+def build_strategy(cfg: Mapping, model: Engine, checkpoint: Mapping | None = None
+                   ) -> Strategy | str:
+    """The strategy for ``cfg.name``; ``model`` gives the block classes FSDP1 wraps;
+    ``checkpoint`` (``cfg.checkpoint``) asks for sharded and asynchronous checkpoints."""
     name = cfg["name"]
+    sharded = bool(checkpoint and checkpoint.get("sharded"))
+    asynchronous = bool(checkpoint and checkpoint.get("async"))
+    if asynchronous and not sharded:
+        raise ConfigError("checkpoint.async=true writes sharded checkpoints in the background: "
+                          "it needs checkpoint.sharded=true")
+    if sharded and name != "fsdp":
+        raise ConfigError(f"checkpoint.sharded=true needs strategy=fsdp (FSDP2), not "
+                          f"strategy={name}, whose checkpoints are one consolidated file")
     if name in ("auto", "ddp"):
         return name
     if name == "fsdp":
-        return FullyShardedDataParallel()
+        return FullyShardedDataParallel(sharded, asynchronous)
     if name == "fsdp1":
         return _fsdp1(model)
     raise ConfigError(f"unknown strategy '{name}'; choose one of {STRATEGIES}")
@@ -77,9 +121,11 @@ def consolidated(trainer: Trainer, build: Callable[[], Engine]) -> Engine:
     strategy gathers on rank 0, sent from there to the others. Every rank must call it (the
     gather and the broadcast are collectives)."""
     model = trainer.lightning_module
-    if not isinstance(trainer.strategy, FSDPStrategy | ModelParallelStrategy):
+    strategy = trainer.strategy
+    if not isinstance(strategy, FSDPStrategy | ModelParallelStrategy):
         return model
-    state = trainer.strategy.lightning_module_state_dict()
+    state = (strategy.full_state_dict() if isinstance(strategy, FullyShardedDataParallel)
+             else strategy.lightning_module_state_dict())
     full = build()
     if trainer.is_global_zero:
         full.load_state_dict(state)
