@@ -187,10 +187,11 @@ def check_head(head, expected: dict) -> None:  # noqa: C901 - one branch per sta
             assert getattr(head, key) == value, key
 
 
-@pytest.mark.parametrize("recipe", ["deit", "deit3"])
-def test_the_supervised_recipes_train_on_the_embedded_data(recipe, tmp_path):
-    """RandAugment or 3-Augment, repeated augmentation, Mixup / CutMix (and LAMB) together,
-    two steps of a tiny ViT: every logged cls loss is finite."""
-    run(f"experiment={recipe}", "backbone=vit_cpu", *TINY_RUN, "global_batch_size=32",
-        "trainer.max_steps=2", f"hydra.run.dir={tmp_path}")
-    assert_each_term_logged(tmp_path, ["cls"], 2)
+def test_the_supervised_recipes_train_on_the_embedded_data(tmp_path):
+    """deit and deit3 (one sweep, one start-up): RandAugment or 3-Augment, repeated
+    augmentation, Mixup / CutMix (and LAMB) together, two steps of a tiny ViT: every logged
+    cls loss is finite."""
+    run("-m", "experiment=deit,deit3", "backbone=vit_cpu", *TINY_RUN, "global_batch_size=32",
+        "trainer.max_steps=2", f"hydra.sweep.dir={tmp_path}")
+    for job in ("0", "1"):
+        assert_each_term_logged(tmp_path / job, ["cls"], 2)
