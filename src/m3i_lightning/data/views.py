@@ -7,12 +7,10 @@ flag. With it a decoder query can be placed at the location of the other view it
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
@@ -22,24 +20,9 @@ from timm.data.random_erasing import RandomErasing
 from torch import Tensor
 
 from m3i_lightning.plan import GLOBAL_VIEWS, local_view_names
+from m3i_lightning.seeding import seeded_globals
 
 IDENTITY_GEOMETRY = (0.0, 0.0, 1.0, 1.0, 0.0)
-
-
-@contextlib.contextmanager
-def seeded_globals(rng: random.Random):
-    """Run the block with Python's, NumPy's and torch's global generators seeded from
-    ``rng`` (timm's transforms draw from all three), then restore them."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(rng.getrandbits(64))
-    np.random.seed(rng.getrandbits(32))
-    torch.default_generator.manual_seed(rng.getrandbits(63))  # the CPU stream alone: cheap
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
 
 
 def crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -109,9 +92,9 @@ class RandAugment:
 
 @dataclass(frozen=True)
 class ThreeAugment:
-    """DeiT III's 3-Augment: one of grayscale, solarisation and Gaussian blur (σ in [0.1, 2]),
-    chosen uniformly for each image, then colour jitter (brightness, contrast, saturation
-    ``jitter``, no hue) every time; torchvision v2 transforms."""
+    """DeiT III's 3-Augment: one of grayscale, solarisation and Gaussian blur (σ in [0.1, 2],
+    a kernel a tenth of the view), chosen uniformly for each image, then colour jitter
+    (brightness, contrast, saturation ``jitter``, no hue) every time; torchvision v2."""
 
     jitter: float = 0.3
     erasing: float = 0.0  # DeiT III turns random erasing off

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from m3i_lightning.batch_mixup import BatchMixup
-from m3i_lightning.data.views import seeded_globals
 from m3i_lightning.distributions import Boltzmann
 from m3i_lightning.objectives.base import Objective
+from m3i_lightning.seeding import seeded_globals
 
 
 class Classification(Objective):
@@ -36,7 +36,6 @@ class Classification(Objective):
         self.mixup = None
         if mixup > 0 or cutmix > 0:
             self.mixup = BatchMixup(mixup, cutmix, num_classes, mixup_switch_prob)
-            self.min_batch_size = 2
 
     @property
     def augments_batch(self) -> bool:
