@@ -55,5 +55,27 @@ def test_the_engine_counts_the_batch_over_processes_and_accumulation(tokenizer):
 
 
 def test_unknown_optimizer_names_the_choices():
-    with pytest.raises(ConfigError, match=r"optim\.name=sgd.*adamw.*lars"):
+    with pytest.raises(ConfigError, match=r"optim\.name=sgd.*adamw.*lars.*lamb"):
         OptimConfig(name="sgd")
+
+
+def test_lamb_steps_each_weight_by_its_trust_ratio_as_deit3_trains():
+    """LAMB's first step (timm's, gradients under the clipping norm of 1): the Adam direction
+    g / (|g| + eps) plus the weight decay, scaled by ||w|| / ||update||; biases (no decay)
+    take the plain Adam step, unscaled, as apex's FusedLAMB does."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    config = OptimConfig(name="lamb", lr=0.1, weight_decay=0.05, betas=(0.9, 0.999),
+                         warmup_fraction=0.0)
+    optimizer = build_optimizer(layer, config, total_steps=10)["optimizer"]
+    layer(torch.randn(2, 4)).sum().mul(0.01).backward()
+    grads = layer.weight.grad.clone(), layer.bias.grad.clone()
+    assert torch.cat([g.flatten() for g in grads]).norm() < 1
+    optimizer.step()
+    for before, grad, decay, after in ((weight, grads[0], 0.05, layer.weight),
+                                       (bias, grads[1], 0.0, layer.bias)):
+        update = grad / (grad.abs() + 1e-6) + decay * before
+        trust = before.norm() / update.norm() if decay else 1.0
+        expected = before - 0.1 * trust * update
+        torch.testing.assert_close(after.detach(), expected, rtol=1e-5, atol=1e-6)

@@ -57,8 +57,13 @@ PAPERS = {
     "densecl": dict(batch=256, epochs=200, momentum=(0.999, 0.999), augment="mocov2",
                     crops=(0.2, 1.0),
                     heads={"dense_id": dict(temperature=0.2, queue=65536, dense_weight=0.5)}),
-    "deit": dict(batch=1024, lr=5e-4 * 2, epochs=300, warmup=5, wd=0.05,
-                 heads={"cls": dict(label_smoothing=0.1)}),
+    "deit": dict(batch=1024, lr=5e-4 * 2, epochs=300, warmup=5, wd=0.05, betas=(0.9, 0.999),
+                 augment="deit", erasing=0.25, repeats=3,
+                 heads={"cls": dict(label_smoothing=0.1, mixup=(0.8, 1.0, 0.5))}),
+    # DeiT III's README command for ViT-B on ImageNet-1k
+    "deit3": dict(batch=2048, lr=3e-3, epochs=800, warmup=5, wd=0.05, optimizer="lamb",
+                  size=192, layer_scale=1e-4, augment="three_augment", jitter=0.3, repeats=3,
+                  heads={"cls": dict(label_smoothing=0.0, mixup=(0.8, 1.0, 0.5))}),
     "clip": dict(batch=32768, lr=5e-4, epochs=32, wd=0.2, betas=(0.9, 0.98),
                  heads={"clip": dict(text=(512, 12, 8), init_scale=1 / 0.07, max_scale=100.0)}),
     # M3I states no full ViT-B schedule: its optimiser follows SiameseIM, 400 epochs stated
@@ -144,8 +149,23 @@ def test_recipe_builds_what_the_paper_states(recipe, frozen_teachers):
         assert model.teacher.encoder.arch == paper["teacher"]
     assert model.input_mode == paper.get("input", "native") and model.mix == paper.get("mix", False)
     assert cfg.trainer.gradient_clip_val == paper.get("clip")
+    if "optimizer" in paper:
+        assert optim.name == paper["optimizer"]
     view1 = data.view.views["view1"]
-    assert view1.size == 224 and view1.scale == paper.get("crops", (0.08, 1.0))
+    assert view1.size == paper.get("size", 224) and view1.scale == paper.get("crops", (0.08, 1.0))
+    assert model.backbone.grid_size == (paper.get("size", 224) // 16,) * 2
+    if "layer_scale" in paper:
+        assert torch.all(model.backbone.model.blocks[0].ls1.gamma == paper["layer_scale"])
+    erasing = view1.erasing.probability if view1.erasing else 0.0
+    assert erasing == paper.get("erasing", 0.0)
+    if "jitter" in paper:
+        jitter = view1.photometric.transforms[-1]
+        low, high = 1 - paper["jitter"], 1 + paper["jitter"]
+        assert jitter.brightness == jitter.contrast == jitter.saturation == (low, high)
+    data.setup("fit")
+    sampler = data.train_dataloader().sampler
+    repeats = sampler.repeated.num_repeats if sampler.repeated else 1
+    assert repeats == paper.get("repeats", 1)
     if "local" in paper:
         count, scale = paper["local"]
         assert [n for n in data.view.names if n.startswith("local")] == [
@@ -204,6 +224,9 @@ def check_head(head, expected: dict) -> None:  # noqa: C901 - one branch per sta
             assert head.queue.shape[0] == value
         elif key == "label_smoothing":
             assert head.distribution.label_smoothing == value
+        elif key == "mixup":
+            mix = head.mixup.mix
+            assert (mix.mixup_alpha, mix.cutmix_alpha, mix.switch_prob) == value
         elif key == "text":
             config = head.text_tower.model.config
             assert (config.hidden_size, config.num_hidden_layers,

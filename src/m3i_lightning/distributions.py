@@ -32,5 +32,5 @@ class Boltzmann(nn.Module):
         super().__init__()
         self.label_smoothing = label_smoothing
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return losses.boltzmann_nll(logits, target, self.label_smoothing)
+    def forward(self, logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+        return losses.boltzmann_nll(logits, target, self.label_smoothing, reduction)

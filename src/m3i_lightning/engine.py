@@ -58,6 +58,7 @@ class Engine(L.LightningModule):
                               "input=shared")
         objectives = self.objectives()
         _check_backbone(backbone, objectives, mix)
+        _check_batch_augment(objectives)
         self.backbone = backbone
         self.input_mode, self.mix = input_mode, mix
         self.plan: Plan = build_plan(objectives, input_mode, mix, local_view_names(local_crops))
@@ -177,6 +178,7 @@ class Engine(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         for objective in self.objectives().values():
             objective.follow_schedule(self.current_epoch)
+            batch = objective.augment_batch(batch)
         terms, logs = self.forward_terms(batch)
         stacked = torch.stack(list(terms.values()))
         if self.check_finite_every and self.global_step % self.check_finite_every == 0:
@@ -385,6 +387,18 @@ def _check_backbone(backbone: Backbone, objectives: Mapping[str, Objective], mix
             f"backbone '{backbone.arch}' ({backbone.family} family) gives no "
             f"{' and no '.join(lacks)}, which {needs} need: select only objectives among "
             f"{usable} (and mix=false), or a vit, swin or convnext backbone")
+
+
+def _check_batch_augment(objectives: Mapping[str, Objective]) -> None:
+    """A batch augmentation (cls's Mixup / CutMix) mixes the images of the batch before they
+    are encoded, once for all objectives: with others beside it they would read mixed images
+    (and targets of mixed views), so it runs only alone."""
+    augmenting = sorted(n for n, o in objectives.items() if o.augments_batch)
+    if augmenting and len(objectives) > 1:
+        raise ConfigError(
+            f"objective(s) {augmenting} mix the images of each batch (mixup / cutmix), which "
+            f"the other objectives {sorted(set(objectives) - set(augmenting))} would read too: "
+            "train it alone (objective=[cls]) or set its mixup and cutmix to 0")
 
 
 def _check_teacher_width(teacher: TargetEncoder, objectives: Mapping[str, Objective]) -> None:

@@ -1,7 +1,8 @@
 """Pure loss functions: the −log P̂ of each distribution form and of each reference method.
 
-Every function takes plain tensors and returns a scalar mean loss, so it can be used without
-the rest of the library. Shapes use B = batch, N = tokens, D = feature dimension.
+Every function takes plain tensors and returns a scalar mean loss (``boltzmann_nll`` also one
+per row), so it can be used without the rest of the library. Shapes use B = batch,
+N = tokens, D = feature dimension.
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ def gaussian_nll(pred: Tensor, target: Tensor, kind: str = "mse", beta: float = 
     raise ValueError(f"unknown Gaussian loss kind '{kind}'; choose one of {GAUSSIAN_KINDS}")
 
 
-def boltzmann_nll(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+def boltzmann_nll(logits: Tensor, target: Tensor, label_smoothing: float = 0.0,
+                  reduction: str = "mean") -> Tensor:
     """−log softmax(logits)[target]: a Boltzmann distribution over the candidate set.
 
     ``logits``: [B, C] similarities already divided by the temperature; ``target``: [B]
-    candidate index (entries of −100 are ignored) or [B, C] soft target distribution.
+    candidate index (entries of −100 are ignored) or [B, C] soft target distribution;
+    ``reduction="none"``: the loss of each row.
     """
-    return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+    return F.cross_entropy(logits, target, label_smoothing=label_smoothing, reduction=reduction)
 
 
 def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float,

@@ -1,5 +1,5 @@
-"""AdamW (or LARS) without weight decay on norms, biases and tokens, and a warmup + cosine
-schedule; the learning rate given directly or by the linear scaling rule."""
+"""AdamW (or LARS, or LAMB) without weight decay on norms, biases and tokens, and a warmup +
+cosine schedule; the learning rate given directly or by the linear scaling rule."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
+from timm.optim import Lamb
 from torch import nn
 
 from m3i_lightning.errors import check_options
@@ -15,17 +16,19 @@ from m3i_lightning.errors import check_options
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "mask_token", "logit_scale")
 
 
-OPTIMIZERS = ("adamw", "lars")
+OPTIMIZERS = ("adamw", "lars", "lamb")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | lars (BYOL, Barlow Twins: large-batch ResNet training)
+    # adamw | lars (BYOL, Barlow Twins: large-batch ResNet training) | lamb (DeiT III: timm's,
+    # the global gradient norm clipped to 1 as apex's FusedLAMB does)
+    name: str = "adamw"
     lr: float = 1e-3
     # When set, the linear scaling rule: lr = base_lr × global batch / 256 (MAE, MoCo v3, DINO).
     base_lr: float | None = None
     weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)  # adamw
+    betas: tuple[float, float] = (0.9, 0.95)  # adamw, lamb
     momentum: float = 0.9  # lars
     trust_coefficient: float = 1e-3  # lars: η of the trust ratio
     warmup_fraction: float = 0.05
@@ -143,6 +146,8 @@ def build_optimizer(module: nn.Module, cfg: OptimConfig, total_steps: int,
     if cfg.name == "lars":
         groups[1]["lars"] = False
         optimizer = LARS(groups, lr, cfg.momentum, cfg.weight_decay, cfg.trust_coefficient)
+    elif cfg.name == "lamb":
+        optimizer = Lamb(groups, lr=lr, betas=tuple(cfg.betas))
     else:
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
     warmup = int(cfg.warmup_fraction * total_steps)

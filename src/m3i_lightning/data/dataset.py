@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 from m3i_lightning.data.sampling import ResumableLoader, ResumableSampler
 from m3i_lightning.data.skips import BadSample
 from m3i_lightning.data.views import CropSet
-from m3i_lightning.errors import M3IError, check_options
+from m3i_lightning.errors import ConfigError, M3IError, check_options
 
 MISSING_LABEL = -100
 MAX_REPLACEMENTS = 100
@@ -98,7 +98,8 @@ class Collate:
         return batch
 
 
-def check_loader_options(batch_size, num_workers, crop_scale, val_fraction) -> None:
+def check_loader_options(batch_size, num_workers, crop_scale, val_fraction,
+                         repeated_aug: int = 1) -> None:
     """Refuse the data options that cannot load (or would crop outside the image), naming
     the ``data.`` option and its range, before any file is read."""
     checks = {
@@ -108,19 +109,28 @@ def check_loader_options(batch_size, num_workers, crop_scale, val_fraction) -> N
                              "an integer >= 0"),
         "data.crop_scale": (crop_scale, lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1,
                             "[min, max] with 0 < min <= max <= 1"),
-        "data.val_fraction": (val_fraction, lambda v: 0 <= v < 1, "a number in [0, 1)")}
+        "data.val_fraction": (val_fraction, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        "data.repeated_aug": (repeated_aug, lambda v: isinstance(v, int) and v >= 1,
+                              "an integer >= 1")}
     check_options(checks)
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, tokenizer=None,
-                shuffle: bool = False, drop_last: bool = False, seed: int = 0) -> DataLoader:
+                shuffle: bool = False, drop_last: bool = False, seed: int = 0,
+                repeated_aug: int = 1) -> DataLoader:
     """The one DataLoader of every data module: decoding, both crops and tokenising run in
     persistent workers and batches arrive pinned on a GPU machine, so the training process
     does nothing per sample. Streamed datasets shuffle themselves; map-style data shuffles
-    with ``seed`` through a :class:`ResumableLoader`, which resumes mid-epoch exactly."""
+    with ``seed`` through a :class:`ResumableLoader`, which resumes mid-epoch exactly, each
+    image ``repeated_aug`` times when that is > 1 (DeiT's repeated augmentation)."""
+    streamed = isinstance(dataset, IterableDataset)
+    if shuffle and streamed and repeated_aug > 1:
+        raise ConfigError(f"data.repeated_aug={repeated_aug} repeats images through a sampler, "
+                          "which streamed data has not: use 1 (or map-style data)")
     options = dict(batch_size=batch_size, drop_last=drop_last, num_workers=num_workers,
                    persistent_workers=num_workers > 0, collate_fn=Collate(tokenizer),
                    pin_memory=torch.cuda.is_available())
-    if shuffle and not isinstance(dataset, IterableDataset):
-        return ResumableLoader(dataset, ResumableSampler(dataset, seed), **options)
+    if shuffle and not streamed:
+        return ResumableLoader(dataset, ResumableSampler(dataset, seed, repeats=repeated_aug),
+                               **options)
     return DataLoader(dataset, **options)

@@ -57,11 +57,14 @@ class EmbeddedDigits(L.LightningDataModule):
                  crop_scale: tuple[float, float] = (0.35, 1.0), flip: bool = True,
                  labels: bool = True, captions: bool = True, tokenizer=None,
                  fields: set[str] | None = None, seed: int = 0,
-                 local_crops: dict | None = None, augment: str = "none") -> None:
+                 local_crops: dict | None = None, augment: str = "none",
+                 repeated_aug: int = 1) -> None:
         super().__init__()
-        check_loader_options(batch_size, num_workers, list(crop_scale), val_fraction)
+        check_loader_options(batch_size, num_workers, list(crop_scale), val_fraction,
+                             repeated_aug)
         self.img_size, self.source_size = img_size, source_size
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.repeated_aug = repeated_aug
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.view = CropSet(img_size, crop_scale, flip, LocalCrops(**local_crops or {}), augment)
         self.labels_on, self.captions_on = labels, captions
@@ -93,7 +96,8 @@ class EmbeddedDigits(L.LightningDataModule):
 
     def _loader(self, dataset, shuffle: bool, drop_last: bool) -> DataLoader:
         return make_loader(dataset, self.batch_size, self.num_workers, self.tokenizer,
-                           shuffle=shuffle, drop_last=drop_last, seed=self.seed)
+                           shuffle=shuffle, drop_last=drop_last, seed=self.seed,
+                           repeated_aug=self.repeated_aug)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(ViewDataset(self.source("train"), self.view, self.fields), True, True)

@@ -30,12 +30,14 @@ class ViewDataModule(L.LightningDataModule):
     def __init__(self, img_size: int, batch_size: int, num_workers: int,
                  crop_scale: Sequence[float], flip: bool, tokenizer, fields: set[str] | None,
                  seed: int, val_fraction: float = 0.0, local_crops: Mapping | None = None,
-                 augment: str = "none") -> None:
+                 augment: str = "none", repeated_aug: int = 1) -> None:
         super().__init__()
-        check_loader_options(batch_size, num_workers, list(crop_scale), val_fraction)
+        check_loader_options(batch_size, num_workers, list(crop_scale), val_fraction,
+                             repeated_aug)
         self.view = CropSet(img_size, tuple(crop_scale), flip, LocalCrops(**local_crops or {}),
                             augment)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.repeated_aug = repeated_aug
         self.tokenizer = tokenizer
         self.fields = set(fields) if fields is not None else None
         self.provides = {*self.view.names, "geometry"}
@@ -55,7 +57,7 @@ class ViewDataModule(L.LightningDataModule):
     def loader(self, dataset: Dataset, train: bool, num_workers: int | None = None) -> DataLoader:
         workers = self.num_workers if num_workers is None else num_workers
         return make_loader(dataset, self.batch_size, workers, self.tokenizer, shuffle=train,
-                           drop_last=train, seed=self.seed)
+                           drop_last=train, seed=self.seed, repeated_aug=self.repeated_aug)
 
     def val_dataloader(self) -> list[DataLoader]:
         """The online monitors' memory (train split) then queries (val split), whole labelled

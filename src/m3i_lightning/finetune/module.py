@@ -10,13 +10,12 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 import torch.nn.functional as F
-from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor, nn
 
 from m3i_lightning import sharding
 from m3i_lightning.backbone import Backbone
-from m3i_lightning.errors import ConfigError
+from m3i_lightning.batch_mixup import BatchMixup
 from m3i_lightning.finetune.layer_decay import layer_decay_groups
 from m3i_lightning.optim import warmup_cosine
 from m3i_lightning.shares import valid_rows
@@ -82,8 +81,8 @@ class FineTuning(L.LightningModule):
         r = self.recipe
         self.mixup = None
         if r.mixup > 0 or r.cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=r.mixup, cutmix_alpha=r.cutmix,
-                               label_smoothing=r.smoothing, num_classes=self.num_classes)
+            self.mixup = BatchMixup(r.mixup, r.cutmix, self.num_classes,
+                                    smoothing=r.smoothing)
         self.soft_loss = SoftTargetCrossEntropy()
         self._tallies: dict[str, Tensor] = {}
 
@@ -103,9 +102,6 @@ class FineTuning(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images, labels = batch["view1"], batch["label"]
         if self.mixup is not None:
-            if len(labels) % 2:
-                raise ConfigError(f"mixup / cutmix pair the images of a batch: the per-rank "
-                                  f"batch size must be even, got {len(labels)}")
             images, targets = self.mixup(images, labels)
             loss = self.soft_loss(self.classifier(images), targets)
         else:

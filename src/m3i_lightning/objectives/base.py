@@ -152,6 +152,19 @@ class Objective(L.LightningModule):
                 for key in results[0][1]}
         return (losses.sum() if reduce == "sum" else losses.mean()), logs
 
+    @property
+    def augments_batch(self) -> bool:
+        """Whether :meth:`augment_batch` changes the batch: the engine then lets this
+        objective be the run's only one, as every other would read the changed images."""
+        return False
+
+    def augment_batch(self, batch: dict) -> dict:
+        """Called by the engine on each training batch before anything is encoded: an
+        objective whose reference augments whole batches (cls: DeiT's Mixup / CutMix) returns
+        the batch with that applied. Its random draws come from torch's global stream, which
+        each rank seeds for itself and a resumed run restores."""
+        return batch
+
     def follow_schedule(self, epoch: int) -> None:
         """Called by the engine before each training step: objectives whose reference
         schedules a hyper-parameter over epochs (DINO's teacher temperature) set it here."""

@@ -2,35 +2,73 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 from torch import nn
 
+from m3i_lightning.batch_mixup import BatchMixup
 from m3i_lightning.distributions import Boltzmann
 from m3i_lightning.objectives.base import Objective
+from m3i_lightning.seeding import seeded_globals
 
 
 class Classification(Objective):
     """ViT/DeiT supervised pre-training: softmax CE of the global feature against every class
-    embedding (the rows of a linear layer); the other classes are the negatives."""
+    embedding (the rows of a linear layer); the other classes are the negatives.
+
+    ``mixup`` / ``cutmix`` > 0: DeiT's Mixup / CutMix (:class:`BatchMixup`, switching with
+    ``mixup_switch_prob``) of view1 in each training batch; the loss is then the cross-entropy
+    against the mixed soft targets, smoothed by ``label_smoothing`` (as DeiT smooths inside
+    them). The mixing changes the images every objective would read, so it trains alone.
+    """
 
     name = "cls"
     form = "Boltzmann"
     target_repr = "category"
     requires = frozenset({"label"})
 
-    def __init__(self, num_classes: int, label_smoothing: float = 0.0, **kwargs) -> None:
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0, mixup: float = 0.0,
+                 cutmix: float = 0.0, mixup_switch_prob: float = 0.5, **kwargs) -> None:
         super().__init__(**kwargs)
         self.class_embed = nn.Linear(self.embed_dim, num_classes)
         self.distribution = Boltzmann(label_smoothing)
+        self.mixup = None
+        if mixup > 0 or cutmix > 0:
+            self.mixup = BatchMixup(mixup, cutmix, num_classes, mixup_switch_prob)
+
+    @property
+    def augments_batch(self) -> bool:
+        return self.mixup is not None
+
+    def augment_batch(self, batch: dict) -> dict:
+        """view1 mixed, with its soft targets (``mixed_label``) and which rows have them
+        (``mixed_valid``: the image and its partner both labelled; missing labels, −100,
+        enter the mix as class 0 and leave their rows out of the loss)."""
+        if self.mixup is None:
+            return batch
+        labels = batch["label"]
+        known = labels >= 0
+        # timm draws from the global streams: seeded from torch's, like the masks
+        with seeded_globals(random.Random(int(torch.randint(2**62, ())))):
+            images, targets = self.mixup(batch["view1"].clone(), labels.clamp(min=0))
+        return {**batch, "view1": images, "mixed_label": targets,
+                "mixed_valid": known & known.flip(0)}
 
     def loss(self, batch, encoded, targets):
         logits = self.class_embed(encoded.global_feature)
         labels = batch["label"]
         known = labels >= 0
-        # No labelled sample (-100 = missing): the mean would be 0/0 = NaN, so the loss then
-        # reads class 0 and is multiplied by 0; decided on the device, never asked (a host sync).
-        labelled = known.any()
-        loss = self.distribution(logits, labels.where(labelled, 0)) * labelled
+        if "mixed_label" in batch:
+            valid = batch["mixed_valid"]
+            per_row = self.distribution(logits, batch["mixed_label"], reduction="none")
+            loss = (per_row * valid).sum() / valid.sum().clamp(min=1)
+        else:
+            # No labelled sample (-100 = missing): the mean would be 0/0 = NaN, so the loss
+            # then reads class 0 and is multiplied by 0; decided on the device, never asked
+            # (a host sync).
+            labelled = known.any()
+            loss = self.distribution(logits, labels.where(labelled, 0)) * labelled
         with torch.no_grad():  # NaN without a labelled sample
             accuracy = ((logits.argmax(-1) == labels) & known).sum() / known.sum()
         return loss, {"acc": accuracy}
