@@ -147,8 +147,9 @@ def build_case(spec: Spec, extra: list[str], device: torch.device,
     model = build_model(cfg, data.num_classes, tokenizer).to(device)
     data.fields = model.batch_fields()
     data.setup("fit")
-    batch = {k: v.to(device) if torch.is_tensor(v) else v
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
              for k, v in next(iter(data.train_dataloader())).items()}
+    batch = data.on_after_batch_transfer(batch, 0)  # data.augment_on=device renders here
     optim = build_optimizer(model, model.optim, total_steps)
     model.train()
     return Case(spec, model, batch, optim["optimizer"], optim["lr_scheduler"]["scheduler"],

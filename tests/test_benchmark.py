@@ -86,6 +86,22 @@ def test_data_option_hands_the_options_after_it_to_the_loader_benchmark(benchmar
     assert received == [["--workers", "0", "--batches", "1", "data.batch_size=8"]]
 
 
+def test_data_section_reports_both_augmentation_paths(benchmark, tmp_path):
+    """``--data`` at the tiny size on CPU: loader images/s of each ``data.augment_on`` path,
+    the device rendering, the training step, and the ratios, all positive and finite."""
+    out = tmp_path / "data.json"
+    benchmark.main(["--data", "--workers", "0", "--batches", "1", "--json", str(out),
+                    *TINY, "data.batch_size=4"])
+    rows = {row["name"]: row["value"] for row in json.loads(out.read_text())}
+    for path in ("workers", "device"):
+        assert any(name.startswith(f"{path}: loader images/s, one worker") for name in rows)
+        assert any(name.startswith(f"{path}: loader (0 workers) / training step")
+                   for name in rows)
+    assert "one worker: device / workers (images/s)" in rows
+    assert any(name.startswith("device: rendering images/s on cpu") for name in rows)
+    assert all(math.isfinite(value) and value > 0 for value in rows.values())
+
+
 def test_text_tower_drops_the_padding_mask_only_where_it_changes_nothing():
     """Right padding after the end token: the pooled caption embedding is the same with and
     without the mask (causal attention), so the tower leaves the mask and its sync out."""

@@ -221,9 +221,10 @@ class CropSet:
         ``decode_size`` × ``decode_size`` when set, so images of any size stack into one batch.
         Crop boxes are fractions of the image, so a crop shows the same content at either size
         (only its resolution changes)."""
-        if self.decode_size is not None:
-            image = TF.resize(image, [self.decode_size, self.decode_size], antialias=True)
-        return TF.to_dtype(image.clamp(0, 1), torch.uint8, scale=True)
+        image = TF.to_dtype(image.clamp(0, 1), torch.uint8, scale=True)
+        if self.decode_size is None:
+            return image
+        return TF.resize(image, [self.decode_size, self.decode_size], antialias=True)
 
     def center(self, image: Tensor) -> Tensor:
         return self.views["view1"].center(image)
