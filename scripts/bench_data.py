@@ -71,13 +71,14 @@ def default_model(overrides: list[str]):
 
 def imagefolder_data(path: Path, cfg, tokenizer, fields: set[str], workers: int,
                      augment_on: str):
-    """The ``data=imagefolder`` module with the model's fields and batch size."""
+    """The ``data=imagefolder`` module with the model's fields, batch size and colour
+    augmentations."""
     from m3i_lightning.data import ImageFolderData
 
     return ImageFolderData(str(path), img_size=cfg.backbone.img_size,
                            batch_size=cfg.data.batch_size, num_workers=workers,
                            val_fraction=0.0, tokenizer=tokenizer, fields=fields,
-                           augment_on=augment_on)
+                           augment=cfg.data.augment, augment_on=augment_on)
 
 
 def loader_images_per_s(loader) -> float:
