@@ -7,6 +7,7 @@ float32 whatever the autocast around it (:func:`in_float32`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable
@@ -29,10 +30,17 @@ def in_float32(loss: Callable) -> Callable:
     @functools.wraps(loss)
     def float32_loss(*args, **kwargs):
         tensors = [v for v in (*args, *kwargs.values()) if torch.is_tensor(v)]
-        device = tensors[0].device.type if tensors else "cpu"
-        with torch.autocast(device, enabled=False):
+        with autocast_off(tensors[0].device.type if tensors else "cpu"):
             return loss(*map(_upcast, args), **{k: _upcast(v) for k, v in kwargs.items()})
     return float32_loss
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """No autocast on ``device_type`` inside the block; a device without autocast (``meta``,
+    where shapes are worked out without data) has none to switch off."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _upcast(value):
