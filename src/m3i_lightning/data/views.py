@@ -211,6 +211,7 @@ class CropSet:
         self.names = (*GLOBAL_VIEWS, *local_view_names(local.count))
 
     def view_for(self, name: str) -> RandomView:
+        """The view of batch key ``name``: a global view's own, else the local crops'."""
         return self.views.get(name, self.local_view)
 
     def __call__(self, name: str, image: Tensor, rng: random.Random) -> tuple[Tensor, Tensor]:
