@@ -19,8 +19,9 @@ MFU = achieved FLOP/s / peak, the FLOPs of a step counted by ``torch.utils.flop_
 (``FlopCounterMode``) and the peak the device's dense bf16 figure (H100 / H200: 989 TFLOP/s;
 ``--peak-tflops`` for another). Without CUDA (``--tiny``: a 16 px ViT) the eager and loader
 rows are measured on CPU and every CUDA-only row reads ``skipped: needs CUDA``; a row that
-fails reads ``failed: <error>``, one past ``--budget-s`` ``skipped: time budget``, so the file
-always holds every row.
+fails reads ``failed: <error>``, one past ``--budget-s`` ``skipped: time budget``, and the file
+is rewritten after each section, so it always holds every row (``not reached: ...`` where the
+check was stopped from outside).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from m3i_lightning.measure import synchronize  # noqa: E402
 from m3i_lightning.strategies import build_strategy  # noqa: E402
 
 NEEDS_CUDA = "skipped: needs CUDA"
+NOT_REACHED = "not reached: the check was stopped before this row"
 CONFIGS = {"m3i": ["experiment=m3i"],
            "[mim_feat,clip,cls]": ["objective=[mim_feat,clip,cls]", "input=shared"]}
 SHARDED = {"fsdp1 [mim_feat,clip,cls]": ("fsdp1", "[mim_feat,clip,cls]"),
@@ -127,7 +129,9 @@ def loader_rows(args, device: torch.device, model: list[str], step_images_per_s:
         for on, feed in feeds.items()}
 
 
-def check(args) -> dict:
+def check(args, write) -> dict:
+    """Every section in turn; ``write`` gets the whole result after each, rows not reached yet
+    marked so, so a run stopped from outside (the 8-minute limit) still leaves every row."""
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda" if cuda else "cpu")
     if not cuda:
@@ -135,6 +139,15 @@ def check(args) -> dict:
     backbone, extra = ("vit_base", []) if cuda else ("vit_cpu", TINY)
     started = time.perf_counter()
     rows: dict[str, object] = {}
+
+    def result() -> dict:
+        return {"device": torch.cuda.get_device_name(device) if cuda else "CPU",
+                "model": "ViT-B/16 224 px" if cuda else "vit_cpu at 16 px (--tiny / no CUDA)",
+                "batch_size": args.batch_size, "torch": torch.__version__,
+                "peak": "dense bf16 TFLOP/s: --peak-tflops, else H100/H200 989 (A100 312)",
+                "flops": "torch.utils.flop_counter.FlopCounterMode, one eager step",
+                "seconds": time.perf_counter() - started,
+                "rows": {name: rows.get(name, NOT_REACHED) for name in row_names()}}
 
     def measure(names: list[str], fn, needs_cuda: bool = False) -> None:
         if needs_cuda and not cuda:
@@ -148,6 +161,7 @@ def check(args) -> dict:
                 line = str(err).strip().splitlines()[0] if str(err).strip() else ""
                 rows.update(dict.fromkeys(names, f"failed: {type(err).__name__}: {line}"))
             benchmark.progress(f"gpu check: {', '.join(names)} done")
+        write(result())
 
     flops: dict[str, int] = {}
     modes = ("eager", "compiled") if cuda else ("eager",)
@@ -173,13 +187,9 @@ def check(args) -> dict:
     else:
         rows.update(dict.fromkeys(["loader workers / step", "loader device / step"],
                                   "skipped: no step measured"))
-    return {"device": torch.cuda.get_device_name(device) if cuda else "CPU",
-            "model": "ViT-B/16 224 px" if cuda else "vit_cpu at 16 px (--tiny / no CUDA)",
-            "batch_size": args.batch_size, "torch": torch.__version__,
-            "peak": "dense bf16 TFLOP/s: --peak-tflops, else H100/H200 989 (A100 312)",
-            "flops": "torch.utils.flop_counter.FlopCounterMode, one eager step",
-            "seconds": time.perf_counter() - started,
-            "rows": {name: rows[name] for name in row_names()}}
+    final = result()
+    write(final)
+    return final
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -203,8 +213,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    result = check(args)
-    args.out.write_text(json.dumps(result, indent=2))
+    result = check(args, lambda partial: args.out.write_text(json.dumps(partial, indent=2)))
     print(json.dumps(result["rows"], indent=1))
     print(f"written: {args.out}")
     return result
