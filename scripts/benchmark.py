@@ -152,8 +152,9 @@ def build_case(spec: Spec, extra: list[str], device: torch.device,
     model = build_model(cfg, data.num_classes, tokenizer).to(device)
     data.fields = model.batch_fields()
     data.setup("fit")
-    batch = {k: v.to(device) if torch.is_tensor(v) else v
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
              for k, v in next(iter(data.train_dataloader())).items()}
+    batch = data.on_after_batch_transfer(batch, 0)  # data.augment_on=device renders here
     # one process stepping this batch: a recipe's base_lr scales with it, as under a Trainer
     optim = build_optimizer(model, model.optim, total_steps, global_batch_size=spec.batch_size)
     model.train()
@@ -485,7 +486,8 @@ def bench_masking(model_name: str, batch_size: int, extra: list[str], device: to
 
 
 def peak_tflops(device: torch.device, given: float | None) -> float | None:
-    if given:
+    """The device's dense bf16 peak: ``given``, else the built-in table's (None off CUDA)."""
+    if given or device.type != "cuda":
         return given
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
@@ -502,30 +504,42 @@ def step_flops(case: Case) -> int:
     return counter.get_total_flops()
 
 
-def bench_gpu(batch_size: int, extra: list[str], device: torch.device, warmup: int,
-              repeats: int, given_peak: float | None) -> list[dict]:
-    """The same model eager, then with its transformer blocks compiled (the library's
-    ``compile`` option); FLOPs are counted once, eagerly: compiling changes no arithmetic."""
+def bf16_rows(spec: Spec, extra: list[str], device: torch.device, warmup: int, repeats: int,
+              given_peak: float | None, compiled: tuple[bool, ...] = (False, True)) -> list[dict]:
+    """The configuration's step under bf16 autocast, eager and then (``compiled``) with its
+    transformer blocks compiled (the library's ``compile`` option): images/s, FLOPs, MFU and
+    the peak memory of the timed steps. FLOPs are counted once, eagerly: compiling changes no
+    arithmetic."""
     from m3i_lightning.sharding import compile_blocks
 
     peak = peak_tflops(device, given_peak)
-    case = build_case(Spec("vit_base", "experiment=m3i", ["experiment=m3i"], batch_size),
-                      extra, device)
-    case.autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    case = build_case(spec, extra, device)
+    case.autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     flops = step_flops(case)
     rows = []
-    for compiled in (False, True):
-        if compiled:
+    for compile_now in compiled:
+        if compile_now:
             compile_blocks(case.model)
-        seconds = time_rounds({"m3i": case.step}, warmup, repeats, device)["m3i"]
+        time_rounds({spec.label: case.step}, warmup, 0, device)  # compiling: not timed
+        with PeakMemory(device) as memory:
+            seconds = time_rounds({spec.label: case.step}, 0, repeats, device)[spec.label]
         step_s = statistics.median(seconds)
         achieved = flops / step_s / 1e12
-        rows.append({"config": "vit_base experiment=m3i bf16", "compiled": compiled,
-                     "batch_size": batch_size, "ms_per_step": 1000 * step_s,
-                     "images_per_s": batch_size / step_s, "tflops_per_step": flops / 1e12,
+        rows.append({"config": f"{spec.model} {spec.label} bf16", "compiled": compile_now,
+                     "batch_size": spec.batch_size, "ms_per_step": 1000 * step_s,
+                     "images_per_s": spec.batch_size / step_s, "tflops_per_step": flops / 1e12,
                      "achieved_tflops": achieved, "peak_tflops": peak,
-                     "mfu": achieved / peak if peak else None})
+                     "mfu": achieved / peak if peak else None,
+                     "peak_mb": None if memory.rise is None
+                     else (memory.base + memory.rise) / 2**20})
     return rows
+
+
+def bench_gpu(batch_size: int, extra: list[str], device: torch.device, warmup: int,
+              repeats: int, given_peak: float | None) -> list[dict]:
+    """The ViT-B/16 M3I step in bf16, eager and compiled."""
+    return bf16_rows(Spec("vit_base", "experiment=m3i", ["experiment=m3i"], batch_size),
+                     extra, device, warmup, repeats, given_peak)
 
 
 # ---------------------------------------------------------------------------------------------

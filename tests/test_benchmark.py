@@ -8,7 +8,6 @@ import importlib.util
 import json
 import math
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -88,15 +87,6 @@ def test_every_configuration_reports_its_peak_memory(quick_run):
     assert all(row["peak_mb"] > 0 for row in quick_run["throughput"])
 
 
-def test_data_option_hands_the_options_after_it_to_the_loader_benchmark(benchmark, monkeypatch):
-    received = []
-    loader_bench = types.ModuleType("bench_data")
-    loader_bench.main = received.append
-    monkeypatch.setitem(sys.modules, "bench_data", loader_bench)
-    assert benchmark.main(["--data", "--workers", "0", "--batches", "1", "data.batch_size=8"]) == {}
-    assert received == [["--workers", "0", "--batches", "1", "data.batch_size=8"]]
-
-
 def test_eval_option_runs_the_knn_memory_benchmark_with_the_options_after_it(benchmark,
                                                                               tmp_path, capsys):
     """A tiny bank: one row per (queries, chunk size), its model figure the float32 bytes of
@@ -115,6 +105,22 @@ def test_eval_option_runs_the_knn_memory_benchmark_with_the_options_after_it(ben
         assert row["dense_mb"] == pytest.approx(4 * row["queries"] * 300 / 2**20)
         assert row["device"] == "cpu" and row["seconds"] > 0
     assert capsys.readouterr().out.count("| 300 × 8 |") == 4
+
+
+def test_data_section_reports_both_augmentation_paths(benchmark, tmp_path):
+    """``--data`` at the tiny size on CPU: loader images/s of each ``data.augment_on`` path,
+    the device rendering, the training step, and the ratios, all positive and finite."""
+    out = tmp_path / "data.json"
+    benchmark.main(["--data", "--workers", "0", "--batches", "1", "--json", str(out),
+                    *TINY, "data.batch_size=4"])
+    rows = {row["name"]: row["value"] for row in json.loads(out.read_text())}
+    for path in ("workers", "device"):
+        assert any(name.startswith(f"{path}: loader images/s, one worker") for name in rows)
+        assert any(name.startswith(f"{path}: loader (0 workers) / training step")
+                   for name in rows)
+    assert "one worker: device / workers (images/s)" in rows
+    assert any(name.startswith("device: rendering images/s on cpu") for name in rows)
+    assert all(math.isfinite(value) and value > 0 for value in rows.values())
 
 
 def test_text_tower_drops_the_padding_mask_only_where_it_changes_nothing():

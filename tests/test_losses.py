@@ -6,7 +6,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from m3i_lightning import losses as L
 from m3i_lightning.distributions import Boltzmann, Gaussian
 from m3i_lightning.losses import boltzmann_nll, clip_loss, gaussian_nll
 
@@ -227,3 +229,47 @@ def test_clip_local_loss_wrong_offset_differs():
     right = clip_loss(image[4:], text[4:], 10.0, 4, image, text).item()
     wrong = clip_loss(image[4:], text[4:], 10.0, 0, image, text).item()
     assert right != pytest.approx(wrong)
+
+
+def _normalised(*shape: int) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape), dim=-1)
+
+
+LOSS_CALLS = {  # name: (loss, its arguments)
+    "gaussian_nll": lambda: (L.gaussian_nll, (torch.randn(4, 8), torch.randn(4, 8))),
+    "boltzmann_nll": lambda: (L.boltzmann_nll, (torch.randn(4, 6), torch.tensor([0, 1, 5, 2]))),
+    "clip_loss": lambda: (L.clip_loss, (_normalised(4, 8), _normalised(4, 8), 14.0)),
+    "info_nce": lambda: (L.info_nce, (_normalised(4, 8), _normalised(4, 8))),
+    "queue_info_nce": lambda: (L.queue_info_nce, (_normalised(4, 8), _normalised(4, 8),
+                                                  _normalised(16, 8))),
+    "dense_info_nce": lambda: (L.dense_info_nce, (_normalised(2, 5, 8), _normalised(2, 5, 8),
+                                                  torch.randn(2, 5, 6), torch.randn(2, 5, 6),
+                                                  _normalised(16, 8))),
+    "byol_loss": lambda: (L.byol_loss, (torch.randn(4, 8), torch.randn(4, 8))),
+    "barlow_twins_loss": lambda: (L.barlow_twins_loss, (torch.randn(8, 6), torch.randn(8, 6))),
+    "msn_loss": lambda: (L.msn_loss, (torch.randn(4, 8), torch.randn(4, 8),
+                                      torch.randn(10, 8))),
+    "mae_loss": lambda: (L.mae_loss, (torch.randn(2, 5, 12), torch.randn(2, 5, 12),
+                                      torch.tensor([[1, 0, 1, 1, 0]] * 2))),
+    "dino_loss": lambda: (L.dino_loss, (torch.randn(4, 10), torch.randn(4, 10),
+                                        torch.zeros(10))),
+    "unigrad_loss": lambda: (L.unigrad_loss, (torch.randn(2, 5, 8), torch.randn(2, 5, 8),
+                                              L.feature_correlation(torch.randn(2, 5, 8)))),
+    "feature_correlation": lambda: (L.feature_correlation, (torch.randn(2, 5, 8),)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOSS_CALLS))
+def test_losses_run_in_float32_under_bf16_autocast(name):
+    """Under ``torch.autocast("cpu", torch.bfloat16)``, with bfloat16 inputs as the heads give
+    them, every loss (and UniGrad's correlation) returns float32 equal to the float32
+    computation on the same inputs: no matmul or reduction of it ran in bfloat16."""
+    torch.manual_seed(0)
+    loss, args = LOSS_CALLS[name]()
+    low = [a.bfloat16() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = loss(*low)
+    reference = loss(*[a.float() if torch.is_tensor(a) and a.is_floating_point() else a
+                       for a in low])
+    assert result.dtype == torch.float32
+    assert torch.equal(result, reference)

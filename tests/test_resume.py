@@ -136,3 +136,20 @@ def test_disk_full_while_saving_ends_the_run_in_one_line_and_keeps_the_previous_
     assert float(errors[0].split("needs about ")[1].split(" KiB")[0]) * 1024 >= needed
     assert torch.load(last, weights_only=True)["global_step"] == 1
     assert list(last.parent.iterdir()) == [last]  # no last.ckpt.partial
+
+
+def test_run_with_views_rendered_on_the_device_resumes_exactly(tmp_path):
+    """``data.augment_on=device`` with BYOL's colour augmentations: the views are rendered in
+    the step from parameters drawn from each sample's stream, so the run killed while saving
+    at step 10 and resumed from step 5 (across the epoch boundary at step 11) logs exactly
+    the uninterrupted run's losses."""
+    args = [*TINY_RUN, *COMPOSED, "data.batch_size=128", "trainer.max_steps=14",
+            "checkpoint.every_n_steps=5", "data.augment_on=device", "data.augment=byol"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run(*args, f"hydra.run.dir={whole}")
+    done = run(*args, f"hydra.run.dir={killed}", prelude=KILL_ON_SECOND_SAVE, check=False)
+    assert done.returncode == -9, done.stderr[-3000:]
+    run(*args, "resume=auto", f"hydra.run.dir={killed}")
+    resumed, expected = losses(killed), losses(whole)
+    assert set(range(5, 14)) <= set(resumed)
+    assert resumed == {step: expected[step] for step in resumed}

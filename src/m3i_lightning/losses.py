@@ -2,12 +2,16 @@
 
 Every function takes plain tensors and returns a scalar mean loss (``boltzmann_nll`` also one
 per row), so it can be used without the rest of the library. Shapes use B = batch,
-N = tokens, D = feature dimension.
+N = tokens, D = feature dimension. Each runs in float32 whatever the autocast around it
+(:func:`in_float32`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +20,35 @@ from torch import Tensor
 from m3i_lightning.pixels import normalize_patches
 
 GAUSSIAN_KINDS = ("mse", "smooth_l1", "cosine")
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def in_float32(loss: Callable) -> Callable:
+    """``loss`` computed in float32 under any autocast: its half-precision tensor arguments
+    upcast, autocast off inside. A softmax over thousands of candidates, a sum of squared
+    errors or UniGrad's correlation keep 8 bits of mantissa in bfloat16, too few for a loss
+    and its gradient; the heads before it still run in bfloat16."""
+    @functools.wraps(loss)
+    def float32_loss(*args, **kwargs):
+        tensors = [v for v in (*args, *kwargs.values()) if torch.is_tensor(v)]
+        with autocast_off(tensors[0].device.type if tensors else "cpu"):
+            return loss(*map(_upcast, args), **{k: _upcast(v) for k, v in kwargs.items()})
+    return float32_loss
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """No autocast on ``device_type`` inside the block; a device without autocast (``meta``,
+    where shapes are worked out without data) has none to switch off."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _upcast(value):
+    return value.float() if torch.is_tensor(value) and value.dtype in LOW_PRECISION else value
+
+
+@in_float32
 def gaussian_nll(pred: Tensor, target: Tensor, kind: str = "mse", beta: float = 1.0) -> Tensor:
     """−log of a fixed-variance Gaussian (up to scale and constant): a regression loss.
 
@@ -34,6 +65,7 @@ def gaussian_nll(pred: Tensor, target: Tensor, kind: str = "mse", beta: float = 
     raise ValueError(f"unknown Gaussian loss kind '{kind}'; choose one of {GAUSSIAN_KINDS}")
 
 
+@in_float32
 def boltzmann_nll(logits: Tensor, target: Tensor, label_smoothing: float = 0.0,
                   reduction: str = "mean") -> Tensor:
     """−log softmax(logits)[target]: a Boltzmann distribution over the candidate set.
@@ -45,6 +77,7 @@ def boltzmann_nll(logits: Tensor, target: Tensor, label_smoothing: float = 0.0,
     return F.cross_entropy(logits, target, label_smoothing=label_smoothing, reduction=reduction)
 
 
+@in_float32
 def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float,
               offset: int = 0, all_image_emb: Tensor | None = None,
               all_text_emb: Tensor | None = None, all_valid: Tensor | None = None) -> Tensor:
@@ -78,6 +111,7 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float,
     return nll.sum() / (2 * local.sum().clamp(min=1))
 
 
+@in_float32
 def info_nce(query: Tensor, key: Tensor, temperature: float = 0.2, offset: int = 0) -> Tensor:
     """MoCo v3's contrastive loss (Chen, Xie & He, ICCV 2021), one direction of it:
 
@@ -94,6 +128,7 @@ def info_nce(query: Tensor, key: Tensor, temperature: float = 0.2, offset: int =
     return 2 * temperature * boltzmann_nll(query @ key.T / temperature, labels)
 
 
+@in_float32
 def queue_info_nce(query: Tensor, key: Tensor, queue: Tensor, temperature: float = 0.2) -> Tensor:
     """InfoNCE against a memory queue (MoCo v2, DenseCL's global term): the candidates of query
     i are its own positive ``key[i]`` and the K queued keys.
@@ -107,6 +142,7 @@ def queue_info_nce(query: Tensor, key: Tensor, queue: Tensor, temperature: float
                                              device=query.device))
 
 
+@in_float32
 def dense_info_nce(query: Tensor, key: Tensor, query_feat: Tensor, key_feat: Tensor,
                    queue: Tensor, temperature: float = 0.2) -> Tensor:
     """DenseCL's dense contrastive loss (Wang et al., CVPR 2021): every query location is
@@ -124,6 +160,7 @@ def dense_info_nce(query: Tensor, key: Tensor, query_feat: Tensor, key_feat: Ten
     return queue_info_nce(query.flatten(0, 1), positive.flatten(0, 1), queue, temperature)
 
 
+@in_float32
 def byol_loss(pred: Tensor, target: Tensor) -> Tensor:
     """BYOL's regression loss (Grill et al., NeurIPS 2020), one direction of it: the mean over
     the batch of ‖p/‖p‖ − z/‖z‖‖² = 2 − 2·cos(p, z). ``pred`` p: [B, D] online predictions;
@@ -137,6 +174,7 @@ def batch_standardize(z: Tensor, eps: float = 1e-5) -> Tensor:
     return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + eps)
 
 
+@in_float32
 def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 5.1e-3) -> Tensor:
     """Barlow Twins' redundancy-reduction loss (Zbontar et al., ICML 2021):
 
@@ -166,6 +204,7 @@ def sinkhorn(probs: Tensor, iterations: int = 3) -> Tensor:
     return q * batch
 
 
+@in_float32
 def msn_loss(anchor: Tensor, target: Tensor, prototypes: Tensor,
              anchor_temperature: float = 0.1, target_temperature: float = 0.025,
              me_max_weight: float = 1.0, sinkhorn_iterations: int = 0) -> Tensor:
@@ -193,6 +232,7 @@ def msn_loss(anchor: Tensor, target: Tensor, prototypes: Tensor,
     return cross_entropy + me_max_weight * (neg_entropy + math.log(prototypes.shape[0]))
 
 
+@in_float32
 def mae_loss(pred: Tensor, target_patches: Tensor, mask: Tensor | None = None,
              norm_pix: bool = True) -> Tensor:
     """MAE's reconstruction loss (He et al., 2022): the mean over the masked patches of each
@@ -211,6 +251,7 @@ def mae_loss(pred: Tensor, target_patches: Tensor, mask: Tensor | None = None,
     return (per_patch * mask).sum() / mask.sum()
 
 
+@in_float32
 def dino_loss(student_logits: Tensor, teacher_logits: Tensor, center: Tensor,
               student_temp: float = 0.1, teacher_temp: float = 0.04) -> Tensor:
     """DINO's self-distillation cross-entropy (Caron et al., 2021), averaged over the batch:
@@ -226,6 +267,7 @@ def dino_loss(student_logits: Tensor, teacher_logits: Tensor, center: Tensor,
     return boltzmann_nll(student_logits / student_temp, target)
 
 
+@in_float32
 def feature_correlation(features: Tensor) -> Tensor:
     """UniGrad's correlation matrix F = (1/n) Σ_v v vᵀ (uncentred) of the n vectors in
     ``features`` [..., D] (every leading dimension indexes samples) → [D, D]."""
@@ -233,6 +275,7 @@ def feature_correlation(features: Tensor) -> Tensor:
     return vectors.T @ vectors / vectors.shape[0]
 
 
+@in_float32
 def unigrad_loss(pred: Tensor, target: Tensor, correlation: Tensor,
                  neg_weight: float = 0.02) -> Tensor:
     """SiameseIM's dense UniGrad loss (Tao et al., CVPR 2023; UniGrad, Tao et al., CVPR 2022):

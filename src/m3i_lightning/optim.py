@@ -139,6 +139,13 @@ def follow_weight_decay(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step
             group["weight_decay"] = decay
 
 
+def fused_on(devices: Collection[torch.device]) -> bool:
+    """Whether AdamW takes its fused kernel (one launch for all parameters instead of several
+    per tensor): when every parameter is on CUDA, as they are once the strategy has placed
+    (and, under FSDP, sharded) the model before it builds the optimizer."""
+    return bool(devices) and all(device.type == "cuda" for device in devices)
+
+
 def build_optimizer(module: nn.Module, cfg: OptimConfig, total_steps: int,
                     exempt: Collection[nn.Parameter] = (), global_batch_size: int | None = None):
     groups = param_groups(module, cfg.weight_decay, exempt)
@@ -149,7 +156,9 @@ def build_optimizer(module: nn.Module, cfg: OptimConfig, total_steps: int,
     elif cfg.name == "lamb":
         optimizer = Lamb(groups, lr=lr, betas=tuple(cfg.betas))
     else:
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
+        devices = [p.device for group in groups for p in group["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas),
+                                      fused=fused_on(devices))
     warmup = int(cfg.warmup_fraction * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, total_steps, warmup, cfg.min_lr_ratio))

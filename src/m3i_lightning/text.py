@@ -9,6 +9,10 @@ from torch import Tensor, nn
 
 from m3i_lightning.errors import ConfigError
 
+# torch's fused attention kernels (F.scaled_dot_product_attention), named rather than left to
+# the transformers version's default; the image side gets them from timm (``fused_attn``).
+ATTENTION = "sdpa"
+
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens, plus pad/bos/eos: needs no vocabulary file and no download."""
@@ -69,14 +73,15 @@ class TextTower(nn.Module):
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
         if pretrained:
-            self.model = CLIPTextModelWithProjection.from_pretrained(pretrained)
+            self.model = CLIPTextModelWithProjection.from_pretrained(
+                pretrained, attn_implementation=ATTENTION)
         else:
             config = CLIPTextConfig(
                 vocab_size=tokenizer.vocab_size, hidden_size=width, intermediate_size=4 * width,
                 num_hidden_layers=layers, num_attention_heads=heads,
                 max_position_embeddings=tokenizer.context_length, projection_dim=embed_dim,
                 pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=tokenizer.eos_token_id, attn_implementation=ATTENTION,
             )
             self.model = CLIPTextModelWithProjection(config)
         self.embed_dim = self.model.config.projection_dim

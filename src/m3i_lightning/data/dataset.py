@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
+from m3i_lightning.data.device_views import device_fields
 from m3i_lightning.data.sampling import ResumableLoader, ResumableSampler
 from m3i_lightning.data.skips import BadSample
 from m3i_lightning.data.views import CropSet
@@ -20,7 +21,9 @@ MAX_REPLACEMENTS = 100
 class ViewDataset(Dataset):
     """Builds only the requested ``fields`` of each sample: ``view1``, ``view2`` (and the
     local crops ``local1`` ...) with their ``*_geometry``, ``label`` and ``caption``
-    (tokenised later, per batch, by :class:`Collate`).
+    (tokenised later, per batch, by :class:`Collate`). With ``data.augment_on=device`` the
+    views are not built here: the sample carries the uint8 image and each view's parameters
+    (:func:`~m3i_lightning.data.device_views.device_fields`).
 
     ``source[i]`` returns ``(image float [3,H,W] in [0,1], label int | None, caption str | None)``
     or raises :class:`BadSample`; a bad sample is replaced by a random other one, which carries
@@ -67,8 +70,11 @@ class ViewDataset(Dataset):
             sample["image"] = self.view.center(image)
         else:
             rng = rng or random.Random(int(torch.randint(2**62, ())))
-            for name in self.view.names:
-                if name in self.fields:
+            names = [name for name in self.view.names if name in self.fields]
+            if self.view.on_device:
+                sample.update(device_fields(self.view, names, image, rng))
+            else:
+                for name in names:
                     sample[name], sample[f"{name}_geometry"] = self.view(name, image, rng)
         if "label" in self.fields or not self.train:
             sample["label"] = MISSING_LABEL if label is None else label

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from m3i_lightning.data.dataset import ViewDataset, check_loader_options, make_loader
+from m3i_lightning.data.device_views import DeviceViews
 from m3i_lightning.data.views import CropSet, LocalCrops
 from m3i_lightning.text import ByteTokenizer
 
@@ -48,7 +49,7 @@ class DigitsSource:
         return self.images[index], label if self.labels_on else None, caption
 
 
-class EmbeddedDigits(L.LightningDataModule):
+class EmbeddedDigits(DeviceViews, L.LightningDataModule):
     """Digits split deterministically into train / val; ``labels`` / ``captions`` can be
     switched off to pre-train as if the data had none."""
 
@@ -58,7 +59,7 @@ class EmbeddedDigits(L.LightningDataModule):
                  labels: bool = True, captions: bool = True, tokenizer=None,
                  fields: set[str] | None = None, seed: int = 0,
                  local_crops: dict | None = None, augment: str = "none",
-                 repeated_aug: int = 1) -> None:
+                 repeated_aug: int = 1, augment_on: str = "workers") -> None:
         super().__init__()
         check_loader_options(batch_size, num_workers, list(crop_scale), val_fraction,
                              repeated_aug)
@@ -66,7 +67,8 @@ class EmbeddedDigits(L.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.repeated_aug = repeated_aug
         self.val_fraction, self.split_seed = val_fraction, split_seed
-        self.view = CropSet(img_size, crop_scale, flip, LocalCrops(**local_crops or {}), augment)
+        self.view = CropSet(img_size, crop_scale, flip, LocalCrops(**local_crops or {}), augment,
+                            augment_on)
         self.labels_on, self.captions_on = labels, captions
         self.tokenizer = tokenizer or ByteTokenizer()
         self.provides = {*self.view.names, "geometry"}

@@ -189,9 +189,11 @@ class HFData(ViewDataModule):
                  val_fraction: float = 0.01, shuffle_buffer: int = 1000,
                  eval_samples: int = 10000, seed: int = 0, tokenizer=None,
                  fields: set[str] | None = None, local_crops: dict | None = None,
-                 augment: str = "none", repeated_aug: int = 1) -> None:
+                 augment: str = "none", repeated_aug: int = 1,
+                 augment_on: str = "workers", decode_size: int | None = 320) -> None:
         super().__init__(img_size, batch_size, num_workers, crop_scale, flip, tokenizer, fields,
-                         seed, val_fraction, local_crops, augment, repeated_aug)
+                         seed, val_fraction, local_crops, augment, repeated_aug, augment_on,
+                         decode_size)
         if not name:
             raise ConfigError("data=hf needs data.name=<hub id, save_to_disk folder or parquet "
                               "path>")

@@ -15,6 +15,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from m3i_lightning.data.dataset import check_loader_options, make_loader
+from m3i_lightning.data.device_views import DeviceViews
 from m3i_lightning.data.images import decode_image
 from m3i_lightning.data.skips import BadSample
 from m3i_lightning.data.views import CropSet, LocalCrops
@@ -24,18 +25,19 @@ from m3i_lightning.errors import ConfigError
 log = logging.getLogger("m3i_lightning")
 
 
-class ViewDataModule(L.LightningDataModule):
+class ViewDataModule(DeviceViews, L.LightningDataModule):
     """Base of the image folder, shard and Hugging Face data modules."""
 
     def __init__(self, img_size: int, batch_size: int, num_workers: int,
                  crop_scale: Sequence[float], flip: bool, tokenizer, fields: set[str] | None,
                  seed: int, val_fraction: float = 0.0, local_crops: Mapping | None = None,
-                 augment: str = "none", repeated_aug: int = 1) -> None:
+                 augment: str = "none", repeated_aug: int = 1, augment_on: str = "workers",
+                 decode_size: int | None = None) -> None:
         super().__init__()
         check_loader_options(batch_size, num_workers, list(crop_scale), val_fraction,
                              repeated_aug)
         self.view = CropSet(img_size, tuple(crop_scale), flip, LocalCrops(**local_crops or {}),
-                            augment)
+                            augment, augment_on, decode_size)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.repeated_aug = repeated_aug
         self.tokenizer = tokenizer

@@ -23,6 +23,10 @@ from m3i_lightning.plan import GLOBAL_VIEWS, local_view_names
 from m3i_lightning.seeding import seeded_globals
 
 IDENTITY_GEOMETRY = (0.0, 0.0, 1.0, 1.0, 0.0)
+# ``data.augment_on``: where the crops and colour augmentations of training views run. ``device``:
+# the worker ships the uint8 image and each view's parameters; m3i_lightning.data.device_views
+# renders them batched on the accelerator.
+AUGMENT_ON = ("workers", "device")
 
 
 def crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -60,14 +64,32 @@ class Photometric:
     solarize_p: float = 0.0
     erasing: float = 0.0  # random erasing after normalisation: none in these pipelines
 
+    BLUR_SIGMA = (0.1, 2.0)
+    SOLARIZE_THRESHOLD = 0.5
+
     def transform(self, size: int, mean: tuple[float, ...]) -> T.Transform:
         return T.Compose([
             T.RandomApply([T.ColorJitter(*self.jitter)], p=self.jitter_p),
             T.RandomGrayscale(self.grayscale_p),
-            T.RandomApply([T.GaussianBlur(blur_kernel(size), sigma=(0.1, 2.0))],
+            T.RandomApply([T.GaussianBlur(blur_kernel(size), sigma=self.BLUR_SIGMA)],
                           p=self.blur_p),
-            T.RandomSolarize(0.5, p=self.solarize_p),
+            T.RandomSolarize(self.SOLARIZE_THRESHOLD, p=self.solarize_p),
         ])
+
+    def draw(self, rng: random.Random) -> dict[str, Tensor]:
+        """This view's colour parameters from the sample's stream, for rendering on the device
+        (:mod:`m3i_lightning.data.device_views`), from the distributions torchvision's
+        transforms draw from: each jitter factor uniform in [max(0, 1 − x), 1 + x] (hue in
+        [−h, h]), the four adjustments in a random order, σ uniform in ``BLUR_SIGMA``."""
+        *gains, hue = self.jitter
+        factors = [rng.uniform(max(0.0, 1 - g), 1 + g) for g in gains] + [rng.uniform(-hue, hue)]
+        return {"jitter": torch.tensor(rng.random() < self.jitter_p),
+                "factors": torch.tensor(factors),
+                "order": torch.tensor(rng.sample(range(4), 4)),
+                "grayscale": torch.tensor(rng.random() < self.grayscale_p),
+                "blur": torch.tensor(rng.random() < self.blur_p),
+                "sigma": torch.tensor(rng.uniform(*self.BLUR_SIGMA)),
+                "solarize": torch.tensor(rng.random() < self.solarize_p)}
 
 
 @dataclass(frozen=True)
@@ -137,18 +159,27 @@ class RandomView:
                  photometric: ViewAugment | None = None) -> None:
         self.size, self.scale, self.ratio, self.flip = size, tuple(scale), tuple(ratio), flip
         self.mean, self.std = list(mean), list(std)
+        self.colours = photometric
         self.photometric = photometric.transform(size, tuple(mean)) if photometric else None
         self.erasing = None
         if photometric and photometric.erasing:
             self.erasing = RandomErasing(photometric.erasing, mode="pixel", max_count=1,
                                          device="cpu")
 
+    def draw(self, height: int, width: int, rng: random.Random) -> tuple[tuple, bool, Tensor]:
+        """The crop box (pixels), the flip and the geometry [5] of one view of an image of
+        ``height`` × ``width``; the first draws of the view from ``rng``, wherever it renders."""
+        top, left, ch, cw = crop_box(height, width, self.scale, self.ratio, rng)
+        flipped = self.flip and rng.random() < 0.5
+        geometry = torch.tensor([top / height, left / width, ch / height, cw / width,
+                                 float(flipped)])
+        return (top, left, ch, cw), flipped, geometry
+
     def __call__(self, image: Tensor, rng: random.Random) -> tuple[Tensor, Tensor]:
         """``image``: float [3, H, W] in [0, 1] → (view [3, size, size], geometry [5])."""
         _, h, w = image.shape
-        top, left, ch, cw = crop_box(h, w, self.scale, self.ratio, rng)
+        (top, left, ch, cw), flipped, geometry = self.draw(h, w, rng)
         view = TF.resized_crop(image, top, left, ch, cw, [self.size, self.size], antialias=True)
-        flipped = self.flip and rng.random() < 0.5
         if flipped:
             view = TF.horizontal_flip(view)
         geometry = torch.tensor([top / h, left / w, ch / h, cw / w, float(flipped)])
@@ -161,6 +192,13 @@ class RandomView:
             if self.erasing is not None:
                 view = self.erasing(view)
         return view, geometry
+
+    def draw_for_device(self, image: Tensor, rng: random.Random) -> tuple[Tensor, dict | None]:
+        """What the device needs to render this view of ``image`` [3, H, W]: its geometry [5]
+        (the crop box is its first four values) and its colour parameters (None without)."""
+        _, h, w = image.shape
+        geometry = self.draw(h, w, rng)[2]
+        return geometry, self.colours.draw(rng) if self.colours else None
 
     def center(self, image: Tensor) -> Tensor:
         """The whole image, resized: the evaluation view."""
@@ -191,11 +229,22 @@ class CropSet:
     with the colour augmentations that ``augment`` (:data:`AUGMENTATIONS`) gives it."""
 
     def __init__(self, size: int, scale: tuple[float, float], flip: bool = True,
-                 local: LocalCrops | None = None, augment: str = "none") -> None:
+                 local: LocalCrops | None = None, augment: str = "none",
+                 augment_on: str = "workers", decode_size: int | None = None) -> None:
         if augment not in AUGMENTATIONS:
             raise ValueError(f"unknown augment '{augment}' (data.augment); choose one of "
                              f"{sorted(AUGMENTATIONS)}")
+        if augment_on not in AUGMENT_ON:
+            raise ValueError(f"unknown augment_on '{augment_on}' (data.augment_on); choose one "
+                             f"of {list(AUGMENT_ON)}")
+        if decode_size is not None and decode_size < 1:
+            raise ValueError(f"data.decode_size must be null or >= 1, got {decode_size}")
+        self.on_device, self.decode_size = augment_on == "device", decode_size
         colours = AUGMENTATIONS[augment]
+        if self.on_device and any(not isinstance(a, Photometric) for a in colours.values()):
+            raise ValueError(f"data.augment={augment} runs in the loader workers only: the "
+                             "device renders crops and colour augmentations (none, byol, "
+                             "mocov2); give data.augment_on=workers")
         local = local or LocalCrops()
         self.views = {name: RandomView(size, scale, flip=flip, photometric=colours.get(name))
                       for name in GLOBAL_VIEWS}
@@ -203,8 +252,22 @@ class CropSet:
                                      photometric=colours.get("local"))
         self.names = (*GLOBAL_VIEWS, *local_view_names(local.count))
 
+    def view_for(self, name: str) -> RandomView:
+        """The view of batch key ``name``: a global view's own, else the local crops'."""
+        return self.views.get(name, self.local_view)
+
     def __call__(self, name: str, image: Tensor, rng: random.Random) -> tuple[Tensor, Tensor]:
-        return self.views.get(name, self.local_view)(image, rng)
+        return self.view_for(name)(image, rng)
+
+    def source(self, image: Tensor) -> Tensor:
+        """``image`` float [3, H, W] as the uint8 image a device batch carries: resized whole to
+        ``decode_size`` × ``decode_size`` when set, so images of any size stack into one batch.
+        Crop boxes are fractions of the image, so a crop shows the same content at either size
+        (only its resolution changes)."""
+        image = TF.to_dtype(image.clamp(0, 1), torch.uint8, scale=True)
+        if self.decode_size is None:
+            return image
+        return TF.resize(image, [self.decode_size, self.decode_size], antialias=True)
 
     def center(self, image: Tensor) -> Tensor:
         return self.views["view1"].center(image)

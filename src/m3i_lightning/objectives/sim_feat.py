@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from m3i_lightning.distributed import mean_over_ranks
-from m3i_lightning.losses import feature_correlation, unigrad_loss
+from m3i_lightning.losses import autocast_off, feature_correlation, unigrad_loss
 from m3i_lightning.objectives.relative_query import RelativeQueryObjective
 
 
@@ -62,7 +62,7 @@ class SiameseFeature(RelativeQueryObjective):
 
     def loss(self, batch, encoded, targets):
         pred = self.predict(batch, encoded, targets)
-        with torch.autocast(pred.device.type, enabled=False):
+        with autocast_off(pred.device.type):
             teacher = targets.teacher.tokens.float()
             if self.target_projection is not None:
                 with torch.no_grad():
