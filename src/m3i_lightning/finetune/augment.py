@@ -30,6 +30,7 @@ class RecipeView:
     ``eval_view``). One training view, ``view1``."""
 
     names = ("view1",)
+    on_device = False  # timm's pipeline runs in the loader workers
 
     def __init__(self, crops: CropSet, crop_scale: Sequence[float] = (0.08, 1.0),
                  hflip: float = 0.5, auto_augment: str | None = None, reprob: float = 0.0,
