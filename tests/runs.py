@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -74,3 +75,25 @@ for folder in sys.argv[1:]:
         torch.save(torch.stack([by_file(x), by_dir(x)]), f"{folder}/timm_features.pt")
 assert "m3i_lightning" not in sys.modules
 """
+
+
+@contextlib.contextmanager
+def gloo_share(rank: int, world_size: int, init_file: str, batch_size: int):
+    """Inside: this process as ``rank`` of a gloo group; yields the rows of a ``batch_size``
+    batch that are its share and the mean over ranks (a DDP gradient reducer), for a run on
+    its share to compare with one process on the whole batch."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world_size)
+
+    def average(t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t / world_size
+
+    share = batch_size // world_size
+    try:
+        yield slice(rank * share, (rank + 1) * share), average
+    finally:
+        dist.destroy_process_group()

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import digits_module, tiny_backbone, tiny_objective
-from runs import COMPOSED, TINY_RUN, TWO_CPU_PROCESSES, losses, run
+from runs import COMPOSED, TINY_RUN, TWO_CPU_PROCESSES, gloo_share, losses, run
 
 from m3i_lightning.engine import MultiObjective
 from m3i_lightning.text import ByteTokenizer
@@ -59,16 +59,8 @@ def _ddp_worker(rank: int, world_size: int, init_file: str) -> None:
     batch = next(iter(digits_module(ByteTokenizer(16), batch_size=GLOBAL_BATCH)
                       .train_dataloader()))
     reference = _train(batch, slice(None), lambda t: t)  # before any process group
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size)
-    try:
-        def average(t):
-            t = t.clone()
-            dist.all_reduce(t)
-            return t / world_size
-
-        local = GLOBAL_BATCH // world_size
-        ours = _train(batch, slice(rank * local, (rank + 1) * local), average)
+    with gloo_share(rank, world_size, init_file, GLOBAL_BATCH) as (rows, average):
+        ours = _train(batch, rows, average)
         tight = dict(rtol=1e-9, atol=1e-10)
         for step in range(STEPS):
             for name, loss in reference["losses"][step].items():
@@ -84,8 +76,6 @@ def _ddp_worker(rank: int, world_size: int, init_file: str) -> None:
                 gathered = [torch.empty_like(value) for _ in range(world_size)]
                 dist.all_gather(gathered, value)
                 assert all(torch.equal(g, value) for g in gathered), f"{part} {name} differs"
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_equals_one_process_on_the_concatenated_batch(tmp_path):

@@ -5,9 +5,8 @@ DDP on a masked, teacher-distilling run."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from runs import TWO_CPU_PROCESSES, losses, run
+from runs import TWO_CPU_PROCESSES, gloo_share, losses, run
 from test_backbone_families import digits32, family_backbone, heads
 
 from m3i_lightning.engine import MultiObjective
@@ -45,16 +44,8 @@ def _ddp_worker(rank: int, world_size: int, init_file: str) -> None:
     torch.set_num_threads(1)
     batch = digits32(GLOBAL_BATCH, 0)
     reference = _steps(batch, slice(None), lambda t: t)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size)
-    try:
-        def average(t):
-            t = t.clone()
-            dist.all_reduce(t)
-            return t / world_size
-
-        share = GLOBAL_BATCH // world_size
-        ours = _steps(batch, slice(rank * share, (rank + 1) * share), average)
+    with gloo_share(rank, world_size, init_file, GLOBAL_BATCH) as (rows, average):
+        ours = _steps(batch, rows, average)
         tight = dict(rtol=1e-9, atol=1e-10)
         for step, (mine, theirs) in enumerate(zip(ours, reference, strict=True)):
             for name, term in theirs["terms"].items():
@@ -64,8 +55,6 @@ def _ddp_worker(rank: int, world_size: int, init_file: str) -> None:
             for name, grad in theirs["grads"].items():
                 torch.testing.assert_close(mine["grads"][name], grad, **tight,
                                            msg=f"step {step} grad {name}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_on_a_convnext_equals_one_process_on_the_concatenated_batch(tmp_path):
