@@ -41,6 +41,7 @@ UNTRAINED = "trainer.max_steps=0"
 # and the strongest global self-supervised objective of the 4-epoch table (MoCo v3), so that
 # three seeds of every row fit in about 30 minutes on 2 cores; --rows all: the whole table.
 DEFAULT_ROWS = ("cls", "mim_feat", "sim_feat", "inst_disc (moco)")
+FEATURES = {"token": "class token", "avg": "mean-pooled"}  # timm global_pool → row feature
 PROTOCOLS = {"knn_top1": "kNN", "linear_top1": "linear probe", "finetune_top1": "fine-tune"}
 
 
@@ -58,12 +59,13 @@ def table_rows() -> list[tuple[str, list[str]]]:
 
 
 def runs(which: str) -> list[tuple[str, list[str]]]:
-    """The random-init baselines (the class-token ViT of the single objectives and the
-    mean-pooled ViT that a mixed M3I run evaluates), the objective rows, then M3I."""
+    """The random-init baselines of the two global features a run is read by (the class token;
+    the mean of the tokens, which M3I's mix and the token-only objectives train), the objective
+    rows, then M3I."""
     objectives = [(label, o) for label, o in table_rows()
                   if which == "all" or label in DEFAULT_ROWS]
-    return [("random init", ["objective=[cls]", UNTRAINED]),
-            ("M3I at random init (mean-pooled)", [*M3I, UNTRAINED]),
+    return [("random init (class token)", ["objective=[cls]", UNTRAINED]),
+            ("random init (mean-pooled)", [*M3I, UNTRAINED]),
             *objectives,
             ("M3I (mix)", M3I),
             ("M3I w/o mix", [*M3I, "mix=false"])]
@@ -91,8 +93,14 @@ def pretrain_and_evaluate(label: str, overrides: list[str], seed: int, epochs: i
     report = run_dir / "eval.json"
     if proc.returncode or not report.exists():
         return {**result, "error": proc.stderr[-2000:]}
-    return {**result, **json.loads(report.read_text())["results"],
+    return {**result, **json.loads(report.read_text())["results"], "feature": feature(run_dir),
             "seconds": round(time.perf_counter() - start, 1)}
+
+
+def feature(run_dir: Path) -> str:
+    """The global feature the run is evaluated on, as its exported backbone computes it."""
+    config = json.loads((run_dir / "backbone" / "config.json").read_text())
+    return FEATURES[config["model_args"].get("global_pool", "token")]
 
 
 def summary(values: list[float]) -> str:
@@ -103,15 +111,27 @@ def summary(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
-def aggregate(results: list[dict]) -> dict[str, dict[str, list[float]]]:
-    """label → protocol → the values of its seeds that ran."""
-    table: dict[str, dict[str, list[float]]] = {}
+def aggregate(results: list[dict]) -> dict[str, dict]:
+    """label → protocol → the values of its seeds that ran, and the row's ``feature``."""
+    table: dict[str, dict] = {}
     for r in results:
         row = table.setdefault(r["objective"], {key: [] for key in PROTOCOLS})
+        row.setdefault("feature", r.get("feature"))
         for key in PROTOCOLS:
             if r.get(key) is not None:
                 row[key].append(r[key])
     return table
+
+
+def over_random_init(table: dict[str, dict], label: str) -> str:
+    """The row's mean linear probe minus that of the random init read by the same feature."""
+    row = table[label]
+    baseline = table.get(f"random init ({row['feature']})")
+    if label.startswith("random init") or not baseline or not row["linear_top1"] \
+            or not baseline["linear_top1"]:
+        return ""
+    gap = statistics.mean(row["linear_top1"]) - statistics.mean(baseline["linear_top1"])
+    return f"{100 * gap:+.1f}"
 
 
 def best_single(table: dict[str, dict[str, list[float]]]) -> str | None:
@@ -122,7 +142,8 @@ def best_single(table: dict[str, dict[str, list[float]]]) -> str | None:
 
 
 def plot_probe_curves(results: list[dict], labels: list[str], out: Path) -> None:
-    """Online kNN and linear probe (``val/*``, metrics.csv) against the step for ``labels``."""
+    """Online kNN and linear probe (``val/*``, metrics.csv) against the step for ``labels``;
+    a random-init row, which trains no step, is its end-of-run value as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,8 +157,11 @@ def plot_probe_curves(results: list[dict], labels: list[str], out: Path) -> None
         run_dir = next(Path(r["run_dir"]) for r in results
                        if r["objective"] == label and r["seed"] == seed)
         series = read_metrics(run_dir / "metrics.csv")
+        final = next(r for r in results if r["objective"] == label and r["seed"] == seed)
         for axis, key in zip(axes, ("val/knn_top1", "val/linear_top1"), strict=True):
-            if series.get(key):
+            if label.startswith("random init") and final.get(key[4:]) is not None:
+                axis.axhline(100 * final[key[4:]], linestyle="--", color="gray", label=label)
+            elif series.get(key):
                 steps, values = zip(*series[key], strict=True)
                 axis.plot(steps, [100 * v for v in values], marker="o", label=label)
     for axis, title in zip(axes, ("kNN top-1", "linear-probe top-1"), strict=True):
@@ -196,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
                                     "minutes": round(minutes, 1), "best_single": best,
                                     "runs": results}, indent=2))
     if args.curves and best and "M3I (mix)" in table:
-        plot_probe_curves(results, ["M3I (mix)", best, "random init"], args.curves)
+        plot_probe_curves(results, ["M3I (mix)", best, "random init (mean-pooled)"],
+                          args.curves)
     for r in results:
         if "error" in r:
             print(f"{r['objective']} seed {r['seed']} failed:\n{r['error']}", file=sys.stderr)
@@ -206,10 +231,13 @@ def main(argv: list[str] | None = None) -> None:
           + (f", then {args.finetune_epochs} epochs of the cpu fine-tuning recipe"
              if args.finetune_epochs else "")
           + f"; top-1 (%) on the 359 held-out digits, mean ± std over seeds {args.seeds}\n")
-    print("| objective | " + " | ".join(PROTOCOLS[k] for k in columns) + " |")
-    print("|---|" + "---|" * len(columns))
+    print("| objective | read by | " + " | ".join(PROTOCOLS[k] for k in columns)
+          + " | linear vs random init |")
+    print("|---|---|" + "---|" * len(columns) + "---|")
     for label, row in table.items():
-        print(f"| {label} | " + " | ".join(summary(row[k]) for k in columns) + " |")
+        print(f"| {label} | {row['feature'] or ''} | "
+              + " | ".join(summary(row[k]) for k in columns)
+              + f" | {over_random_init(table, label)} |")
     if best:
         print(f"\nbest single objective on the linear probe: {best}")
 

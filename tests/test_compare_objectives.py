@@ -23,8 +23,8 @@ def load_script():
 
 def test_every_compared_configuration_has_its_untrained_twin():
     rows = dict(load_script().runs("default"))
-    assert "trainer.max_steps=0" in rows["random init"]
-    untrained_m3i = rows["M3I at random init (mean-pooled)"]
+    assert "trainer.max_steps=0" in rows["random init (class token)"]
+    untrained_m3i = rows["random init (mean-pooled)"]
     assert [o for o in untrained_m3i if o != "trainer.max_steps=0"] == rows["M3I (mix)"]
     trained = [label for label, o in rows.items() if "trainer.max_steps=0" not in o]
     assert {"cls", "mim_feat", "M3I (mix)", "M3I w/o mix"} <= set(trained)
@@ -32,7 +32,7 @@ def test_every_compared_configuration_has_its_untrained_twin():
 
 def test_the_random_init_row_over_two_seeds(tmp_path, capsys):
     out = tmp_path / "compare.json"
-    load_script().main(["--only", "random init", "--seeds", "0", "1", "--epochs", "1",
+    load_script().main(["--only", "random init (class", "--seeds", "0", "1", "--epochs", "1",
                         "--finetune-epochs", "1", "--out", str(out), "--keep",
                         str(tmp_path / "runs"), "--set", *TINY, "finetune.batch_size=128",
                         "probe.epochs=5"])
@@ -41,10 +41,21 @@ def test_the_random_init_row_over_two_seeds(tmp_path, capsys):
     printed = capsys.readouterr().out
     seeds = report["runs"]
     assert sorted(r["seed"] for r in seeds) == [0, 1]
-    assert {r["objective"] for r in seeds} == {"random init"}
+    assert {r["objective"] for r in seeds} == {"random init (class token)"}
     cells = []
     for key in ("knn_top1", "linear_top1", "finetune_top1"):
         values = [100 * r[key] for r in seeds]
         assert all(0 <= v <= 100 for v in values)
         cells.append(f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}")
-    assert f"| random init | {' | '.join(cells)} |" in printed
+    assert f"| random init (class token) | class token | {' | '.join(cells)} |  |" in printed
+
+
+def test_each_row_is_measured_against_the_random_init_read_by_its_feature():
+    script = load_script()
+    table = {"random init (class token)": {"linear_top1": [0.5, 0.6], "feature": "class token"},
+             "random init (mean-pooled)": {"linear_top1": [0.7], "feature": "mean-pooled"},
+             "mim_feat": {"linear_top1": [0.8, 0.76], "feature": "mean-pooled"},
+             "cls": {"linear_top1": [0.6], "feature": "class token"}}
+    assert script.over_random_init(table, "mim_feat") == "+8.0"  # 78 - 70
+    assert script.over_random_init(table, "cls") == "+5.0"  # 60 - 55
+    assert script.over_random_init(table, "random init (mean-pooled)") == ""

@@ -1,5 +1,6 @@
 """The global feature that evaluation and export read is the one the objectives train: the
-class token without mix, each image's mean-pooled own tokens with M3I's mix."""
+class token without mix, each image's mean-pooled own tokens with M3I's mix, and the mean of the
+tokens when no objective reads the class token (masked modelling alone)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from m3i_lightning.export import export_backbone
 from m3i_lightning.factory import build_model
 
 
-@pytest.mark.parametrize("mix", [False, True])
-def test_evaluated_feature_is_the_trained_one_and_export_keeps_it(mix, batch, tmp_path):
+@pytest.mark.parametrize(("objectives", "mix", "pooled"), [
+    ("mim_feat,cls", False, False), ("mim_feat,cls", True, True),
+    ("mim_feat,sim_feat", False, True)])
+def test_evaluated_feature_is_the_trained_one_and_export_keeps_it(objectives, mix, pooled,
+                                                                  batch, tmp_path):
     torch.manual_seed(0)
-    cfg = compose_config("objective=[mim_feat,cls]", f"mix={str(mix).lower()}")
+    cfg = compose_config(f"objective=[{objectives}]", f"mix={str(mix).lower()}")
     model = build_model(cfg, num_classes=10, tokenizer=None).eval()
     images = batch["view1"]
     with torch.no_grad():
@@ -27,14 +31,14 @@ def test_evaluated_feature_is_the_trained_one_and_export_keeps_it(mix, batch, tm
         full = model.backbone.model.forward_features(images)
     mean_pooled = model.backbone.pool(encoded.tokens)  # what every mixed objective reads
     class_token = full[:, 0]
-    trained = mean_pooled if mix else class_token
-    other = class_token if mix else mean_pooled
+    trained = mean_pooled if pooled else class_token
+    other = class_token if pooled else mean_pooled
     torch.testing.assert_close(evaluated, trained)
     assert (evaluated - other).abs().max() > 1e-3
 
     out = export_backbone(model.backbone, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_args"].get("global_pool", "token") == ("avg" if mix else "token")
+    assert config["model_args"].get("global_pool", "token") == ("avg" if pooled else "token")
     reloaded = timm.create_model(config["architecture"], **config["model_args"]).eval()
     reloaded.load_state_dict(load_file(out))
     with torch.no_grad():

@@ -56,18 +56,27 @@ def call_checked(factory, what: str, options: Mapping, context: Mapping):
 def student_backbone(cfg: DictConfig) -> Backbone:
     """The student of a run, as training, evaluation and export all rebuild it from the run's
     config. Its global feature is the one the objectives train, and so the one evaluation and
-    export read: M3I's mix pools each image over its own tokens, which has no class token of
-    its own, so a mixed run's backbone pools by the mean of the normalised patch tokens (timm
-    ``global_pool='avg', fc_norm=False``). Local crops (multi-crop) are encoded at their own
-    size, with position embeddings resampled to it (timm ``dynamic_img_size``)."""
+    export read. Two runs train no class token, so their backbone pools by the mean of the
+    normalised patch tokens (timm ``global_pool='avg', fc_norm=False``): M3I's mix, which pools
+    each image over its own tokens, and a run whose objectives all read tokens only (masked
+    modelling, as BEiT and data2vec probe the mean of the patch tokens). Local crops
+    (multi-crop) are encoded at their own size, with position embeddings resampled to it (timm
+    ``dynamic_img_size``)."""
     options = _plain(cfg.backbone)
     family = family_of(options["arch"])
-    if (cfg.get("mix") and family.family == "vit"
+    if ((cfg.get("mix") or not trains_class_token(cfg)) and family.family == "vit"
             and options.get("global_pool", "token") == "token"):
         options.update(global_pool="avg", fc_norm=False)  # other families already pool by mean
     if local_crop_count(cfg) and family.timm_takes_img_size:
         options["dynamic_img_size"] = True  # ViT, Swin; a ConvNeXt takes any size as it is
     return build_backbone(options)
+
+
+def trains_class_token(cfg: DictConfig) -> bool:
+    """Whether an objective of the run reads the global feature (an unknown name counts as
+    one: building the objectives reports it)."""
+    return any(name not in OBJECTIVES or OBJECTIVES[name].reads_global_feature
+               for name in cfg.get("objective") or {})
 
 
 def local_crop_count(cfg: DictConfig) -> int:

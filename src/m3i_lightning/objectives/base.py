@@ -70,6 +70,9 @@ class Objective(L.LightningModule):
     multi_crop: bool = False
     reads_local_crops: bool = False
     requires: ClassVar[frozenset[str]] = frozenset()
+    # The loss reads the encoder's global feature (class token or pool). A run of objectives that
+    # all read tokens only leaves the class token untrained, so its backbone pools the tokens.
+    reads_global_feature: ClassVar[bool] = False
     # How many of the teacher's last block outputs the loss reads (``targets.teacher.top_blocks``,
     # data2vec's targets); 0: only its final tokens.
     teacher_blocks: int = 0

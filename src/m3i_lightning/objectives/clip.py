@@ -24,6 +24,7 @@ class CLIP(Objective):
     """
 
     name = "clip"
+    reads_global_feature = True
     form = "Boltzmann"
     target_repr = "paired text"
     requires = frozenset({"text"})

@@ -24,6 +24,7 @@ class Classification(Objective):
     """
 
     name = "cls"
+    reads_global_feature = True
     form = "Boltzmann"
     target_repr = "category"
     requires = frozenset({"label"})

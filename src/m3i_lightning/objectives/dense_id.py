@@ -28,6 +28,7 @@ class DenseContrast(Objective):
     """
 
     name = "dense_id"
+    reads_global_feature = True
     form = "Boltzmann"
     target_repr = "dense feature"
     input_view = "view2"

@@ -55,6 +55,7 @@ class GlobalDistill(Objective):
     """
 
     name = "global_distill"
+    reads_global_feature = True
     form = "Boltzmann"
     target_repr = "global feature"
     target_view = "view1"

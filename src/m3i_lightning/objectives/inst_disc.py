@@ -29,6 +29,7 @@ class InstanceDiscrimination(Objective):
     """
 
     name = "inst_disc"
+    reads_global_feature = True
     target_repr = "global feature"
     input_view = "view2"
     target_view = "view1"

@@ -19,6 +19,7 @@ class MaskedGlobal(Objective):
     """
 
     name = "mim_global"
+    reads_global_feature = True
     form = "Gaussian"
     target_repr = "global feature"
     masked_input = True

@@ -29,6 +29,7 @@ class SiameseGlobal(Objective):
     """
 
     name = "sim_global"
+    reads_global_feature = True
     form = "Boltzmann"
     target_repr = "global feature"
     input_view = "view2"
