@@ -63,7 +63,7 @@ PAPERS = {
     # DeiT III's README command for ViT-B on ImageNet-1k
     "deit3": dict(batch=2048, lr=3e-3, epochs=800, warmup=5, wd=0.05, optimizer="lamb",
                   size=192, layer_scale=1e-4, augment="three_augment", jitter=0.3, repeats=3,
-                  heads={"cls": dict(label_smoothing=0.0, mixup=(0.8, 1.0, 0.5))}),
+                  heads={"cls": dict(loss="bce", label_smoothing=0.0, mixup=(0.8, 1.0, 0.5))}),
     "clip": dict(batch=32768, lr=5e-4, epochs=32, wd=0.2, betas=(0.9, 0.98),
                  heads={"clip": dict(text=(512, 12, 8), init_scale=1 / 0.07, max_scale=100.0)}),
     # M3I states no full ViT-B schedule: its optimiser follows SiameseIM, 400 epochs stated
