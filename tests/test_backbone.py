@@ -64,6 +64,27 @@ def test_visible_token_encoding_equals_short_sequence(backbone):
     assert not torch.allclose(out.tokens, gather_tokens(full.tokens, keep), atol=1e-4)
 
 
+def test_class_token_without_position_embedding_masked_as_timm_embeds_it():
+    """DeiT III (timm ``no_embed_class``): position embeddings for the patches only, the class
+    token prepended without one; the visible-token encoding still gives each kept patch its
+    own position."""
+    torch.manual_seed(0)
+    backbone = tiny_backbone(no_embed_class=True).eval()
+    m = backbone.model
+    assert m.pos_embed.shape == (1, 16, 32)
+    x = images()
+    keep = torch.tensor([[0, 3, 9], [15, 2, 4], [7, 8, 1]])
+    with torch.no_grad():
+        out = backbone(x, keep)
+        patches = m.patch_embed(x) + m.pos_embed
+        patches = torch.stack([patches[b, keep[b]] for b in range(3)])
+        seq = m.norm(m.blocks(torch.cat([m.cls_token.expand(3, -1, -1), patches], dim=1)))
+        full = backbone(x)
+    torch.testing.assert_close(out.tokens, seq[:, 1:])
+    torch.testing.assert_close(out.global_feature, seq[:, 0])
+    torch.testing.assert_close(full.tokens, m.forward_features(x)[:, 1:])
+
+
 def test_visible_order_is_respected(backbone):
     """Tokens come back in the order of visible_index, whatever that order is."""
     backbone.eval()

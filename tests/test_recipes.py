@@ -62,7 +62,8 @@ PAPERS = {
                  heads={"cls": dict(label_smoothing=0.1, mixup=(0.8, 1.0, 0.5))}),
     # DeiT III's README command for ViT-B on ImageNet-1k
     "deit3": dict(batch=2048, lr=3e-3, epochs=800, warmup=5, wd=0.05, optimizer="lamb",
-                  size=192, layer_scale=1e-4, augment="three_augment", jitter=0.3, repeats=3,
+                  size=192, layer_scale=1e-4, no_embed_class=True, augment="three_augment",
+                  jitter=0.3, repeats=3,
                   heads={"cls": dict(loss="bce", label_smoothing=0.0, mixup=(0.8, 1.0, 0.5))}),
     "clip": dict(batch=32768, lr=5e-4, epochs=32, wd=0.2, betas=(0.9, 0.98),
                  heads={"clip": dict(text=(512, 12, 8), init_scale=1 / 0.07, max_scale=100.0)}),
@@ -156,6 +157,7 @@ def test_recipe_builds_what_the_paper_states(recipe, frozen_teachers):
     assert model.backbone.grid_size == (paper.get("size", 224) // 16,) * 2
     if "layer_scale" in paper:
         assert torch.all(model.backbone.model.blocks[0].ls1.gamma == paper["layer_scale"])
+    assert model.backbone.model.no_embed_class == paper.get("no_embed_class", False)
     erasing = view1.erasing.probability if view1.erasing else 0.0
     assert erasing == paper.get("erasing", 0.0)
     if "jitter" in paper:
