@@ -48,8 +48,9 @@ PAPERS = {
                       heads={"sim_feat": dict(neg_weight=0.02, decoder=(768, 4, 16),
                                               projected_targets=True)}),
     "data2vec": dict(batch=2048, lr=2e-3, epochs=800, betas=(0.9, 0.98), wd=0.05,
-                     mask=(BlockMask, 0.6), momentum=(0.9998, 0.99999),
-                     heads={"mim_feat": dict(loss="smooth_l1", beta=2.0, target_blocks=6)}),
+                     mask=(BlockMask, 0.6), momentum=(0.9998, 0.99999), mask_token=True,
+                     heads={"mim_feat": dict(loss="smooth_l1", beta=2.0, target_blocks=6,
+                                             predictor="linear")}),
     "milan": dict(batch=4096, lr=1.5e-4 * 16, epochs=400, warmup=40, wd=0.05,
                   betas=(0.9, 0.95), mask=(RandomMask, 0.75), crops=(0.2, 1.0),
                   teacher="vit_base_patch16_clip_224",
@@ -159,6 +160,7 @@ def test_recipe_builds_what_the_paper_states(recipe, frozen_teachers):
     if "layer_scale" in paper:
         assert torch.all(model.backbone.model.blocks[0].ls1.gamma == paper["layer_scale"])
     assert model.backbone.model.no_embed_class == paper.get("no_embed_class", False)
+    assert model.backbone.masks_by_token == paper.get("mask_token", False)
     assert view1.interpolation == INTERPOLATIONS[paper.get("interpolation", "bilinear")]
     erasing = view1.erasing.probability if view1.erasing else 0.0
     assert erasing == paper.get("erasing", 0.0)
@@ -186,6 +188,8 @@ def check_head(head, expected: dict) -> None:  # noqa: C901 - one branch per sta
             assert type(head).__name__ == value
         elif key == "dims":
             assert (head.hidden_dim, head.out_dim) == value
+        elif key == "predictor" and value == "linear":
+            assert head.reads_masked_tokens and isinstance(head.predictor, torch.nn.Linear)
         elif key == "predictor":
             predictor = head.predictor
             assert (predictor.embed.out_features, len(predictor.blocks),
