@@ -20,6 +20,7 @@ from m3i_lightning.data.views import (
     RandAugment,
     RandomView,
     ThreeAugment,
+    crop_box,
 )
 
 IDENTITY = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -86,6 +87,26 @@ def test_no_augmentation_by_default_and_a_clear_error_for_an_unknown_one():
     assert set(AUGMENTATIONS) == {"none", "byol", "mocov2", "deit", "three_augment"}
     with pytest.raises(ValueError, match="data.augment"):
         CropSet(16, (0.3, 1.0), augment="simclr")
+
+
+def test_crops_resample_as_data_interpolation_says_bicubic_for_deit():
+    """The crop box of the view's stream, resized bicubically (antialiased, clipped to [0, 1]
+    as PIL's 8-bit result is): a different picture from the bilinear default."""
+    views = {mode: CropSet(8, (0.3, 1.0), flip=False, interpolation=mode).views["view1"]
+             for mode in ("bilinear", "bicubic")}
+    assert views["bicubic"].interpolation == T.InterpolationMode.BICUBIC
+    assert CropSet(8, (0.3, 1.0)).local_view.interpolation == T.InterpolationMode.BILINEAR
+    top, left, h, w = crop_box(24, 24, (0.3, 1.0), (3 / 4, 4 / 3), random.Random(3))
+    expected = TF.resized_crop(image(), top, left, h, w, [8, 8], T.InterpolationMode.BICUBIC,
+                               antialias=True).clamp(0, 1)
+    bicubic = views["bicubic"](image(), random.Random(3))[0]
+    torch.testing.assert_close(bicubic, TF.normalize(expected, [0.5] * 3, [0.5] * 3))
+    bilinear = views["bilinear"](image(), random.Random(3))[0]
+    assert (bicubic - bilinear).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="unknown interpolation 'nearest'"):
+        CropSet(8, (0.3, 1.0), interpolation="nearest")
+    with pytest.raises(ValueError, match="data.interpolation=bicubic resamples in the loader"):
+        CropSet(8, (0.3, 1.0), augment_on="device", interpolation="bicubic")
 
 
 def test_deit_views_are_timm_randaugment_and_random_erasing_as_deit_states():

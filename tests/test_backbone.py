@@ -64,6 +64,52 @@ def test_visible_token_encoding_equals_short_sequence(backbone):
     assert not torch.allclose(out.tokens, gather_tokens(full.tokens, keep), atol=1e-4)
 
 
+def test_class_token_without_position_embedding_masked_as_timm_embeds_it():
+    """DeiT III (timm ``no_embed_class``): position embeddings for the patches only, the class
+    token prepended without one; the visible-token encoding still gives each kept patch its
+    own position."""
+    torch.manual_seed(0)
+    backbone = tiny_backbone(no_embed_class=True).eval()
+    m = backbone.model
+    assert m.pos_embed.shape == (1, 16, 32)
+    x = images()
+    keep = torch.tensor([[0, 3, 9], [15, 2, 4], [7, 8, 1]])
+    with torch.no_grad():
+        out = backbone(x, keep)
+        patches = m.patch_embed(x) + m.pos_embed
+        patches = torch.stack([patches[b, keep[b]] for b in range(3)])
+        seq = m.norm(m.blocks(torch.cat([m.cls_token.expand(3, -1, -1), patches], dim=1)))
+        full = backbone(x)
+    torch.testing.assert_close(out.tokens, seq[:, 1:])
+    torch.testing.assert_close(out.global_feature, seq[:, 0])
+    torch.testing.assert_close(full.tokens, m.forward_features(x)[:, 1:])
+
+
+def test_mask_token_encoding_is_every_cell_with_the_token_in_the_hidden_ones():
+    """``mask_token=True`` (BEiT, data2vec): the hidden patches' embeddings replaced by the
+    token before the position embedding, every cell through the blocks; the visible cells'
+    outputs are the tokens, the hidden ones' the masked tokens; the export has no token."""
+    torch.manual_seed(0)
+    backbone = tiny_backbone(mask_token=True).eval()
+    assert backbone.masks_by_token and "mask_token" not in backbone.timm_kwargs
+    assert not tiny_backbone().masks_by_token
+    m = backbone.model
+    x = images(2)
+    keep = torch.tensor([[0, 5, 6, 11], [3, 9, 12, 15]])
+    hidden = torch.stack([torch.tensor(sorted(set(range(16)) - set(k.tolist()))) for k in keep])
+    with torch.no_grad():
+        out = backbone(x, keep, hidden)
+        patches = m.patch_embed(x)
+        for b in range(2):
+            patches[b, hidden[b]] = backbone.mask_token
+        cls = m.cls_token + m.pos_embed[:, :1]
+        seq = m.norm(m.blocks(torch.cat([cls.expand(2, -1, -1), patches + m.pos_embed[:, 1:]], 1)))
+    torch.testing.assert_close(out.tokens, gather_tokens(seq[:, 1:], keep))
+    torch.testing.assert_close(out.masked_tokens, gather_tokens(seq[:, 1:], hidden))
+    torch.testing.assert_close(out.global_feature, seq[:, 0])
+    assert "mask_token" not in {k.split(".")[0] for k in m.state_dict()}
+
+
 def test_visible_order_is_respected(backbone):
     """Tokens come back in the order of visible_index, whatever that order is."""
     backbone.eval()

@@ -22,18 +22,24 @@ from m3i_lightning.zeroshot import class_embeddings
 
 
 def test_exported_backbone_gives_identical_features_in_a_clean_timm_process(tmp_path):
-    torch.manual_seed(0)
-    backbone = tiny_backbone().eval()
-    export.export_backbone(backbone, tmp_path)
-    x = torch.randn(3, 3, 16, 16)
-    torch.save(x, tmp_path / "input.pt")
-    result = subprocess.run([sys.executable, "-c", TIMM_ONLY, str(tmp_path)],
+    """A plain ViT and one with DeiT III's class token outside the position embedding
+    (``no_embed_class``, a timm argument the export keeps), both in one clean process."""
+    backbones = {}
+    for name, kwargs in {"plain": {}, "no_embed_class": dict(no_embed_class=True)}.items():
+        torch.manual_seed(0)
+        backbones[name] = tiny_backbone(**kwargs).eval()
+        export.export_backbone(backbones[name], tmp_path / name)
+        torch.save(torch.randn(3, 3, 16, 16), tmp_path / name / "input.pt")
+    result = subprocess.run([sys.executable, "-c", TIMM_ONLY,
+                             *(str(tmp_path / name) for name in backbones)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    with torch.no_grad():
-        expected = backbone(x).global_feature
-    for features in torch.load(tmp_path / "timm_features.pt"):
-        assert torch.equal(features, expected)
+    for name, backbone in backbones.items():
+        with torch.no_grad():
+            expected = backbone(torch.load(tmp_path / name / "input.pt")).global_feature
+        for features in torch.load(tmp_path / name / "timm_features.pt"):
+            assert torch.equal(features, expected), name
+    assert backbones["no_embed_class"].model.pos_embed.shape[1] == 16  # patches only
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """DeiT's Mixup / CutMix in ``cls``: the loss on a mixed batch is the soft-target
-cross-entropy, the mix is a function of torch's stream, and it runs only with cls alone."""
+cross-entropy (DeiT III's binary cross-entropy with ``loss=bce``), the mix is a function of
+torch's stream, and it runs only with cls alone."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from m3i_lightning.errors import ConfigError
 SMOOTHING = 0.1
 
 
-def cls_alone(tokenizer, **mix) -> MultiObjective:
+def cls_alone(tokenizer, smoothing: float = SMOOTHING, **options) -> MultiObjective:
     torch.manual_seed(0)
-    head = tiny_objective("cls", tokenizer, label_smoothing=SMOOTHING, **mix)
+    head = tiny_objective("cls", tokenizer, label_smoothing=smoothing, **options)
     model = MultiObjective(tiny_backbone(), {"cls": head})
     model.log = lambda *args, **kwargs: None  # no trainer to log to
     return model
@@ -64,6 +65,46 @@ def test_the_loss_on_a_mixed_batch_is_the_soft_target_cross_entropy(mix, tokeniz
     rows = [i for i in range(len(labels)) if i not in (2, len(labels) - 3)]
     expected = -(targets[rows] * log_p[rows]).sum(-1).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def binary_cross_entropy(logits: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """−[y·log σ(x) + (1 − y)·log(1 − σ(x))] per class, averaged over the classes."""
+    return -(present * F.logsigmoid(logits) + (1 - present) * F.logsigmoid(-logits)).mean(-1)
+
+
+@pytest.mark.parametrize("mix", [dict(mixup=0.8), dict(cutmix=1.0)], ids=["mixup", "cutmix"])
+def test_bce_on_a_mixed_batch_makes_both_images_classes_present(mix, tokenizer, batch):
+    """DeiT III (``--bce-loss``): the mixed targets thresholded at 0, a BCE per class, the
+    mean over classes and rows; a row without a label (and its partner's) leaves it."""
+    model = cls_alone(tokenizer, smoothing=0.0, loss="bce", **mix)
+    head = model.heads["cls"]
+    labels = batch["label"].clone()
+    labels[2] = -100
+    batch = {**batch, "label": labels}
+    torch.manual_seed(3)
+    mixed = head.augment_batch(batch)["view1"]
+    assert 0 < recovered_lambda(batch["view1"], mixed) < 1
+    torch.manual_seed(3)
+    loss = model.training_step(batch, 0)
+
+    onehot = F.one_hot(labels.clamp(min=0), 10).float()
+    present = torch.maximum(onehot, onehot.flip(0))
+    logits = head.class_embed(model.backbone(mixed).global_feature)
+    rows = [i for i in range(len(labels)) if i not in (2, len(labels) - 3)]
+    expected = binary_cross_entropy(logits[rows], present[rows]).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bce_without_mixup_has_the_label_present_and_refuses_smoothing(tokenizer, batch):
+    model = cls_alone(tokenizer, smoothing=0.0, loss="bce")
+    head = model.heads["cls"]
+    logits = head.class_embed(model.backbone(batch["view1"]).global_feature)
+    expected = binary_cross_entropy(logits, F.one_hot(batch["label"], 10).float()).mean()
+    torch.testing.assert_close(model.training_step(batch, 0), expected)
+    with pytest.raises(ValueError, match="label smoothing 0.1 would make all of them present"):
+        cls_alone(tokenizer, loss="bce")
+    with pytest.raises(ValueError, match="unknown Boltzmann loss kind 'hinge'"):
+        cls_alone(tokenizer, loss="hinge")
 
 
 def test_the_mix_is_a_function_of_torch_stream_and_leaves_the_others(tokenizer, batch):

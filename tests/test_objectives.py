@@ -192,6 +192,54 @@ def test_data2vec_target_averages_the_teachers_last_blocks_in_one_pass(k, tokeni
                               atol=1e-2)
 
 
+def test_data2vec_linear_head_reads_the_mask_token_encoding_at_the_masked_cells(tokenizer,
+                                                                              batch):
+    """data2vec's student: the masked cells encoded as the mask token with the rest, one
+    linear layer on the outputs there; the token is trained, the EMA teacher never reads it."""
+    torch.manual_seed(0)
+    objective = tiny_objective("mim_feat", tokenizer, target_blocks=2, loss="smooth_l1",
+                               beta=2.0, predictor="linear",
+                               backbone=tiny_backbone(depth=3, mask_token=True))
+    student, teacher = objective.backbone, objective.teacher.encoder
+    reading_batch, encoded, targets = objective.readings(batch)["mim_feat"][0]
+    loss, _ = objective.loss(reading_batch, encoded, targets)
+
+    x, hidden, m = batch["view1"], encoded.masked_index, student.model
+    cells = torch.zeros(x.shape[0], 16, 1, dtype=torch.bool).scatter_(1, hidden[..., None], True)
+    patches = torch.where(cells, student.mask_token, m.patch_embed(x)) + m.pos_embed[:, 1:]
+    cls = (m.cls_token + m.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+    outputs = m.norm(m.blocks(torch.cat([cls, patches], dim=1)))[:, 1:]
+    at_masked = outputs.gather(1, hidden[..., None].expand(-1, -1, 32))
+    pred = at_masked @ objective.predictor.weight.T + objective.predictor.bias
+    with torch.no_grad():
+        target = ref_data2vec_target(teacher.model, x, 2)
+    target = target.gather(1, hidden[..., None].expand(-1, -1, 32))
+    error = (pred - target).abs()
+    huber = torch.where(error < 2.0, 0.5 * error**2 / 2.0, error - 1.0).mean()
+    torch.testing.assert_close(loss, huber, rtol=1e-4, atol=1e-5)
+
+    loss.backward()
+    # the token's gradient is of order 1e-2 and more, far above float32 rounding
+    assert student.mask_token.grad.norm() > 1e-4 * m.patch_embed.proj.weight.grad.norm()
+    assert student.mask_token.grad.norm() > 1e-4
+    assert teacher.mask_token.grad is None and not teacher.mask_token.requires_grad
+    with torch.no_grad():  # the teacher encodes the full view: its token changes nothing
+        before = objective.teacher(x).tokens
+        teacher.mask_token.add_(1.0)
+        assert torch.equal(objective.teacher(x).tokens, before)
+
+
+def test_data2vec_linear_head_needs_its_own_mask_token_encoding(tokenizer):
+    with pytest.raises(ConfigError, match="drops the masked patches: set backbone.mask_token"):
+        tiny_objective("mim_feat", tokenizer, backbone=tiny_backbone(), predictor="linear")
+    head = tiny_objective("mim_feat", tokenizer, predictor="linear")
+    with pytest.raises(ConfigError, match="where mix=true encodes the partner image's"):
+        MultiObjective(tiny_backbone(mask_token=True), {"mim_feat": head}, input_mode="shared",
+                       mix=True)
+    with pytest.raises(ConfigError, match="predictor=mlp must be one of"):
+        tiny_objective("mim_feat", tokenizer, predictor="mlp")
+
+
 def test_data2vec_targets_beyond_the_teachers_depth_or_family_are_refused(tokenizer):
     with pytest.raises(ConfigError, match="has 2: choose target_blocks <= 2"):
         tiny_objective("mim_feat", tokenizer, backbone=tiny_backbone(), target_blocks=3)

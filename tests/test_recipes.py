@@ -11,6 +11,7 @@ from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
 
 from m3i_lightning.backbone import Backbone
+from m3i_lightning.data.views import INTERPOLATIONS
 from m3i_lightning.export import export_backbone
 from m3i_lightning.factory import build_datamodule, build_model, build_tokenizer_from
 from m3i_lightning.masking import BlockMask, RandomMask
@@ -47,8 +48,9 @@ PAPERS = {
                       heads={"sim_feat": dict(neg_weight=0.02, decoder=(768, 4, 16),
                                               projected_targets=True)}),
     "data2vec": dict(batch=2048, lr=2e-3, epochs=800, betas=(0.9, 0.98), wd=0.05,
-                     mask=(BlockMask, 0.6), momentum=(0.9998, 0.99999),
-                     heads={"mim_feat": dict(loss="smooth_l1", beta=2.0, target_blocks=6)}),
+                     mask=(BlockMask, 0.6), momentum=(0.9998, 0.99999), mask_token=True,
+                     heads={"mim_feat": dict(loss="smooth_l1", beta=2.0, target_blocks=6,
+                                             predictor="linear")}),
     "milan": dict(batch=4096, lr=1.5e-4 * 16, epochs=400, warmup=40, wd=0.05,
                   betas=(0.9, 0.95), mask=(RandomMask, 0.75), crops=(0.2, 1.0),
                   teacher="vit_base_patch16_clip_224",
@@ -58,12 +60,13 @@ PAPERS = {
                     crops=(0.2, 1.0),
                     heads={"dense_id": dict(temperature=0.2, queue=65536, dense_weight=0.5)}),
     "deit": dict(batch=1024, lr=5e-4 * 2, epochs=300, warmup=5, wd=0.05, betas=(0.9, 0.999),
-                 augment="deit", erasing=0.25, repeats=3,
+                 augment="deit", erasing=0.25, repeats=3, interpolation="bicubic",
                  heads={"cls": dict(label_smoothing=0.1, mixup=(0.8, 1.0, 0.5))}),
     # DeiT III's README command for ViT-B on ImageNet-1k
     "deit3": dict(batch=2048, lr=3e-3, epochs=800, warmup=5, wd=0.05, optimizer="lamb",
-                  size=192, layer_scale=1e-4, augment="three_augment", jitter=0.3, repeats=3,
-                  heads={"cls": dict(label_smoothing=0.0, mixup=(0.8, 1.0, 0.5))}),
+                  size=192, layer_scale=1e-4, no_embed_class=True, augment="three_augment",
+                  jitter=0.3, repeats=3, interpolation="bicubic",
+                  heads={"cls": dict(loss="bce", label_smoothing=0.0, mixup=(0.8, 1.0, 0.5))}),
     "clip": dict(batch=32768, lr=5e-4, epochs=32, wd=0.2, betas=(0.9, 0.98),
                  heads={"clip": dict(text=(512, 12, 8), init_scale=1 / 0.07, max_scale=100.0)}),
     # M3I states no full ViT-B schedule: its optimiser follows SiameseIM, 400 epochs stated
@@ -156,6 +159,9 @@ def test_recipe_builds_what_the_paper_states(recipe, frozen_teachers):
     assert model.backbone.grid_size == (paper.get("size", 224) // 16,) * 2
     if "layer_scale" in paper:
         assert torch.all(model.backbone.model.blocks[0].ls1.gamma == paper["layer_scale"])
+    assert model.backbone.model.no_embed_class == paper.get("no_embed_class", False)
+    assert model.backbone.masks_by_token == paper.get("mask_token", False)
+    assert view1.interpolation == INTERPOLATIONS[paper.get("interpolation", "bilinear")]
     erasing = view1.erasing.probability if view1.erasing else 0.0
     assert erasing == paper.get("erasing", 0.0)
     if "jitter" in paper:
@@ -182,6 +188,8 @@ def check_head(head, expected: dict) -> None:  # noqa: C901 - one branch per sta
             assert type(head).__name__ == value
         elif key == "dims":
             assert (head.hidden_dim, head.out_dim) == value
+        elif key == "predictor" and value == "linear":
+            assert head.reads_masked_tokens and isinstance(head.predictor, torch.nn.Linear)
         elif key == "predictor":
             predictor = head.predictor
             assert (predictor.embed.out_features, len(predictor.blocks),

@@ -58,6 +58,7 @@ class Engine(L.LightningModule):
                               "input=shared")
         objectives = self.objectives()
         _check_backbone(backbone, objectives, mix)
+        _check_masked_tokens(backbone, objectives, mix)
         _check_batch_augment(objectives)
         self.backbone = backbone
         self.input_mode, self.mix = input_mode, mix
@@ -387,6 +388,27 @@ def _check_backbone(backbone: Backbone, objectives: Mapping[str, Objective], mix
             f"backbone '{backbone.arch}' ({backbone.family} family) gives no "
             f"{' and no '.join(lacks)}, which {needs} need: select only objectives among "
             f"{usable} (and mix=false), or a vit, swin or convnext backbone")
+
+
+def _check_masked_tokens(backbone: Backbone, objectives: Mapping[str, Objective],
+                         mix: bool) -> None:
+    """An objective reading the encoder's outputs at the masked cells (data2vec's linear
+    head) needs them encoded, as a mask token, and encoded for its own image: a mix puts the
+    partner image's patches in those cells."""
+    reading = sorted(n for n, o in objectives.items() if o.reads_masked_tokens)
+    if not reading:
+        return
+    if not backbone.masks_by_token:
+        raise ConfigError(
+            f"objective(s) {reading} read the encoder's outputs at the masked cells "
+            f"(predictor=linear), but backbone '{backbone.arch}' ({backbone.family} family) "
+            "drops the masked patches: set backbone.mask_token=true (a ViT encoding them as a "
+            "mask token), or use predictor=transformer")
+    if mix:
+        raise ConfigError(
+            f"objective(s) {reading} read the encoder's outputs at each image's masked cells "
+            "(predictor=linear), where mix=true encodes the partner image's patches: use "
+            "mix=false or predictor=transformer")
 
 
 def _check_batch_augment(objectives: Mapping[str, Objective]) -> None:

@@ -20,6 +20,7 @@ from torch import Tensor
 from m3i_lightning.pixels import normalize_patches
 
 GAUSSIAN_KINDS = ("mse", "smooth_l1", "cosine")
+BOLTZMANN_KINDS = ("ce", "bce")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -75,6 +76,20 @@ def boltzmann_nll(logits: Tensor, target: Tensor, label_smoothing: float = 0.0,
     ``reduction="none"``: the loss of each row.
     """
     return F.cross_entropy(logits, target, label_smoothing=label_smoothing, reduction=reduction)
+
+
+@in_float32
+def bernoulli_nll(logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """−log of independent two-state Boltzmann distributions, one per candidate (present with
+    probability sigmoid(logit)): the binary cross-entropy with logits, averaged over the
+    candidates, as DeiT III trains (torch's ``BCEWithLogitsLoss``: the mean over rows and
+    candidates).
+
+    ``logits``: [B, C]; ``target``: [B, C] probabilities of each candidate being present;
+    ``reduction="none"``: each row's mean over its candidates.
+    """
+    per_row = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1)
+    return per_row if reduction == "none" else per_row.mean()
 
 
 @in_float32

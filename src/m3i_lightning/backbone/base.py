@@ -26,6 +26,8 @@ class Encoded:
     ones), in the order of ``visible_index``; ``masked_index`` lists the cells left out.
     ``top_blocks`` [B, K, N, D], when asked for, holds the same tokens as the last K blocks
     output them (before the final norm), kept from the same pass: data2vec's targets.
+    ``masked_tokens`` holds the outputs at the cells of ``masked_index``, in its order, when the
+    backbone encoded those cells as a mask token (:attr:`Backbone.masks_by_token`).
     """
 
     tokens: Tensor
@@ -33,13 +35,14 @@ class Encoded:
     visible_index: Tensor | None = None
     masked_index: Tensor | None = None
     top_blocks: Tensor | None = None
+    masked_tokens: Tensor | None = None
 
     def select(self, rows: Tensor | slice) -> Encoded:
         """The same encoding for the samples ``rows`` of the batch (a permutation, or a slice:
         one input's part of a batched pass)."""
         return Encoded(*(None if t is None else t[rows] for t in (
             self.tokens, self.global_feature, self.visible_index, self.masked_index,
-            self.top_blocks)))
+            self.top_blocks, self.masked_tokens)))
 
 
 def gather_tokens(tokens: Tensor, index: Tensor) -> Tensor:
@@ -64,7 +67,9 @@ class Backbone(nn.Module):
     What a family supports is declared, so the engine refuses an objective it cannot serve
     before training: ``supports_masking`` (masked input: masked modelling, M3I's mix) and
     ``supports_dense`` (tokens meant for dense objectives), ``supports_top_blocks`` (the
-    outputs of the last blocks, :attr:`Encoded.top_blocks`, from ``forward(..., top_blocks=K)``).
+    outputs of the last blocks, :attr:`Encoded.top_blocks`, from ``forward(..., top_blocks=K)``),
+    ``masks_by_token`` (hidden cells encoded as a mask token rather than dropped, their outputs
+    in :attr:`Encoded.masked_tokens`).
     """
 
     family: ClassVar[str]
@@ -74,6 +79,7 @@ class Backbone(nn.Module):
     supports_masking: ClassVar[bool] = True
     supports_dense: ClassVar[bool] = True
     supports_top_blocks: ClassVar[bool] = False
+    masks_by_token: bool = False
     # torch.compile the blocks for static shapes: a block class whose instances see other
     # shapes (ConvNeXt's stages) makes inductor guess symbolic channel counts it then fails on.
     static_shapes: ClassVar[bool] = True

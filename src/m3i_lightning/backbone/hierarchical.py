@@ -6,25 +6,25 @@ through the stages. A cell of the mask is a cell of the last stage's grid, upsam
 patch-embedding grid; the patch embedding is non-overlapping, so hidden pixels never reach the
 network. The encoded tokens are the final map's visible cells, in the order of
 ``visible_index``, and the global feature pools those cells alone, as the ViT sees only its
-visible patches.
+visible patches; the final map's hidden cells are kept too (``Encoded.masked_tokens``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from timm.models import convnext, swin_transformer
 from torch import Tensor, nn
 
 from m3i_lightning.backbone.base import Backbone, Encoded, Part, gather_tokens
+from m3i_lightning.backbone.mask_token import MaskTokenInput, new_mask_token
 
 
-class MaskTokenBackbone(Backbone):
+class MaskTokenBackbone(MaskTokenInput, Backbone):
     """Shared mechanism of the hierarchical families; each says where its patch embedding is,
     how its stages run, and its layout (``channels_last``: NHWC maps, else NCHW)."""
 
-    channels_last: bool
+    masks_by_token = True
 
     def __init__(self, arch: str, img_size: int | Sequence[int] = 224, **timm_kwargs) -> None:
         super().__init__(arch, img_size, **timm_kwargs)
@@ -33,8 +33,7 @@ class MaskTokenBackbone(Backbone):
             raise ValueError(f"'{arch}': final stride {self.patch_size} is not a multiple of "
                              f"the patch embedding's {embed_stride}")
         self.cell_size = self.patch_size // embed_stride  # embedding cells per final cell
-        self.mask_token = nn.Parameter(torch.zeros(self.embed_width()))
-        nn.init.normal_(self.mask_token, std=0.02)
+        self.mask_token = new_mask_token(self.embed_width())
 
     def embed_stride(self) -> int:
         raise NotImplementedError
@@ -46,33 +45,9 @@ class MaskTokenBackbone(Backbone):
         """Every stage and the final norm, on a patch-embedding map in the model's layout."""
         raise NotImplementedError
 
-    def _spatial(self, x: Tensor) -> tuple[int, int]:
-        return tuple(x.shape[1:3] if self.channels_last else x.shape[2:4])
-
     def _flatten(self, x: Tensor) -> Tensor:
         """A map in the model's layout → tokens [B, H·W, D], row-major."""
         return x.flatten(1, 2) if self.channels_last else x.flatten(2).transpose(1, 2)
-
-    def cell_mask(self, visible: Tensor, grid: tuple[int, int]) -> Tensor:
-        """True on the patch-embedding cells of the final-grid cells ``visible`` [B, V],
-        shaped to broadcast over an embedding in the model's layout."""
-        keep = torch.zeros(visible.shape[0], grid[0] * grid[1], dtype=torch.bool,
-                           device=visible.device).scatter_(1, visible, True)
-        keep = keep.view(-1, *grid).repeat_interleave(self.cell_size, 1)
-        keep = keep.repeat_interleave(self.cell_size, 2)
-        return keep.unsqueeze(-1 if self.channels_last else 1)
-
-    def compose(self, parts: Sequence[Part]) -> Tensor:
-        """One embedding map: each part's visible cells, the mask token everywhere else."""
-        first = parts[0][0]
-        h, w = self._spatial(first)
-        grid = (h // self.cell_size, w // self.cell_size)
-        token = self.mask_token.to(first.dtype)
-        x = token.view(-1) if self.channels_last else token.view(-1, 1, 1)
-        for embedded, visible in parts:
-            x = embedded if visible is None else torch.where(self.cell_mask(visible, grid),
-                                                             embedded, x)
-        return x
 
     def encode_parts(self, parts: Sequence[Part]) -> list[Tensor]:
         tokens = self._flatten(self.stages(self.compose(parts)))
@@ -92,8 +67,10 @@ class MaskTokenBackbone(Backbone):
         if visible_index is None:  # timm's own head on the map: the exported network's output
             return Encoded(tokens, self.model.forward_head(x, pre_logits=True), None,
                            masked_index)
+        masked = None if masked_index is None else gather_tokens(tokens, masked_index)
         tokens = gather_tokens(tokens, visible_index)
-        return Encoded(tokens, self.pool(tokens), visible_index, masked_index)
+        return Encoded(tokens, self.pool(tokens), visible_index, masked_index,
+                       masked_tokens=masked)
 
 
 class ConvNeXtBackbone(MaskTokenBackbone):

@@ -1,4 +1,5 @@
-"""The Vision Transformer family: masked encoding by dropping the hidden patches (MAE)."""
+"""The Vision Transformer family: masked encoding by dropping the hidden patches (MAE), or by
+a mask token in their place (BEiT, data2vec)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,17 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import Tensor, nn
 
 from m3i_lightning.backbone.base import Backbone, Encoded, Part, gather_tokens
+from m3i_lightning.backbone.mask_token import MaskTokenInput, new_mask_token
 
 
-class VisionTransformerBackbone(Backbone):
+class VisionTransformerBackbone(MaskTokenInput, Backbone):
     """A timm ViT. With ``visible_index`` the masked patches are dropped right after the
     position embedding, so the transformer blocks never see them (~N/visible times cheaper).
+
+    ``mask_token=True`` (the backbone's option, not timm's: the exported network has none)
+    encodes them instead as BEiT and data2vec do: a learned mask token takes each hidden
+    patch's embedding, the position embedding is added to every cell, and all cells run
+    through the blocks; the outputs at the hidden cells are ``Encoded.masked_tokens``.
     """
 
     family = "vit"
@@ -21,11 +28,17 @@ class VisionTransformerBackbone(Backbone):
     timm_modules = ("vision_transformer", "deit")
     static_shapes = False  # the visible-token count differs between student and teacher
     supports_top_blocks = True
+    channels_last = True  # the patch embedding's tokens [B, N, D] ([B, H, W, D] if dynamic)
 
     def __init__(self, arch: str = "vit_tiny_patch16_224", img_size: int | Sequence[int] = 224,
-                 **timm_kwargs) -> None:
+                 mask_token: bool = False, **timm_kwargs) -> None:
         super().__init__(arch, img_size, **timm_kwargs)
         self.num_prefix_tokens: int = self.model.num_prefix_tokens
+        self.mask_token = new_mask_token(self.embed_dim) if mask_token else None
+
+    @property
+    def masks_by_token(self) -> bool:
+        return self.mask_token is not None
 
     def final_stride(self) -> int:
         return self.model.patch_embed.patch_size[0]
@@ -37,11 +50,17 @@ class VisionTransformerBackbone(Backbone):
         return checkpoint_filter_fn(state, self.model)
 
     def embed(self, images: Tensor) -> Tensor:
-        """Patch embedding plus position embedding, prefix tokens first: [B, P + N, D]."""
-        return self.model._pos_embed(self.model.patch_embed(images))
+        """Patch embedding plus position embedding, prefix tokens first: [B, P + N, D]; with a
+        mask token the patch embedding alone, whose hidden cells it fills before the
+        positions are added (:meth:`sequence`)."""
+        x = self.model.patch_embed(images)
+        return x if self.masks_by_token else self.model._pos_embed(x)
 
     def sequence(self, parts: Sequence[Part]) -> Tensor:
-        """The prefix tokens, then each part's visible patches, each with its own position."""
+        """The prefix tokens, then each part's visible patches, each with its own position; with
+        a mask token every cell, the hidden ones holding it."""
+        if self.masks_by_token:
+            return self.model._pos_embed(self.compose(parts))
         p = self.num_prefix_tokens
         patches = [x[:, p:] if visible is None else gather_tokens(x[:, p:], visible)
                    for x, visible in parts]
@@ -69,6 +88,9 @@ class VisionTransformerBackbone(Backbone):
 
     def encode_parts(self, parts: Sequence[Part]) -> list[Tensor]:
         tokens = self.encode(self.sequence(parts))[0][:, self.num_prefix_tokens:]
+        if self.masks_by_token:
+            return [tokens if visible is None else gather_tokens(tokens, visible)
+                    for _, visible in parts]
         sizes = [x.shape[1] - self.num_prefix_tokens if visible is None else visible.shape[1]
                  for x, visible in parts]
         return list(tokens.split(sizes, dim=1))
@@ -84,10 +106,11 @@ class VisionTransformerBackbone(Backbone):
                              f"{top_blocks} top blocks asked for")
         x, kept = self.encode(self.sequence([(self.embed(images), visible_index)]), top_blocks)
         p = self.num_prefix_tokens
-        return Encoded(
-            tokens=x[:, p:],
-            global_feature=self.model.forward_head(x, pre_logits=True),
-            visible_index=visible_index,
-            masked_index=masked_index,
-            top_blocks=torch.stack([k[:, p:] for k in kept], dim=1) if kept else None,
-        )
+        tokens, blocks, masked = x[:, p:], [k[:, p:] for k in kept], None
+        if self.masks_by_token and visible_index is not None:  # every cell was encoded
+            if masked_index is not None:
+                masked = gather_tokens(tokens, masked_index)
+            tokens = gather_tokens(tokens, visible_index)
+            blocks = [gather_tokens(b, visible_index) for b in blocks]
+        return Encoded(tokens, self.model.forward_head(x, pre_logits=True), visible_index,
+                       masked_index, torch.stack(blocks, dim=1) if blocks else None, masked)

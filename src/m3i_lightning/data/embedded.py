@@ -59,7 +59,8 @@ class EmbeddedDigits(DeviceViews, L.LightningDataModule):
                  labels: bool = True, captions: bool = True, tokenizer=None,
                  fields: set[str] | None = None, seed: int = 0,
                  local_crops: dict | None = None, augment: str = "none",
-                 repeated_aug: int = 1, augment_on: str = "workers") -> None:
+                 repeated_aug: int = 1, augment_on: str = "workers",
+                 interpolation: str = "bilinear") -> None:
         super().__init__()
         check_loader_options(batch_size, num_workers, list(crop_scale), val_fraction,
                              repeated_aug)
@@ -68,7 +69,7 @@ class EmbeddedDigits(DeviceViews, L.LightningDataModule):
         self.repeated_aug = repeated_aug
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.view = CropSet(img_size, crop_scale, flip, LocalCrops(**local_crops or {}), augment,
-                            augment_on)
+                            augment_on, interpolation=interpolation)
         self.labels_on, self.captions_on = labels, captions
         self.tokenizer = tokenizer or ByteTokenizer()
         self.provides = {*self.view.names, "geometry"}

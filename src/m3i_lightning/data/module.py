@@ -32,12 +32,12 @@ class ViewDataModule(DeviceViews, L.LightningDataModule):
                  crop_scale: Sequence[float], flip: bool, tokenizer, fields: set[str] | None,
                  seed: int, val_fraction: float = 0.0, local_crops: Mapping | None = None,
                  augment: str = "none", repeated_aug: int = 1, augment_on: str = "workers",
-                 decode_size: int | None = None) -> None:
+                 decode_size: int | None = None, interpolation: str = "bilinear") -> None:
         super().__init__()
         check_loader_options(batch_size, num_workers, list(crop_scale), val_fraction,
                              repeated_aug)
         self.view = CropSet(img_size, tuple(crop_scale), flip, LocalCrops(**local_crops or {}),
-                            augment, augment_on, decode_size)
+                            augment, augment_on, decode_size, interpolation)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.repeated_aug = repeated_aug
         self.tokenizer = tokenizer

@@ -266,10 +266,11 @@ class WebDatasetData(ViewDataModule):
                  seed: int = 0, tokenizer=None, fields: set[str] | None = None,
                  local_crops: dict | None = None,
                  augment: str = "none", repeated_aug: int = 1,
-                 augment_on: str = "workers", decode_size: int | None = 320) -> None:
+                 augment_on: str = "workers", decode_size: int | None = 320,
+                 interpolation: str = "bilinear") -> None:
         super().__init__(img_size, batch_size, num_workers, crop_scale, flip, tokenizer, fields,
                          seed, val_fraction, local_crops, augment, repeated_aug, augment_on,
-                         decode_size)
+                         decode_size, interpolation)
         if not urls:
             raise ConfigError("data=webdataset needs data.urls=<shard pattern>, e.g. "
                               "'shards/{000000..000127}.tar'")

@@ -27,6 +27,10 @@ IDENTITY_GEOMETRY = (0.0, 0.0, 1.0, 1.0, 0.0)
 # the worker ships the uint8 image and each view's parameters; m3i_lightning.data.device_views
 # renders them batched on the accelerator.
 AUGMENT_ON = ("workers", "device")
+# ``data.interpolation``: how a training crop is resampled to the view's size, antialiased when
+# it shrinks. DeiT and DeiT III resize bicubically (timm's RandomResizedCropAndInterpolation).
+INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR,
+                  "bicubic": T.InterpolationMode.BICUBIC}
 
 
 def crop_box(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -148,16 +152,18 @@ AUGMENTATIONS: dict[str, dict[str, ViewAugment]] = {
 
 
 class RandomView:
-    """One augmented view: random resized crop, optional horizontal flip, optional
-    augmentations of the crop (:data:`ViewAugment`), normalisation, optional random erasing
-    (timm's, per-pixel noise, when the augmentation gives it a probability)."""
+    """One augmented view: random resized crop (resampled as ``interpolation`` says,
+    :data:`INTERPOLATIONS`), optional horizontal flip, optional augmentations of the crop
+    (:data:`ViewAugment`), normalisation, optional random erasing (timm's, per-pixel noise,
+    when the augmentation gives it a probability)."""
 
     def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
                  mean: tuple[float, ...] = (0.5, 0.5, 0.5),
                  std: tuple[float, ...] = (0.5, 0.5, 0.5),
-                 photometric: ViewAugment | None = None) -> None:
+                 photometric: ViewAugment | None = None, interpolation: str = "bilinear") -> None:
         self.size, self.scale, self.ratio, self.flip = size, tuple(scale), tuple(ratio), flip
+        self.interpolation = INTERPOLATIONS[interpolation]
         self.mean, self.std = list(mean), list(std)
         self.colours = photometric
         self.photometric = photometric.transform(size, tuple(mean)) if photometric else None
@@ -179,7 +185,9 @@ class RandomView:
         """``image``: float [3, H, W] in [0, 1] → (view [3, size, size], geometry [5])."""
         _, h, w = image.shape
         (top, left, ch, cw), flipped, geometry = self.draw(h, w, rng)
-        view = TF.resized_crop(image, top, left, ch, cw, [self.size, self.size], antialias=True)
+        # clamped: a bicubic kernel overshoots [0, 1] at edges, where PIL's 8-bit result clips
+        view = TF.resized_crop(image, top, left, ch, cw, [self.size, self.size],
+                               self.interpolation, antialias=True).clamp(0, 1)
         if flipped:
             view = TF.horizontal_flip(view)
         geometry = torch.tensor([top / h, left / w, ch / h, cw / w, float(flipped)])
@@ -188,7 +196,7 @@ class RandomView:
         # torchvision and timm draw from the global generators: seeded from the sample's own
         # stream, a view stays a function of its seed (any worker, and after a resume)
         with seeded_globals(rng):
-            view = self.normalize(self.photometric(view.clamp(0, 1)))
+            view = self.normalize(self.photometric(view))
             if self.erasing is not None:
                 view = self.erasing(view)
         return view, geometry
@@ -226,17 +234,26 @@ class LocalCrops:
 class CropSet:
     """The crops of one training sample, by batch key: the global views ``view1`` and
     ``view2`` and the :class:`LocalCrops` ``local1`` ... (same flip and normalisation), each
-    with the colour augmentations that ``augment`` (:data:`AUGMENTATIONS`) gives it."""
+    with the colour augmentations that ``augment`` (:data:`AUGMENTATIONS`) gives it, each crop
+    resampled as ``interpolation`` (:data:`INTERPOLATIONS`) says."""
 
     def __init__(self, size: int, scale: tuple[float, float], flip: bool = True,
                  local: LocalCrops | None = None, augment: str = "none",
-                 augment_on: str = "workers", decode_size: int | None = None) -> None:
+                 augment_on: str = "workers", decode_size: int | None = None,
+                 interpolation: str = "bilinear") -> None:
         if augment not in AUGMENTATIONS:
             raise ValueError(f"unknown augment '{augment}' (data.augment); choose one of "
                              f"{sorted(AUGMENTATIONS)}")
         if augment_on not in AUGMENT_ON:
             raise ValueError(f"unknown augment_on '{augment_on}' (data.augment_on); choose one "
                              f"of {list(AUGMENT_ON)}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation '{interpolation}' (data.interpolation); "
+                             f"choose one of {list(INTERPOLATIONS)}")
+        if augment_on == "device" and interpolation != "bilinear":
+            raise ValueError(f"data.interpolation={interpolation} resamples in the loader "
+                             "workers only: the device crops bilinearly (roi_align); give "
+                             "data.augment_on=workers")
         if decode_size is not None and decode_size < 1:
             raise ValueError(f"data.decode_size must be null or >= 1, got {decode_size}")
         self.on_device, self.decode_size = augment_on == "device", decode_size
@@ -246,10 +263,12 @@ class CropSet:
                              "device renders crops and colour augmentations (none, byol, "
                              "mocov2); give data.augment_on=workers")
         local = local or LocalCrops()
-        self.views = {name: RandomView(size, scale, flip=flip, photometric=colours.get(name))
+        self.views = {name: RandomView(size, scale, flip=flip, photometric=colours.get(name),
+                                       interpolation=interpolation)
                       for name in GLOBAL_VIEWS}
         self.local_view = RandomView(local.size, local.scale, flip=flip,
-                                     photometric=colours.get("local"))
+                                     photometric=colours.get("local"),
+                                     interpolation=interpolation)
         self.names = (*GLOBAL_VIEWS, *local_view_names(local.count))
 
     def view_for(self, name: str) -> RandomView:

@@ -76,6 +76,9 @@ class Objective(L.LightningModule):
     # How many of the teacher's last block outputs the loss reads (``targets.teacher.top_blocks``,
     # data2vec's targets); 0: only its final tokens.
     teacher_blocks: int = 0
+    # The loss reads the encoder's outputs at the masked cells (``encoded.masked_tokens``,
+    # data2vec's linear head): the backbone must encode them as a mask token.
+    reads_masked_tokens: bool = False
     # Parameters (attribute names) the reference keeps out of weight decay (MSN's prototypes).
     no_weight_decay: ClassVar[tuple[str, ...]] = ()
     # Smallest per-process batch the loss means something at (BatchNorm heads, batch negatives).

@@ -21,6 +21,9 @@ class Classification(Objective):
     ``mixup_switch_prob``) of view1 in each training batch; the loss is then the cross-entropy
     against the mixed soft targets, smoothed by ``label_smoothing`` (as DeiT smooths inside
     them). The mixing changes the images every objective would read, so it trains alone.
+
+    ``loss="bce"``: DeiT III's binary cross-entropy instead (:class:`Boltzmann`'s ``bce``):
+    each class present or not on its own, every class of a mixed image present.
     """
 
     name = "cls"
@@ -30,10 +33,11 @@ class Classification(Objective):
     requires = frozenset({"label"})
 
     def __init__(self, num_classes: int, label_smoothing: float = 0.0, mixup: float = 0.0,
-                 cutmix: float = 0.0, mixup_switch_prob: float = 0.5, **kwargs) -> None:
+                 cutmix: float = 0.0, mixup_switch_prob: float = 0.5, loss: str = "ce",
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.class_embed = nn.Linear(self.embed_dim, num_classes)
-        self.distribution = Boltzmann(label_smoothing)
+        self.distribution = Boltzmann(label_smoothing, loss)
         self.mixup = None
         if mixup > 0 or cutmix > 0:
             self.mixup = BatchMixup(mixup, cutmix, num_classes, mixup_switch_prob)
@@ -61,15 +65,13 @@ class Classification(Objective):
         labels = batch["label"]
         known = labels >= 0
         if "mixed_label" in batch:
-            valid = batch["mixed_valid"]
-            per_row = self.distribution(logits, batch["mixed_label"], reduction="none")
-            loss = (per_row * valid).sum() / valid.sum().clamp(min=1)
+            target, valid = batch["mixed_label"], batch["mixed_valid"]
         else:
-            # No labelled sample (-100 = missing): the mean would be 0/0 = NaN, so the loss
-            # then reads class 0 and is multiplied by 0; decided on the device, never asked
-            # (a host sync).
-            labelled = known.any()
-            loss = self.distribution(logits, labels.where(labelled, 0)) * labelled
+            target, valid = labels.clamp(min=0), known
+        # the mean over the valid rows; 0 without one (not 0/0 = NaN), decided on the device,
+        # never asked (a host sync)
+        per_row = self.distribution(logits, target, reduction="none")
+        loss = (per_row * valid).sum() / valid.sum().clamp(min=1)
         with torch.no_grad():  # NaN without a labelled sample
             accuracy = ((logits.argmax(-1) == labels) & known).sum() / known.sum()
         return loss, {"acc": accuracy}

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
+from torch import nn
 
 from m3i_lightning.backbone import gather_tokens
 from m3i_lightning.distributions import Gaussian
 from m3i_lightning.errors import check_options
 from m3i_lightning.objectives.base import Objective
 from m3i_lightning.predictor import TokenPredictor
+
+# ``predictor``: the head that predicts the masked cells' features (see MaskedFeature).
+PREDICTORS = ("transformer", "linear")
 
 
 class MaskedFeature(Objective):
@@ -22,6 +26,14 @@ class MaskedFeature(Objective):
     (fairseq ``Data2VecVisionConfig``: ``end_of_block_targets``, no per-block normalisation,
     ``layer_norm_targets`` on the average; ``average_top_k_layers: 6`` for ViT-B). The
     teacher keeps those outputs from its one pass.
+
+    The prediction comes from a :class:`TokenPredictor` (``predictor="transformer"``): a small
+    transformer that fills the masked cells from the encoded visible tokens, the head of an
+    MAE-style encoder. ``predictor="linear"`` is data2vec's own: the student encodes the masked
+    cells as a mask token with the rest (a backbone whose ``masks_by_token``: a ViT with
+    ``mask_token=True``, as data2vec's BEiT encoder, or a hierarchical one) and one linear
+    layer reads its outputs at the masked cells (the release's ``lm_head`` after the final
+    norm, data2vec_vision beit/modeling_cyclical.py; fairseq's ``final_proj``).
     """
 
     name = "mim_feat"
@@ -31,22 +43,31 @@ class MaskedFeature(Objective):
     target_view = "view1"
     uses_teacher = True
 
-    def __init__(self, loss: str = "mse", beta: float = 1.0, predictor_dim: int = 768,
-                 predictor_depth: int = 4, predictor_heads: int = 16,
+    def __init__(self, loss: str = "mse", beta: float = 1.0, predictor: str = "transformer",
+                 predictor_dim: int = 768, predictor_depth: int = 4, predictor_heads: int = 16,
                  target_dim: int | None = None, target_blocks: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
         check_options({"objective.mim_feat.target_blocks": (
-            target_blocks, lambda k: isinstance(k, int) and k >= 0, "an integer >= 0")})
+            target_blocks, lambda k: isinstance(k, int) and k >= 0, "an integer >= 0"),
+            "objective.mim_feat.predictor": (
+            predictor, lambda p: p in PREDICTORS, f"one of {list(PREDICTORS)}")})
         self.teacher_blocks = target_blocks
         self.target_width = target_dim or self.embed_dim
-        self.predictor = TokenPredictor(self.embed_dim, self.target_width,
-                                        self.grid_size, predictor_dim, predictor_depth,
-                                        predictor_heads)
+        self.reads_masked_tokens = predictor == "linear"
+        if self.reads_masked_tokens:
+            self.predictor = nn.Linear(self.embed_dim, self.target_width)
+        else:
+            self.predictor = TokenPredictor(self.embed_dim, self.target_width,
+                                            self.grid_size, predictor_dim, predictor_depth,
+                                            predictor_heads)
         self.distribution = Gaussian(loss, beta)
 
     def loss(self, batch, encoded, targets):
-        query = self.predictor.position(encoded.masked_index)
-        pred = self.predictor(encoded.tokens, encoded.visible_index, query)
+        if self.reads_masked_tokens:
+            pred = self.predictor(encoded.masked_tokens)
+        else:
+            query = self.predictor.position(encoded.masked_index)
+            pred = self.predictor(encoded.tokens, encoded.visible_index, query)
         teacher = targets.teacher
         if self.teacher_blocks:
             features = teacher.top_blocks[:, -self.teacher_blocks:].mean(dim=1)
