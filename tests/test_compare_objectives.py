@@ -27,7 +27,8 @@ def test_every_compared_configuration_has_its_untrained_twin():
     untrained_m3i = rows["random init (mean-pooled)"]
     assert [o for o in untrained_m3i if o != "trainer.max_steps=0"] == rows["M3I (mix)"]
     trained = [label for label, o in rows.items() if "trainer.max_steps=0" not in o]
-    assert {"cls", "mim_feat", "M3I (mix)", "M3I w/o mix"} <= set(trained)
+    assert {"cls", "mim_feat", "sim_feat", "inst_disc (moco)", "M3I (mix)"} <= set(trained)
+    assert "M3I w/o mix" in dict(load_script().runs("all"))
 
 
 def test_the_random_init_row_over_two_seeds(tmp_path, capsys):
