@@ -182,3 +182,31 @@ def test_timm_kwargs_are_kept_for_export():
     assert b.arch == "vit_tiny_patch16_224"
     assert b.timm_kwargs["num_classes"] == 0
     assert b.timm_kwargs["depth"] == 1 and len(b.model.blocks) == 1
+
+
+def test_class_attention_is_the_last_blocks_head_averaged_class_token_row():
+    """MILAN's CLIP returns ``nn.MultiheadAttention``'s weights of its last block (heads
+    averaged) and reads the class token's row at the patches: the same module, loaded with the
+    timm block's qkv and projection, gives the reference."""
+    torch.manual_seed(0)
+    backbone = tiny_backbone(depth=2).eval()
+    m = backbone.model
+    x = images()
+    with torch.no_grad():
+        out = backbone(x, class_attention=True)
+        seq = m.blocks[0](m._pos_embed(m.patch_embed(x)))
+        block = m.blocks[-1]
+        mha = torch.nn.MultiheadAttention(32, 2, batch_first=True)
+        mha.in_proj_weight.copy_(block.attn.qkv.weight)
+        mha.in_proj_bias.copy_(block.attn.qkv.bias)
+        mha.out_proj.load_state_dict(block.attn.proj.state_dict())
+        h = block.norm1(seq)
+        mixed, weights = mha(h, h, h, need_weights=True, average_attn_weights=True)
+    torch.testing.assert_close(mixed, block.attn(h), rtol=1e-4, atol=1e-5)  # loaded alike
+    torch.testing.assert_close(out.class_attention, weights[:, 0, 1:], rtol=1e-4, atol=1e-6)
+    assert out.class_attention.shape == (3, 16)
+    assert torch.allclose(out.tokens, backbone(x).tokens)
+    without = tiny_backbone(class_token=False, global_pool="avg")
+    assert not without.supports_class_attention
+    with pytest.raises(ValueError, match="no class token"):
+        without(x, class_attention=True)

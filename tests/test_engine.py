@@ -293,7 +293,7 @@ def test_mask_ratios_that_cannot_work_are_refused_when_built(tokenizer, ratio):
 
 
 def test_unknown_mask_kind_names_the_choices(tokenizer):
-    with pytest.raises(ConfigError, match=r"mask\.kind.*\['block', 'random'\]"):
+    with pytest.raises(ConfigError, match=r"mask\.kind.*\['attention', 'block', 'random'\]"):
         multi(tokenizer, mask="nope")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from m3i_lightning.masking import BlockMask, RandomMask, build_mask
+from m3i_lightning.masking import AttentionMask, BlockMask, RandomMask, build_mask
 
 GENERATORS = [RandomMask, BlockMask]
 
@@ -86,5 +86,45 @@ def test_build_mask():
     assert isinstance(build_mask("random", (4, 4), 0.5), RandomMask)
     block = build_mask("block", (4, 4), 0.5)
     assert isinstance(block, BlockMask) and block.num_masked == 8
+    assert isinstance(build_mask("attention", (4, 4), 0.5), AttentionMask)
     with pytest.raises(ValueError, match="random"):
         build_mask("checkerboard", (4, 4), 0.5)
+
+
+# --- MILAN's attention-guided masks -------------------------------------------------------
+
+
+def test_attention_mask_keeps_the_count_and_the_patches_the_attention_peaks_at():
+    """A class token attending only to 4 of 16 patches: those are the 4 visible ones
+    (ratio 0.75, MILAN's), every row masking exactly 12."""
+    torch.manual_seed(0)
+    gen = AttentionMask((4, 4), 0.75)
+    peaks = torch.stack([torch.randperm(16)[:4] for _ in range(32)])
+    attention = torch.full((32, 16), 1e-12).scatter_(1, peaks, 1.0)
+    mask = gen(32, attention=attention)
+    assert mask.sum(dim=1).tolist() == [12] * 32
+    visible, _ = gen.split(mask)
+    assert torch.equal(visible, peaks.sort(dim=1).values)
+
+
+def test_attention_mask_draws_patches_in_proportion_to_attention_without_replacement():
+    """Two visible patches of four drawn one after the other, each in proportion to the
+    attention of the patches left: P({i, j}) = p_i p_j / (1 - p_i) + p_j p_i / (1 - p_j)."""
+    torch.manual_seed(0)
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    rows = 40000
+    mask = AttentionMask((2, 2), 0.5)(rows, attention=p.expand(rows, -1))
+    kept = (~mask).float()
+    for i in range(4):
+        for j in range(i + 1, 4):
+            expected = p[i] * p[j] / (1 - p[i]) + p[j] * p[i] / (1 - p[j])
+            observed = (kept[:, i] * kept[:, j]).mean()
+            assert observed == pytest.approx(expected.item(), abs=0.015), (i, j)
+
+
+def test_attention_mask_needs_the_attention_of_its_rows():
+    gen = AttentionMask((4, 4), 0.75)
+    with pytest.raises(ValueError, match=r"class attention \[2, 16\], got None"):
+        gen(2)
+    with pytest.raises(ValueError, match=r"got \(2, 9\)"):
+        gen(2, attention=torch.rand(2, 9))

@@ -251,3 +251,104 @@ def test_data2vec_targets_beyond_the_teachers_depth_or_family_are_refused(tokeni
                         depths=(1, 1, 1, 1), dims=(16, 16, 24, 32))
     with pytest.raises(ConfigError, match="convnext teacher does not give"):
         tiny_objective("mim_feat", tokenizer, target_blocks=1, backbone=convnext)
+
+
+# --- MILAN: the prompting decoder, the loss over every token, attention-guided masks ---------
+
+
+def prompting_reference(predictor, tokens, pos, prefix, query_pos):
+    """MILAN's decoder written out (models_milan.py forward_decoder / Block_fordecoder): the
+    prompts (class token, visible tokens with positions) are never updated; per block, each
+    mask token's query reads keys and values of [prompts, normed mask tokens], per head."""
+    prompts = torch.cat([predictor.embed(prefix), predictor.embed(tokens) + pos], dim=1)
+    x = predictor.mask_token + query_pos
+    for block in predictor.blocks:
+        heads, (b, n, d) = block.attn.num_heads, x.shape
+        h = block.norm1(x)
+        q = block.attn.q(h).view(b, n, heads, -1)
+        k, v = block.attn.kv(torch.cat([prompts, h], dim=1)).view(b, -1, 2, heads, d // heads
+                                                                  ).unbind(2)
+        weights = torch.einsum("bqhc,bkhc->bhqk", q, k).div((d // heads) ** 0.5).softmax(-1)
+        x = x + block.attn.proj(torch.einsum("bhqk,bkhc->bqhc", weights, v).reshape(b, n, d))
+        x = x + block.mlp(block.norm2(x))
+    return predictor.head(predictor.norm(torch.cat([prompts, x], dim=1)))
+
+
+def test_prompting_decoder_keeps_the_prompts_fixed_and_updates_the_mask_tokens():
+    from m3i_lightning.predictor import TokenPredictor
+
+    torch.manual_seed(0)
+    predictor = TokenPredictor(32, 24, (4, 4), dim=32, depth=2, num_heads=4, prompting=True)
+    visible = torch.tensor([[0, 5, 9], [2, 3, 15]])
+    hidden = torch.tensor([[1, 2, 14], [0, 7, 8]])
+    tokens, prefix = torch.randn(2, 3, 32), torch.randn(2, 1, 32)
+    query = predictor.position(hidden)
+    out = predictor(tokens, visible, query, prefix=prefix, every_slot=True)
+    expected = prompting_reference(predictor, tokens, predictor.position(visible), prefix, query)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    # the prompts' slots are their embeddings, normed and read out: unchanged by the blocks
+    fixed = predictor.head(predictor.norm(torch.cat(
+        [predictor.embed(prefix), predictor.embed(tokens) + predictor.position(visible)], 1)))
+    torch.testing.assert_close(out[:, :4], fixed)
+    torch.testing.assert_close(predictor(tokens, visible, query, prefix=prefix), out[:, 4:])
+    # ... while the mask tokens read them
+    moved = predictor(tokens + 1.0, visible, query, prefix=prefix)
+    assert (moved - out[:, 4:]).abs().mean() > 1e-2
+
+
+def test_milan_loss_covers_the_class_token_and_every_patch_against_raw_targets(tokenizer,
+                                                                             batch):
+    """loss_tokens=all, target_norm=none, cosine: 2 - 2 cos averaged over the class token
+    and all patches, the targets as the teacher gives them (models_milan.py forward_loss)."""
+    torch.manual_seed(0)
+    objective = tiny_objective("mim_feat", tokenizer, backbone=tiny_backbone(), loss="cosine",
+                               predictor="prompting", target_norm="none", loss_tokens="all")
+    assert objective.predictor.prompting
+    reading_batch, encoded, targets = objective.readings(batch)["mim_feat"][0]
+    loss, _ = objective.loss(reading_batch, encoded, targets)
+    pred = objective.predictor(encoded.tokens, encoded.visible_index,
+                               objective.predictor.position(encoded.masked_index),
+                               prefix=encoded.global_feature[:, None], every_slot=True)
+    teacher = targets.teacher
+    order = torch.cat([encoded.visible_index, encoded.masked_index], dim=1)
+    target = torch.cat([teacher.global_feature[:, None],
+                        teacher.tokens[torch.arange(8)[:, None], order]], dim=1)
+    assert pred.shape == target.shape == (8, 17, 32)
+    cosine = (pred * target).sum(-1) / (pred.norm(dim=-1) * target.norm(dim=-1))
+    torch.testing.assert_close(loss, (2 - 2 * cosine).mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_milan_options_are_checked(tokenizer):
+    with pytest.raises(ConfigError, match=r"target_norm=batch must be one of \['layer', 'none'\]"):
+        tiny_objective("mim_feat", tokenizer, target_norm="batch")
+    with pytest.raises(ConfigError, match="loss_tokens=all .* needs predictor=transformer"):
+        tiny_objective("mim_feat", tokenizer, loss_tokens="all", predictor="linear")
+    with pytest.raises(ConfigError, match="loss_tokens=all"):
+        tiny_objective("mim_feat", tokenizer, loss_tokens="all", target_blocks=1)
+
+
+def test_attention_mask_is_drawn_from_the_teachers_attention_of_the_same_images(tokenizer,
+                                                                              batch):
+    """mask.kind=attention: the teacher runs first and the student's visible patches are the
+    AttentionMask draw from its class attention of view1 (the same random stream)."""
+    from m3i_lightning.masking import AttentionMask
+
+    torch.manual_seed(0)
+    objective = tiny_objective("mim_feat", tokenizer, backbone=tiny_backbone(), mask="attention")
+    torch.manual_seed(3)
+    encoded = objective.readings(batch)["mim_feat"][0][1]
+    attention = objective.teacher(batch["view1"], class_attention=True).class_attention
+    torch.manual_seed(3)
+    expected = AttentionMask((4, 4), 0.75)(8, attention=attention)
+    assert torch.equal(encoded.visible_index, (~expected).nonzero()[:, 1].view(8, 4))
+
+
+def test_attention_mask_is_refused_where_no_teacher_attention_guides_it(tokenizer):
+    with pytest.raises(ConfigError, match="no class token"):
+        tiny_objective("mim_feat", tokenizer, mask="attention",
+                       backbone=tiny_backbone(class_token=False, global_pool="avg"))
+    with pytest.raises(ConfigError, match="the teacher encodes only \\[\\]"):
+        tiny_objective("mim_pixel", tokenizer, mask="attention", backbone=tiny_backbone())
+    with pytest.raises(ConfigError, match="mix=true"):
+        MultiObjective(tiny_backbone(), {"mim_feat": tiny_objective("mim_feat", tokenizer)},
+                       mask="attention", mask_ratio=0.5, mix=True)

@@ -8,12 +8,14 @@ import math
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from conftest import TINY_VIT, fit_fixed_batch, tiny_backbone
 from hydra import compose, initialize_config_dir
 from runs import assert_each_term_logged, run
 
 from m3i_lightning import MultiObjective
+from m3i_lightning.errors import ConfigError
 from m3i_lightning.export import export_backbone
 from m3i_lightning.factory import build_model
 from m3i_lightning.losses import dino_loss, mae_loss
@@ -206,6 +208,36 @@ def test_frozen_teacher_from_config_gives_its_width_to_the_objectives(tmp_path, 
     assert isinstance(model.teacher, FrozenTeacher) and model.teacher.embed_dim == 48
     assert model.heads["dense_distill"].head.out_features == 48
     assert model.heads["mim_global"].predictor[-1].out_features == 48
+
+
+CLIP_TOWER = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+
+
+def test_projected_teacher_is_the_clip_towers_head_on_its_normed_tokens(tmp_path, tokenizer):
+    """teacher.project: every token (and the class token, the global feature) through the
+    CLIP tower's image projection after its final norm (ln_post), MILAN's target: timm's own
+    network computes the reference."""
+    torch.manual_seed(1)
+    tower = timm.create_model("vit_base_patch16_clip_224", num_classes=24, **CLIP_TOWER).eval()
+    weights = tmp_path / "clip.pth"
+    torch.save(tower.state_dict(), weights)
+    images = torch.randn(2, 3, 16, 16)
+    teacher = FrozenTeacher("vit_base_patch16_clip_224", weights, project=True, num_classes=24,
+                            **CLIP_TOWER)
+    with torch.no_grad():
+        normed = tower.forward_features(images)  # [B, 1 + N, D] after ln_post
+        expected_tokens, expected_global = tower.head(normed[:, 1:]), tower.head(normed[:, 0])
+    encoded = teacher(images)
+    torch.testing.assert_close(encoded.tokens, expected_tokens, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(encoded.global_feature, expected_global, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(encoded.global_feature, tower(images), rtol=1e-4, atol=1e-5)
+    assert teacher.embed_dim == 24
+    with pytest.raises(ValueError, match="built without a head: give num_classes"):
+        FrozenTeacher("vit_base_patch16_clip_224", weights, project=True, **CLIP_TOWER)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["teacher.project=true"])
+    with pytest.raises(ConfigError, match="needs teacher.kind=frozen"):
+        build_model(cfg, num_classes=10, tokenizer=tokenizer)
 
 
 # --- learning and collapse -------------------------------------------------------------------

@@ -14,7 +14,7 @@ from m3i_lightning.backbone import Backbone
 from m3i_lightning.data.views import INTERPOLATIONS
 from m3i_lightning.export import export_backbone
 from m3i_lightning.factory import build_datamodule, build_model, build_tokenizer_from
-from m3i_lightning.masking import BlockMask, RandomMask
+from m3i_lightning.masking import AttentionMask, BlockMask, RandomMask
 from m3i_lightning.teacher import FrozenTeacher
 
 # Paper values. "lr": the learning rate at the recipe's batch (the linear scaling rule applied).
@@ -52,10 +52,11 @@ PAPERS = {
                      heads={"mim_feat": dict(loss="smooth_l1", beta=2.0, target_blocks=6,
                                              predictor="linear")}),
     "milan": dict(batch=4096, lr=1.5e-4 * 16, epochs=400, warmup=40, wd=0.05,
-                  betas=(0.9, 0.95), mask=(RandomMask, 0.75), crops=(0.2, 1.0),
-                  teacher="vit_base_patch16_clip_224",
+                  betas=(0.9, 0.95), mask=(AttentionMask, 0.75), crops=(0.2, 1.0),
+                  interpolation="bicubic", teacher="vit_base_patch16_clip_224", projection=512,
                   heads={"mim_feat": dict(loss="cosine", predictor=(512, 8, 16),
-                                          target_blocks=0)}),
+                                          prompting=True, target_blocks=0, target_norm="none",
+                                          loss_tokens="all")}),
     "densecl": dict(batch=256, epochs=200, momentum=(0.999, 0.999), augment="mocov2",
                     crops=(0.2, 1.0),
                     heads={"dense_id": dict(temperature=0.2, queue=65536, dense_weight=0.5)}),
@@ -92,18 +93,19 @@ def built(cfg):
 @pytest.fixture(scope="module")
 def frozen_teachers(tmp_path_factory) -> dict[str, list[str]]:
     """Local stand-ins for the CLIP weights a frozen-teacher recipe reads (no download): the
-    recipe's own teacher architecture at one block, at ViT-B's 224 px grid and at the CPU
-    ViT's 32 px one, exported as the library exports a backbone."""
+    recipe's own teacher architecture at one block, with its image projection, at ViT-B's
+    224 px grid and at the CPU ViT's 32 px one, exported as the library exports a backbone."""
     folder = tmp_path_factory.mktemp("teachers")
     sizes = {"vit_base": dict(depth=1),
              "vit_cpu": dict(img_size=32, patch_size=4, embed_dim=64, depth=1, num_heads=2)}
     overrides = {}
     for scale, args in sizes.items():
         torch.manual_seed(1)
+        args = {**args, "num_classes": PAPERS["milan"]["projection"]}
         teacher = Backbone(PAPERS["milan"]["teacher"], **args)
         weights = export_backbone(teacher, folder / scale)
-        model_args = "{" + ",".join(f"{k}:{v}" for k, v in args.items()) + "}"
-        overrides[scale] = [f"teacher.checkpoint={weights}", f"teacher.model_args={model_args}"]
+        overrides[scale] = [f"teacher.checkpoint={weights}",
+                            *(f"++teacher.model_args.{k}={v}" for k, v in args.items())]
     return overrides
 
 
@@ -150,6 +152,8 @@ def test_recipe_builds_what_the_paper_states(recipe, frozen_teachers):
     elif "teacher" in paper:
         assert isinstance(model.teacher, FrozenTeacher)
         assert model.teacher.encoder.arch == paper["teacher"]
+    if "projection" in paper:
+        assert model.teacher.project and model.teacher.embed_dim == paper["projection"]
     assert model.input_mode == paper.get("input", "native") and model.mix == paper.get("mix", False)
     assert cfg.trainer.gradient_clip_val == paper.get("clip")
     if "optimizer" in paper:
@@ -198,6 +202,8 @@ def check_head(head, expected: dict) -> None:  # noqa: C901 - one branch per sta
             decoder = getattr(head, "decoder", None) or head.predictor.decoder
             assert (decoder.embed.out_features, len(decoder.blocks),
                     decoder.blocks[0].attn.num_heads) == value
+        elif key == "prompting":
+            assert head.predictor.prompting == value
         elif key == "teacher_temp":
             start, end, epochs = value
             head.follow_schedule(0)

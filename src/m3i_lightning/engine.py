@@ -72,6 +72,12 @@ class Engine(L.LightningModule):
                                                  teacher_final_momentum)
             _check_teacher_width(self.teacher, objectives)
         self.teacher_blocks = _teacher_blocks(self.teacher, objectives)
+        guided = self.mask_generator is not None and self.mask_generator.guided
+        if guided:
+            _check_guided_mask(self.plan, self.teacher, backbone)
+        # what the teacher's one pass keeps beside its tokens
+        self.teacher_options = {key: value for key, value in (
+            ("top_blocks", self.teacher_blocks), ("class_attention", guided)) if value}
         self.optim = OptimConfig(**optim) if isinstance(optim, Mapping) else optim or OptimConfig()
         self.check_finite_every = check_finite_every
         self.scaling = {"activation_checkpointing": activation_checkpointing, "compile": compile}
@@ -118,16 +124,16 @@ class Engine(L.LightningModule):
 
     def readings(self, batch: dict) -> Readings:
         """(batch, encoded input, targets) of every reading of the plan, each input encoded
-        once and each teacher view encoded once."""
+        once and each teacher view encoded once: the teacher first, as an attention-guided
+        mask of the student's input follows the teacher's attention."""
         plan = self.plan
         partner = None
         if plan.mixed:
             partner = partner_rows(batch["view1"].shape[0], batch["view1"].device)
-        encoded = self._encode_inputs(batch, partner)
-        blocks = {"top_blocks": self.teacher_blocks} if self.teacher_blocks else {}
         teacher = _encode_grouped(batch, [Input(v, False) for v in plan.teacher_views],
-                                  lambda images, _: self.teacher(images, **blocks))
+                                  lambda images, *_: self.teacher(images, **self.teacher_options))
         teacher = {key.view: enc for key, enc in teacher.items()}
+        encoded = self._encode_inputs(batch, partner, teacher)
         student = {view: encoded[Input(view, False)] for view in plan.student_views}
         sources = {False: (batch, teacher, student)}
         if partner is not None:
@@ -135,21 +141,26 @@ class Engine(L.LightningModule):
         return {name: [_reading(r, encoded, *sources[r.partner]) for r in p.readings]
                 for name, p in plan.objectives.items()}
 
-    def _encode_inputs(self, batch: dict, partner: Tensor | None) -> dict[Input, Encoded]:
+    def _encode_inputs(self, batch: dict, partner: Tensor | None,
+                       teacher: dict[str, Encoded]) -> dict[Input, Encoded]:
         """Every input of the plan; a mix encodes images A and B (view1 and its partner
-        rows) in one pass."""
+        rows) in one pass. ``teacher``: its encodings by view, whose class attention guides
+        the masks of an attention-guided generator."""
         encoded = {}
         if partner is not None:
             encoded[Input("view1", True, "a")], encoded[Input("view1", True, "b")] = (
                 encode_mixed(self.backbone, batch["view1"], partner, self.mask_generator))
         others = [key for key in self.plan.inputs if key not in encoded]
-        return {**encoded, **_encode_grouped(batch, others, self._encode)}
+        guides = {view: enc.class_attention for view, enc in teacher.items()
+                  if enc.class_attention is not None}
+        return {**encoded, **_encode_grouped(batch, others, self._encode, guides)}
 
-    def _encode(self, images: Tensor, masked: bool) -> Encoded:
+    def _encode(self, images: Tensor, masked: bool, attention: Tensor | None) -> Encoded:
         if not masked:
             return self.backbone(images)
         generator = self._mask_for(images)
-        visible, hidden = generator.split(generator(images.shape[0], images.device))
+        mask = generator(images.shape[0], images.device, attention)
+        visible, hidden = generator.split(mask)
         return self.backbone(images, visible, hidden)
 
     def _mask_for(self, images: Tensor):
@@ -310,16 +321,19 @@ def standalone(objective: type[Objective]) -> type[Objective]:
 
 
 def _encode_grouped(batch: dict, keys: list[Input],
-                    encode: Callable[[Tensor, bool], Encoded]) -> dict[Input, Encoded]:
+                    encode: Callable[[Tensor, bool, Tensor | None], Encoded],
+                    guides: Mapping[str, Tensor] | None = None) -> dict[Input, Encoded]:
     """``encode`` each input, inputs of one image size and masking in ONE batched pass (the
-    two global views together, all local crops together), as multi-crop references do."""
+    two global views together, all local crops together), as multi-crop references do;
+    ``guides``: the teacher's class attention by view, passed along with masked images."""
     groups: dict[tuple, list[Input]] = {}
     for key in keys:
         groups.setdefault((key.masked, *batch[key.view].shape[1:]), []).append(key)
     encoded = {}
     for (masked, *_), group in groups.items():
         images = [batch[key.view] for key in group]
-        together = encode(torch.cat(images) if len(images) > 1 else images[0], masked)
+        guide = torch.cat([guides[key.view] for key in group]) if masked and guides else None
+        together = encode(torch.cat(images) if len(images) > 1 else images[0], masked, guide)
         start = 0
         for key, part in zip(group, images, strict=True):
             encoded[key] = together.select(slice(start, start + part.shape[0]))
@@ -442,6 +456,10 @@ def _teacher_blocks(teacher: TargetEncoder | None, objectives: Mapping[str, Obje
     if not wanting:
         return 0
     count = max(wanting.values())
+    if getattr(teacher, "project", False):
+        raise ConfigError(f"objective(s) {sorted(wanting)} read the teacher's last block "
+                          "outputs (target_blocks), which its projection (teacher.project) "
+                          "does not map: use target_blocks=0 or teacher.project=false")
     encoder = teacher.encoder
     if not encoder.supports_top_blocks:
         raise ConfigError(f"objective(s) {sorted(wanting)} read the teacher's last block "
@@ -453,3 +471,31 @@ def _teacher_blocks(teacher: TargetEncoder | None, objectives: Mapping[str, Obje
                           f"{count} blocks (target_blocks) but '{encoder.arch}' has {depth}: "
                           f"choose target_blocks <= {depth}")
     return count
+
+
+def _check_guided_mask(plan: Plan, teacher: TargetEncoder | None, backbone: Backbone) -> None:
+    """An attention-guided mask (mask.kind=attention) follows the teacher's class-token
+    attention of the very images it masks, on the student's patch grid: any ViT teacher with
+    a class token (EMA or frozen) whose pass covers every masked view."""
+    if plan.mixed:
+        raise ConfigError("mask.kind=attention draws each image's mask from its own teacher "
+                          "attention; M3I's mix (mix=true) draws the two images' masks "
+                          "together: use mask.kind=random or block with the mix")
+    masked_views = sorted({i.view for i in plan.inputs if i.masked})
+    unseen = [view for view in masked_views if view not in plan.teacher_views]
+    if unseen:
+        raise ConfigError(f"mask.kind=attention follows the teacher's attention of each masked "
+                          f"view, but the teacher encodes only {list(plan.teacher_views)} and "
+                          f"the student masks {unseen}: select an objective whose target is "
+                          "the teacher's encoding of the masked view (mim_feat), or another "
+                          "mask.kind")
+    encoder = teacher.encoder
+    if not encoder.supports_class_attention:
+        raise ConfigError(f"mask.kind=attention follows the teacher's class-token attention; "
+                          f"the teacher '{encoder.arch}' ({encoder.family} family) has no class "
+                          "token: use a ViT teacher with one (class_token=true), or another "
+                          "mask.kind")
+    if tuple(encoder.grid_size) != tuple(backbone.grid_size):
+        raise ConfigError(f"mask.kind=attention maps the teacher's patches onto the student's, "
+                          f"but the teacher's grid is {encoder.grid_size} and the student's "
+                          f"{backbone.grid_size}: give the teacher the student's patch grid")

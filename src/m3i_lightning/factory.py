@@ -165,6 +165,9 @@ def build_teacher(cfg: DictConfig) -> FrozenTeacher | None:
     teacher = _plain(cfg.teacher)
     kind = teacher.get("kind", "ema")
     if kind == "ema":
+        if teacher.get("project"):
+            raise ConfigError("teacher.project=true maps a frozen network's tokens through its "
+                              "image projection: it needs teacher.kind=frozen")
         return None
     if kind != "frozen":
         raise ConfigError(f"unknown teacher kind '{kind}'; choose ema or frozen")
@@ -177,7 +180,8 @@ def build_teacher(cfg: DictConfig) -> FrozenTeacher | None:
         arch = model_args.pop("arch")
     try:
         return FrozenTeacher(arch, teacher["checkpoint"], teacher["momentum"],
-                             teacher["final_momentum"], **model_args)
+                             teacher["final_momentum"], teacher.get("project", False),
+                             **model_args)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"frozen teacher '{arch}': {err}") from None
 

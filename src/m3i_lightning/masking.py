@@ -11,7 +11,11 @@ from torch import Tensor
 
 class MaskGenerator:
     """Base: ``__call__`` returns a boolean mask [B, N] (True = masked) with exactly
-    ``num_masked`` True values in every row, and ``split`` turns it into index tensors."""
+    ``num_masked`` True values in every row, and ``split`` turns it into index tensors.
+    A ``guided`` generator draws from the teacher's class attention of the same images, which
+    the engine computes first and passes as ``attention`` [B, N]."""
+
+    guided = False
 
     def __init__(self, grid_size: tuple[int, int], ratio: float) -> None:
         if not 0.0 <= ratio < 1.0:
@@ -21,7 +25,8 @@ class MaskGenerator:
         self.num_masked = int(round(ratio * self.num_patches))
         self.num_visible = self.num_patches - self.num_masked
 
-    def __call__(self, batch_size: int, device: torch.device | str = "cpu") -> Tensor:
+    def __call__(self, batch_size: int, device: torch.device | str = "cpu",
+                 attention: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
     def split(self, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -33,7 +38,8 @@ class MaskGenerator:
 class RandomMask(MaskGenerator):
     """Uniformly random patches (MAE, SimMIM, SiameseIM)."""
 
-    def __call__(self, batch_size: int, device: torch.device | str = "cpu") -> Tensor:
+    def __call__(self, batch_size: int, device: torch.device | str = "cpu",
+                 attention: Tensor | None = None) -> Tensor:
         noise = torch.rand(batch_size, self.num_patches, device=device)
         rank = noise.argsort(dim=1).argsort(dim=1)
         return rank < self.num_masked
@@ -69,16 +75,37 @@ class BlockMask(MaskGenerator):
         flat[flip] = excess < 0
         return flat
 
-    def __call__(self, batch_size: int, device: torch.device | str = "cpu") -> Tensor:
+    def __call__(self, batch_size: int, device: torch.device | str = "cpu",
+                 attention: Tensor | None = None) -> Tensor:
         rng = random.Random(int(torch.randint(0, 2**31 - 1, ()).item()))
         return torch.stack([self._one(rng) for _ in range(batch_size)]).to(device)
+
+
+class AttentionMask(MaskGenerator):
+    """MILAN's semantic-aware sampling: the visible patches are drawn one after another
+    without replacement, each with probability proportional to the teacher's class-token
+    attention among those left (``torch.multinomial``), so salient patches are mostly kept
+    and the student reconstructs the background from them (models_milan.py,
+    ``attention_masking``)."""
+
+    guided = True
+
+    def __call__(self, batch_size: int, device: torch.device | str = "cpu",
+                 attention: Tensor | None = None) -> Tensor:
+        if attention is None or attention.shape != (batch_size, self.num_patches):
+            raise ValueError(f"attention masking needs the teacher's class attention "
+                             f"[{batch_size}, {self.num_patches}], got "
+                             f"{None if attention is None else tuple(attention.shape)}")
+        visible = torch.multinomial(attention.float(), self.num_visible, replacement=False)
+        mask = torch.ones(batch_size, self.num_patches, dtype=torch.bool, device=attention.device)
+        return mask.scatter_(1, visible, False)
 
 
 def _torch_gen(rng: random.Random) -> torch.Generator:
     return torch.Generator().manual_seed(rng.randrange(2**31))
 
 
-MASKS = {"random": RandomMask, "block": BlockMask}
+MASKS = {"random": RandomMask, "block": BlockMask, "attention": AttentionMask}
 
 
 def build_mask(kind: str, grid_size: tuple[int, int], ratio: float) -> MaskGenerator:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -29,23 +31,69 @@ def grid_coords(grid_size: tuple[int, int]) -> Tensor:
     return torch.stack([rows.flatten(), cols.flatten()], dim=-1).float()
 
 
+class PromptedAttention(nn.Module):
+    """Attention of the query slots alone: their queries read keys and values of the fixed
+    prompts and of the (normed) query slots themselves."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, queries: Tensor, prompts: Tensor) -> Tensor:
+        b, n, d = queries.shape
+        heads = self.num_heads
+        q = self.q(queries).reshape(b, n, heads, d // heads).transpose(1, 2)
+        kv = self.kv(torch.cat([prompts, queries], dim=1))
+        k, v = kv.reshape(b, -1, 2, heads, d // heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, d))
+
+
+class PromptedBlock(nn.Module):
+    """A block of MILAN's prompting decoder (models_milan.py ``Block_fordecoder``): only the
+    query slots are updated; the prompts (the encoder's tokens as embedded, un-normed) stay
+    fixed through every block and serve as keys and values."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = PromptedAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, queries: Tensor, prompts: Tensor) -> Tensor:
+        queries = queries + self.attn(self.norm1(queries), prompts)
+        return queries + self.mlp(self.norm2(queries))
+
+
 class TokenPredictor(nn.Module):
     """Predicts target tokens at query positions from the encoded (visible) tokens.
 
     The sequence is [encoded tokens + their positions, mask token + query position]; without
     attention masks a transformer is permutation-equivariant, so this equals MAE's decoder on
     the re-ordered full grid, and it also accepts queries at positions of another view.
+    ``prompting=True`` is MILAN's decoder instead: the encoded tokens pass every block
+    unchanged, as prompts the query slots attend to (:class:`PromptedBlock`), so the
+    decoder cannot rewrite the encoder's representation of the visible patches.
     """
 
     def __init__(self, in_dim: int, out_dim: int, grid_size: tuple[int, int], dim: int = 128,
-                 depth: int = 2, num_heads: int = 4, mlp_ratio: float = 4.0) -> None:
+                 depth: int = 2, num_heads: int = 4, mlp_ratio: float = 4.0,
+                 prompting: bool = False) -> None:
         super().__init__()
         self.embed = nn.Linear(in_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_embedding(grid_coords(grid_size), dim),
                              persistent=False)
-        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, qkv_bias=True)
-                                      for _ in range(depth)])
+        self.prompting = prompting
+        if prompting:
+            blocks = [PromptedBlock(dim, num_heads, mlp_ratio) for _ in range(depth)]
+        else:
+            blocks = [Block(dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)]
+        self.blocks = nn.Sequential(*blocks)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, out_dim)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -54,17 +102,26 @@ class TokenPredictor(nn.Module):
         """Position embeddings of patch ``index`` [B, K] of the input grid."""
         return self.pos_embed[index]
 
-    def forward(self, tokens: Tensor, visible_index: Tensor | None,
-                query_pos: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, visible_index: Tensor | None, query_pos: Tensor,
+                prefix: Tensor | None = None, every_slot: bool = False) -> Tensor:
         """``tokens`` [B, V, in_dim] at ``visible_index`` [B, V] (None = all patches in order);
-        ``query_pos`` [B, Q, dim] position embeddings of the slots to predict → [B, Q, out_dim]."""
+        ``query_pos`` [B, Q, dim] position embeddings of the slots to predict → [B, Q, out_dim].
+        ``prefix`` [B, P, in_dim]: tokens of no grid position (a class token) put before the
+        encoded ones; ``every_slot``: the predictions of all P + V + Q slots, in that order."""
         b = tokens.shape[0]
         if visible_index is None:
             context_pos = self.pos_embed.unsqueeze(0).expand(b, -1, -1)
         else:
             context_pos = self.position(visible_index)
+        context = self.embed(tokens) + context_pos
+        if prefix is not None:
+            context = torch.cat([self.embed(prefix), context], dim=1)
         queries = self.mask_token.expand(b, query_pos.shape[1], -1) + query_pos
-        x = torch.cat([self.embed(tokens) + context_pos, queries], dim=1)
-        x = self.norm(self.blocks(x))
-        return self.head(x[:, tokens.shape[1]:])
+        if self.prompting:
+            for block in self.blocks:
+                queries = block(queries, context)
+            x = torch.cat([context, queries], dim=1)
+        else:
+            x = self.blocks(torch.cat([context, queries], dim=1))
+        return self.head(self.norm(x if every_slot else x[:, context.shape[1]:]))
 

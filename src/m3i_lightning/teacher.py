@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from m3i_lightning.backbone import Backbone
+from m3i_lightning.backbone import Backbone, Encoded
 from m3i_lightning.checkpointing import read_checkpoint
 from m3i_lightning.optim import cosine_ramp
 from m3i_lightning.sharding import local
@@ -96,13 +97,42 @@ class FrozenTeacher(TargetEncoder):
     is a local file (see :func:`load_encoder_weights`). The encoder never moves, but
     :meth:`update` still returns the momentum schedule, for heads the reference averages.
     Its width may differ from the student's: objectives then take ``target_dim``.
+
+    ``project=True`` passes its tokens and global feature (after the final norm) through the
+    network's linear head: a CLIP tower's image projection, which timm keeps as ``head`` when
+    built with ``num_classes`` = the embedding width, and which MILAN applies to every token
+    of its target. The objectives then read the head's width.
     """
 
     def __init__(self, arch: str, checkpoint: str | Path, momentum: float = 0.996,
-                 final_momentum: float = 1.0, **timm_kwargs) -> None:
+                 final_momentum: float = 1.0, project: bool = False, **timm_kwargs) -> None:
         encoder = Backbone(arch, **timm_kwargs)
+        if project and encoder.family != "vit":
+            raise ValueError(f"project=True reads a ViT's normed tokens; '{arch}' is of the "
+                             f"{encoder.family} family")
+        if project and not isinstance(encoder.model.get_classifier(), nn.Linear):
+            raise ValueError(f"project=True needs the network's image projection, but "
+                             f"'{arch}' is built without a head: give num_classes=<its "
+                             "embedding width> (e.g. 512 for a CLIP ViT-B) and a checkpoint "
+                             "holding head.weight (timm converts CLIP's visual.proj to it)")
         load_encoder_weights(encoder, checkpoint)
         super().__init__(encoder, momentum, final_momentum)
+        self.project = project
+
+    @property
+    def embed_dim(self) -> int:
+        if self.project:
+            return self.encoder.model.get_classifier().out_features
+        return self.encoder.embed_dim
+
+    def forward(self, *args, **kwargs) -> Encoded:
+        encoded = super().forward(*args, **kwargs)
+        if not self.project:
+            return encoded
+        head = self.encoder.model.get_classifier()
+        with torch.no_grad():
+            return dataclasses.replace(encoded, tokens=head(encoded.tokens),
+                                       global_feature=head(encoded.global_feature))
 
     def update(self, student: nn.Module, step: int, total_steps: int) -> float:
         return self.momentum_at(step, total_steps)

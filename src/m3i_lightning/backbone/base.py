@@ -28,6 +28,8 @@ class Encoded:
     output them (before the final norm), kept from the same pass: data2vec's targets.
     ``masked_tokens`` holds the outputs at the cells of ``masked_index``, in its order, when the
     backbone encoded those cells as a mask token (:attr:`Backbone.masks_by_token`).
+    ``class_attention`` [B, N], when asked for, is the last block's attention of the class
+    token to each patch, averaged over heads: what MILAN's mask sampling follows.
     """
 
     tokens: Tensor
@@ -36,13 +38,14 @@ class Encoded:
     masked_index: Tensor | None = None
     top_blocks: Tensor | None = None
     masked_tokens: Tensor | None = None
+    class_attention: Tensor | None = None
 
     def select(self, rows: Tensor | slice) -> Encoded:
         """The same encoding for the samples ``rows`` of the batch (a permutation, or a slice:
         one input's part of a batched pass)."""
         return Encoded(*(None if t is None else t[rows] for t in (
             self.tokens, self.global_feature, self.visible_index, self.masked_index,
-            self.top_blocks, self.masked_tokens)))
+            self.top_blocks, self.masked_tokens, self.class_attention)))
 
 
 def gather_tokens(tokens: Tensor, index: Tensor) -> Tensor:
@@ -69,7 +72,9 @@ class Backbone(nn.Module):
     ``supports_dense`` (tokens meant for dense objectives), ``supports_top_blocks`` (the
     outputs of the last blocks, :attr:`Encoded.top_blocks`, from ``forward(..., top_blocks=K)``),
     ``masks_by_token`` (hidden cells encoded as a mask token rather than dropped, their outputs
-    in :attr:`Encoded.masked_tokens`).
+    in :attr:`Encoded.masked_tokens`), ``supports_class_attention``
+    (:attr:`Encoded.class_attention`, from ``forward(..., class_attention=True)``; a ViT with a
+    class token).
     """
 
     family: ClassVar[str]
@@ -80,6 +85,7 @@ class Backbone(nn.Module):
     supports_dense: ClassVar[bool] = True
     supports_top_blocks: ClassVar[bool] = False
     masks_by_token: bool = False
+    supports_class_attention: bool = False  # per network: a ViT without class token has none
     # torch.compile the blocks for static shapes: a block class whose instances see other
     # shapes (ConvNeXt's stages) makes inductor guess symbolic channel counts it then fails on.
     static_shapes: ClassVar[bool] = True

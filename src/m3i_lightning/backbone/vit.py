@@ -35,6 +35,7 @@ class VisionTransformerBackbone(MaskTokenInput, Backbone):
         super().__init__(arch, img_size, **timm_kwargs)
         self.num_prefix_tokens: int = self.model.num_prefix_tokens
         self.mask_token = new_mask_token(self.embed_dim) if mask_token else None
+        self.supports_class_attention = self.model.cls_token is not None
 
     @property
     def masks_by_token(self) -> bool:
@@ -66,16 +67,19 @@ class VisionTransformerBackbone(MaskTokenInput, Backbone):
                    for x, visible in parts]
         return torch.cat([parts[0][0][:, :p], *patches], dim=1)
 
-    def encode(self, x: Tensor, top_blocks: int = 0) -> tuple[Tensor, list[Tensor]]:
+    def encode(self, x: Tensor, top_blocks: int = 0,
+               class_attention: bool = False) -> tuple[Tensor, list[Tensor], Tensor | None]:
         """The transformer on an embedded token sequence (any subset or mixture of patches),
-        and the outputs of its last ``top_blocks`` blocks (each after its residual, before the
-        final norm), kept from the same pass."""
+        the outputs of its last ``top_blocks`` blocks (each after its residual, before the
+        final norm), and the last block's class-token attention, kept from the same pass."""
         m = self.model
         x = m.norm_pre(m.patch_drop(x))
-        kept = []
-        if top_blocks:
+        kept, attention = [], None
+        if top_blocks or class_attention:
             first_kept = len(m.blocks) - top_blocks
             for i, block in enumerate(m.blocks):
+                if class_attention and i == len(m.blocks) - 1:
+                    attention = self.class_token_attention(block, x)
                 x = block(x)
                 if i >= first_kept:
                     kept.append(x)
@@ -84,7 +88,18 @@ class VisionTransformerBackbone(MaskTokenInput, Backbone):
                                                              use_reentrant=False)
         else:
             x = m.blocks(x)
-        return m.norm(x), kept
+        return m.norm(x), kept, attention
+
+    def class_token_attention(self, block: nn.Module, x: Tensor) -> Tensor:
+        """softmax(q_cls · k / sqrt(d)) of ``block`` on its input ``x``, averaged over heads,
+        at the patches [B, N]: recomputed from the block's qkv, since timm's fused attention
+        keeps no weights (as ``nn.MultiheadAttention`` averages them for MILAN's CLIP)."""
+        attn = block.attn
+        b, n, _ = x.shape
+        qkv = attn.qkv(block.norm1(x)).reshape(b, n, 3, attn.num_heads, attn.head_dim)
+        q, k = attn.q_norm(qkv[:, :1, 0].transpose(1, 2)), attn.k_norm(qkv[:, :, 1].transpose(1, 2))
+        weights = (q @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1)  # [B, heads, 1, P + N]
+        return weights.mean(dim=1)[:, 0, self.num_prefix_tokens:]
 
     def encode_parts(self, parts: Sequence[Part]) -> list[Tensor]:
         tokens = self.encode(self.sequence(parts))[0][:, self.num_prefix_tokens:]
@@ -100,11 +115,15 @@ class VisionTransformerBackbone(MaskTokenInput, Backbone):
         return self.model.fc_norm(tokens.mean(dim=1))
 
     def forward(self, images: Tensor, visible_index: Tensor | None = None,
-                masked_index: Tensor | None = None, top_blocks: int = 0) -> Encoded:
+                masked_index: Tensor | None = None, top_blocks: int = 0,
+                class_attention: bool = False) -> Encoded:
         if not 0 <= top_blocks <= len(self.model.blocks):
             raise ValueError(f"'{self.arch}' has {len(self.model.blocks)} blocks; "
                              f"{top_blocks} top blocks asked for")
-        x, kept = self.encode(self.sequence([(self.embed(images), visible_index)]), top_blocks)
+        if class_attention and not self.supports_class_attention:
+            raise ValueError(f"'{self.arch}' has no class token, so no class attention")
+        x, kept, attention = self.encode(self.sequence([(self.embed(images), visible_index)]),
+                                         top_blocks, class_attention)
         p = self.num_prefix_tokens
         tokens, blocks, masked = x[:, p:], [k[:, p:] for k in kept], None
         if self.masks_by_token and visible_index is not None:  # every cell was encoded
@@ -113,4 +132,5 @@ class VisionTransformerBackbone(MaskTokenInput, Backbone):
             tokens = gather_tokens(tokens, visible_index)
             blocks = [gather_tokens(b, visible_index) for b in blocks]
         return Encoded(tokens, self.model.forward_head(x, pre_logits=True), visible_index,
-                       masked_index, torch.stack(blocks, dim=1) if blocks else None, masked)
+                       masked_index, torch.stack(blocks, dim=1) if blocks else None, masked,
+                       attention)

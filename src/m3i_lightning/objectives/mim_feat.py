@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from m3i_lightning.backbone import gather_tokens
 from m3i_lightning.distributions import Gaussian
-from m3i_lightning.errors import check_options
+from m3i_lightning.errors import ConfigError, check_options
 from m3i_lightning.objectives.base import Objective
 from m3i_lightning.predictor import TokenPredictor
 
 # ``predictor``: the head that predicts the masked cells' features (see MaskedFeature).
-PREDICTORS = ("transformer", "linear")
+PREDICTORS = ("transformer", "prompting", "linear")
+TARGET_NORMS = ("layer", "none")  # LayerNorm without affine parameters, or the raw feature
+LOSS_TOKENS = ("masked", "all")  # the masked patches, or MILAN's class token and every patch
 
 
 class MaskedFeature(Objective):
@@ -34,6 +37,12 @@ class MaskedFeature(Objective):
     ``mask_token=True``, as data2vec's BEiT encoder, or a hierarchical one) and one linear
     layer reads its outputs at the masked cells (the release's ``lm_head`` after the final
     norm, data2vec_vision beit/modeling_cyclical.py; fairseq's ``final_proj``).
+
+    MILAN's options: ``predictor="prompting"``, its decoder, where the encoded tokens stay
+    fixed prompts and only the mask tokens are updated (``TokenPredictor(prompting=True)``);
+    ``loss_tokens="all"``, its loss over the class token (the global feature, here a
+    token-pooled ViT's class token, a prompt of the decoder too) and every patch, visible ones
+    included; ``target_norm="none"``, its raw CLIP target (the cosine loss L2-normalises).
     """
 
     name = "mim_feat"
@@ -45,12 +54,23 @@ class MaskedFeature(Objective):
 
     def __init__(self, loss: str = "mse", beta: float = 1.0, predictor: str = "transformer",
                  predictor_dim: int = 768, predictor_depth: int = 4, predictor_heads: int = 16,
-                 target_dim: int | None = None, target_blocks: int = 0, **kwargs) -> None:
+                 target_dim: int | None = None, target_blocks: int = 0,
+                 target_norm: str = "layer", loss_tokens: str = "masked", **kwargs) -> None:
         super().__init__(**kwargs)
         check_options({"objective.mim_feat.target_blocks": (
             target_blocks, lambda k: isinstance(k, int) and k >= 0, "an integer >= 0"),
             "objective.mim_feat.predictor": (
-            predictor, lambda p: p in PREDICTORS, f"one of {list(PREDICTORS)}")})
+            predictor, lambda p: p in PREDICTORS, f"one of {list(PREDICTORS)}"),
+            "objective.mim_feat.target_norm": (
+            target_norm, lambda n: n in TARGET_NORMS, f"one of {list(TARGET_NORMS)}"),
+            "objective.mim_feat.loss_tokens": (
+            loss_tokens, lambda t: t in LOSS_TOKENS, f"one of {list(LOSS_TOKENS)}")})
+        if loss_tokens == "all" and (predictor == "linear" or target_blocks):
+            raise ConfigError("objective.mim_feat.loss_tokens=all predicts the class token and "
+                              "the visible patches through the transformer predictor from the "
+                              "teacher's output tokens: it needs predictor=transformer or "
+                              "prompting and target_blocks=0")
+        self.target_norm, self.loss_tokens = target_norm, loss_tokens
         self.teacher_blocks = target_blocks
         self.target_width = target_dim or self.embed_dim
         self.reads_masked_tokens = predictor == "linear"
@@ -59,20 +79,36 @@ class MaskedFeature(Objective):
         else:
             self.predictor = TokenPredictor(self.embed_dim, self.target_width,
                                             self.grid_size, predictor_dim, predictor_depth,
-                                            predictor_heads)
+                                            predictor_heads, prompting=predictor == "prompting")
         self.distribution = Gaussian(loss, beta)
 
     def loss(self, batch, encoded, targets):
-        if self.reads_masked_tokens:
-            pred = self.predictor(encoded.masked_tokens)
-        else:
-            query = self.predictor.position(encoded.masked_index)
-            pred = self.predictor(encoded.tokens, encoded.visible_index, query)
         teacher = targets.teacher
-        if self.teacher_blocks:
-            features = teacher.top_blocks[:, -self.teacher_blocks:].mean(dim=1)
+        if self.loss_tokens == "all":
+            pred, target = self.every_token(encoded, teacher)
         else:
-            features = teacher.tokens
-        target = gather_tokens(features, encoded.masked_index)
-        target = F.layer_norm(target, target.shape[-1:])
+            if self.reads_masked_tokens:
+                pred = self.predictor(encoded.masked_tokens)
+            else:
+                query = self.predictor.position(encoded.masked_index)
+                pred = self.predictor(encoded.tokens, encoded.visible_index, query)
+            if self.teacher_blocks:
+                features = teacher.top_blocks[:, -self.teacher_blocks:].mean(dim=1)
+            else:
+                features = teacher.tokens
+            target = gather_tokens(features, encoded.masked_index)
+        if self.target_norm == "layer":
+            target = F.layer_norm(target, target.shape[-1:])
         return self.distribution(pred, target), {}
+
+    def every_token(self, encoded, teacher):
+        """MILAN's (prediction, target) pairs of the class token, the visible patches and the
+        masked ones, in that order: the class token (the global feature) joins the
+        predictor's context, which predicts every slot (models_milan.py ``forward_loss``)."""
+        pred = self.predictor(encoded.tokens, encoded.visible_index,
+                              self.predictor.position(encoded.masked_index),
+                              prefix=encoded.global_feature.unsqueeze(1), every_slot=True)
+        target = torch.cat([teacher.global_feature.unsqueeze(1),
+                            gather_tokens(teacher.tokens, encoded.visible_index),
+                            gather_tokens(teacher.tokens, encoded.masked_index)], dim=1)
+        return pred, target
