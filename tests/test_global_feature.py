@@ -16,13 +16,14 @@ from m3i_lightning.export import export_backbone
 from m3i_lightning.factory import build_model
 
 
-@pytest.mark.parametrize(("objectives", "mix", "pooled"), [
-    ("mim_feat,cls", False, False), ("mim_feat,cls", True, True),
-    ("mim_feat,sim_feat", False, True)])
+@pytest.mark.parametrize(("objectives", "mix", "pooled", "extra"), [
+    ("mim_feat,cls", False, False, ()), ("mim_feat,cls", True, True, ()),
+    ("mim_feat,sim_feat", False, True, ()),
+    ("mim_feat", False, False, ("objective.mim_feat.loss_tokens=all",))])  # MILAN's class token
 def test_evaluated_feature_is_the_trained_one_and_export_keeps_it(objectives, mix, pooled,
-                                                                  batch, tmp_path):
+                                                                  extra, batch, tmp_path):
     torch.manual_seed(0)
-    cfg = compose_config(f"objective=[{objectives}]", f"mix={str(mix).lower()}")
+    cfg = compose_config(f"objective=[{objectives}]", f"mix={str(mix).lower()}", *extra)
     model = build_model(cfg, num_classes=10, tokenizer=None).eval()
     images = batch["view1"]
     with torch.no_grad():

@@ -75,8 +75,9 @@ def student_backbone(cfg: DictConfig) -> Backbone:
 def trains_class_token(cfg: DictConfig) -> bool:
     """Whether an objective of the run reads the global feature (an unknown name counts as
     one: building the objectives reports it)."""
-    return any(name not in OBJECTIVES or OBJECTIVES[name].reads_global_feature
-               for name in cfg.get("objective") or {})
+    return any(name not in OBJECTIVES
+               or OBJECTIVES[name].trains_global_feature(_plain(options or {}))
+               for name, options in (cfg.get("objective") or {}).items())
 
 
 def local_crop_count(cfg: DictConfig) -> int:

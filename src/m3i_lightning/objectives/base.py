@@ -87,6 +87,11 @@ class Objective(L.LightningModule):
     variants: ClassVar[dict[str, type[Objective]]] = {}
     default_variant: ClassVar[str | None] = None
 
+    @classmethod
+    def trains_global_feature(cls, options: dict) -> bool:
+        """Whether the loss with these config ``options`` reads the global feature."""
+        return cls.reads_global_feature
+
     def __init_subclass__(cls, register: bool = True, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         if not register:

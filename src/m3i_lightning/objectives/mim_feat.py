@@ -52,6 +52,10 @@ class MaskedFeature(Objective):
     target_view = "view1"
     uses_teacher = True
 
+    @classmethod
+    def trains_global_feature(cls, options: dict) -> bool:
+        return options.get("loss_tokens") == "all"  # MILAN's loss predicts the class token
+
     def __init__(self, loss: str = "mse", beta: float = 1.0, predictor: str = "transformer",
                  predictor_dim: int = 768, predictor_depth: int = 4, predictor_heads: int = 16,
                  target_dim: int | None = None, target_blocks: int = 0,
