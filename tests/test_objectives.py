@@ -296,6 +296,35 @@ def test_prompting_decoder_keeps_the_prompts_fixed_and_updates_the_mask_tokens()
     assert (moved - out[:, 4:]).abs().mean() > 1e-2
 
 
+def test_siameseim_decoder_projects_then_predicts_with_batchnorm_over_all_tokens():
+    """SiameseIM's decoder (models_sim.py forward_sim): the embedded encoder tokens pass the
+    projector blocks before the decoder positions are added, every block normalises with
+    BatchNorm over all tokens of the batch, and no norm precedes the output layer."""
+    from m3i_lightning.predictor import TokenBatchNorm, TokenPredictor
+
+    torch.manual_seed(0)
+    predictor = TokenPredictor(32, 24, (4, 4), dim=32, depth=2, num_heads=4,
+                               projector_depth=1, norm="bn")
+    visible = torch.tensor([[0, 5, 9], [2, 3, 15], [1, 4, 6]])
+    tokens = torch.randn(3, 3, 32)
+    query = predictor.position(torch.tensor([[1, 2], [0, 7], [3, 8]]))
+    out = predictor(tokens, visible, query)
+    context = predictor.projector(predictor.embed(tokens)) + predictor.position(visible)
+    slots = predictor.blocks(torch.cat([context, predictor.mask_token + query], 1))
+    torch.testing.assert_close(out, predictor.head(slots[:, 3:]))
+    assert all(isinstance(block.norm1, TokenBatchNorm) for block in predictor.projector)
+    x = torch.randn(3, 5, 32)
+    flat = x.reshape(-1, 32)
+    expected = (x - flat.mean(0)) / torch.sqrt(flat.var(0, unbiased=False) + 1e-5)
+    torch.testing.assert_close(TokenBatchNorm(32)(x), expected, rtol=1e-4, atol=1e-5)
+    # the statistics span the batch: another image moves this one's prediction (LayerNorm: not)
+    other = tokens.clone()
+    other[1:] += 1.0
+    assert (predictor(other, visible, query)[0] - out[0]).abs().mean() > 1e-2
+    layer = TokenPredictor(32, 24, (4, 4), dim=32, depth=2, num_heads=4, projector_depth=1)
+    torch.testing.assert_close(layer(other, visible, query)[0], layer(tokens, visible, query)[0])
+
+
 def test_milan_loss_covers_the_class_token_and_every_patch_against_raw_targets(tokenizer,
                                                                              batch):
     """loss_tokens=all, target_norm=none, cosine: 2 - 2 cos averaged over the class token

@@ -115,8 +115,8 @@ def test_pixel_objectives_regress_normalised_pixels_of_every_target_patch(name, 
 @pytest.mark.parametrize("projection", [True, False])
 def test_sim_feat_is_unigrad_on_layer_normed_teacher_features(backbone, batch, projection):
     """SiameseIM's code: the target is the LayerNorm of the teacher tokens projected by the
-    EMA copy of the decoder's input projection (a 48-wide decoder here, so the projection
-    changes the width); without the projection, the LayerNorm-ed teacher tokens."""
+    EMA copy of the decoder's input projection and projector (a 48-wide decoder here, so the
+    projection changes the width); without the projection, the LayerNorm-ed teacher tokens."""
     objective = build("sim_feat", backbone, target_projection=projection, predictor_dim=48)
     model = MultiObjective(backbone, {"sim_feat": objective}, input_mode="native")
     reading = readings(model, batch)["sim_feat"]
@@ -124,10 +124,14 @@ def test_sim_feat_is_unigrad_on_layer_normed_teacher_features(backbone, batch, p
     pred = objective.predict(*reading).detach()
     teacher = model.teacher(batch["view1"]).tokens
     if projection:
-        copy = objective.momentum_predictor_decoder_embed
-        online = objective.predictor.decoder.embed
-        assert torch.equal(copy.weight, online.weight) and not copy.weight.requires_grad
-        teacher = teacher @ copy.weight.T + copy.bias
+        decoder = objective.predictor.decoder
+        for copy, online in ((objective.momentum_predictor_decoder_embed, decoder.embed),
+                             (objective.momentum_predictor_decoder_projector, decoder.projector)):
+            for c, o in zip(copy.parameters(), online.parameters(), strict=True):
+                assert torch.equal(c, o) and not c.requires_grad
+        embedded = teacher @ decoder.embed.weight.T + decoder.embed.bias
+        with torch.no_grad():
+            teacher = decoder.projector(embedded)
     target = ref_layer_norm(teacher)
     assert pred.shape == target.shape == (8, 16, 48 if projection else 32)
     assert loss.item() == pytest.approx(ref_unigrad(pred, target, 0.02), rel=1e-4)

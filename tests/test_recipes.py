@@ -227,7 +227,7 @@ def check_head(head, expected: dict) -> None:  # noqa: C901 - one branch per sta
         elif key == "no_decay":
             assert head.no_weight_decay == value
         elif key == "projected_targets":
-            assert (head.target_projection is not None) == value
+            assert head.target_projection == value
         elif key == "loss":
             assert head.distribution.kind == value
         elif key == "beta":

@@ -8,6 +8,8 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from m3i_lightning.heads import GlobalBatchNorm1d
+
 
 def sincos_embedding(coords: Tensor, dim: int) -> Tensor:
     """Fixed 2-D sin-cos embedding of continuous (row, col) ``coords`` [..., 2] → [..., dim].
@@ -29,6 +31,22 @@ def grid_coords(grid_size: tuple[int, int]) -> Tensor:
     rows, cols = torch.meshgrid(torch.arange(grid_size[0]), torch.arange(grid_size[1]),
                                 indexing="ij")
     return torch.stack([rows.flatten(), cols.flatten()], dim=-1).float()
+
+
+class TokenBatchNorm(nn.Module):
+    """BatchNorm of tokens [B, N, C] over every token of the (global) batch: SiameseIM's
+    ``PermuteBN``, the norm of its decoder blocks, synchronised over ranks as the release's
+    SyncBatchNorm is (:class:`~m3i_lightning.heads.GlobalBatchNorm1d`)."""
+
+    def __init__(self, dim: int, **factory) -> None:
+        super().__init__()
+        self.bn = GlobalBatchNorm1d(dim, **factory)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
+DECODER_NORMS = {"ln": nn.LayerNorm, "bn": TokenBatchNorm}
 
 
 class PromptedAttention(nn.Module):
@@ -78,13 +96,28 @@ class TokenPredictor(nn.Module):
     ``prompting=True`` is MILAN's decoder instead: the encoded tokens pass every block
     unchanged, as prompts the query slots attend to (:class:`PromptedBlock`), so the
     decoder cannot rewrite the encoder's representation of the visible patches.
+
+    SiameseIM's decoder adds two things (``projector_depth`` > 0, ``norm='bn'``): a projector,
+    blocks over the embedded encoder tokens before any decoder position is added (the part
+    whose EMA copy also builds the targets, :meth:`project`), and BatchNorm instead of
+    LayerNorm in every block, with no norm before the output layer. Batch statistics across
+    images are what keep such a stop-gradient dense objective from settling on a
+    position-only prediction.
     """
 
     def __init__(self, in_dim: int, out_dim: int, grid_size: tuple[int, int], dim: int = 128,
                  depth: int = 2, num_heads: int = 4, mlp_ratio: float = 4.0,
-                 prompting: bool = False) -> None:
+                 prompting: bool = False, projector_depth: int = 0, norm: str = "ln") -> None:
         super().__init__()
+        if norm not in DECODER_NORMS:
+            raise ValueError(f"unknown decoder norm '{norm}'; choose one of {list(DECODER_NORMS)}")
+        if prompting and (projector_depth or norm != "ln"):
+            raise ValueError("the prompting decoder (MILAN) has no projector and LayerNorm blocks")
+        norm_layer = DECODER_NORMS[norm]
         self.embed = nn.Linear(in_dim, dim)
+        self.projector = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, qkv_bias=True,
+                                               norm_layer=norm_layer)
+                                         for _ in range(projector_depth)])
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_embedding(grid_coords(grid_size), dim),
                              persistent=False)
@@ -92,11 +125,16 @@ class TokenPredictor(nn.Module):
         if prompting:
             blocks = [PromptedBlock(dim, num_heads, mlp_ratio) for _ in range(depth)]
         else:
-            blocks = [Block(dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)]
+            blocks = [Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                      for _ in range(depth)]
         self.blocks = nn.Sequential(*blocks)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim) if norm == "ln" else nn.Identity()
         self.head = nn.Linear(dim, out_dim)
         nn.init.normal_(self.mask_token, std=0.02)
+
+    def project(self, tokens: Tensor) -> Tensor:
+        """Encoder tokens [B, N, in_dim] in the decoder's width, through its projector."""
+        return self.projector(self.embed(tokens))
 
     def position(self, index: Tensor) -> Tensor:
         """Position embeddings of patch ``index`` [B, K] of the input grid."""
@@ -113,9 +151,11 @@ class TokenPredictor(nn.Module):
             context_pos = self.pos_embed.unsqueeze(0).expand(b, -1, -1)
         else:
             context_pos = self.position(visible_index)
-        context = self.embed(tokens) + context_pos
-        if prefix is not None:
-            context = torch.cat([self.embed(prefix), context], dim=1)
+        if prefix is not None:  # projected with the tokens; no grid position of its own
+            tokens = torch.cat([prefix, tokens], dim=1)
+            no_position = context_pos.new_zeros(b, prefix.shape[1], context_pos.shape[-1])
+            context_pos = torch.cat([no_position, context_pos], dim=1)
+        context = self.project(tokens) + context_pos
         queries = self.mask_token.expand(b, query_pos.shape[1], -1) + query_pos
         if self.prompting:
             for block in self.blocks:

@@ -27,10 +27,11 @@ class RelativePredictor(nn.Module):
     """
 
     def __init__(self, in_dim: int, out_dim: int, grid_size: tuple[int, int], dim: int,
-                 depth: int, num_heads: int) -> None:
+                 depth: int, num_heads: int, **decoder) -> None:
         super().__init__()
         self.grid_size, self.dim = tuple(grid_size), dim
-        self.decoder = TokenPredictor(in_dim, out_dim, grid_size, dim, depth, num_heads)
+        self.decoder = TokenPredictor(in_dim, out_dim, grid_size, dim, depth, num_heads,
+                                      **decoder)
         self.view_code = nn.Linear(dim + 1, dim)
         nn.init.zeros_(self.view_code.weight)
         nn.init.zeros_(self.view_code.bias)
@@ -67,9 +68,11 @@ class RelativeQueryObjective(Objective):
         super().__init__(**kwargs)
         self.predictor_shape = (predictor_dim, predictor_depth, predictor_heads)
 
-    def relative_predictor(self, out_dim: int) -> RelativePredictor:
-        """The decoder, once a subclass knows its output size."""
-        return RelativePredictor(self.embed_dim, out_dim, self.grid_size, *self.predictor_shape)
+    def relative_predictor(self, out_dim: int, **decoder) -> RelativePredictor:
+        """The decoder, once a subclass knows its output size (``decoder``: TokenPredictor's
+        projector and norm)."""
+        return RelativePredictor(self.embed_dim, out_dim, self.grid_size, *self.predictor_shape,
+                                 **decoder)
 
     def predict(self, batch: dict, encoded: Encoded, targets: Targets) -> Tensor:
         """The predictor's output [B, N, out_dim] for every patch of the target view."""

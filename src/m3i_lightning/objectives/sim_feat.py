@@ -25,10 +25,13 @@ class SiameseFeature(RelativeQueryObjective):
     global features, while 0 (the default) uses each batch's own F, as SiameseIM does: B·N
     dense targets per step already estimate it well. The loss is computed in float32.
 
+    The decoder is the release's: the encoder tokens pass a projector (``projector_depth``
+    blocks, 2) before the predictor blocks, and every block normalises with BatchNorm over
+    the batch's tokens (``decoder_norm='bn'``; 'ln': MAE's LayerNorm decoder).
     Targets as SiameseIM's code builds them (``target_projection``, the default): the teacher
-    tokens go through the EMA copy of the decoder's input projection, then the LayerNorm, so
-    prediction and target live in the decoder's width; without it, the LayerNorm-ed teacher
-    tokens themselves (the paper's description).
+    tokens go through the EMA copy of the decoder's input projection and projector, then the
+    LayerNorm, so prediction and target live in the decoder's width; without it, the
+    LayerNorm-ed teacher tokens themselves (the paper's description).
     """
 
     name = "sim_feat"
@@ -38,15 +41,19 @@ class SiameseFeature(RelativeQueryObjective):
     uses_teacher = True
 
     def __init__(self, neg_weight: float = 0.02, correlation_momentum: float = 0.0,
-                 target_projection: bool = True, **kwargs) -> None:
+                 target_projection: bool = True, projector_depth: int = 2,
+                 decoder_norm: str = "bn", **kwargs) -> None:
         super().__init__(**kwargs)
         if not 0.0 <= correlation_momentum < 1.0:
             raise ValueError(f"correlation_momentum must be in [0, 1), got {correlation_momentum}")
         self.neg_weight, self.correlation_momentum = neg_weight, correlation_momentum
         width = self.predictor_shape[0] if target_projection else self.embed_dim
-        self.predictor = self.relative_predictor(width)
-        self.target_projection = (self.add_momentum_copy("predictor.decoder.embed")
-                                  if target_projection else None)
+        self.predictor = self.relative_predictor(width, projector_depth=projector_depth,
+                                                 norm=decoder_norm)
+        self.target_projection = target_projection
+        if target_projection:
+            self.add_momentum_copy("predictor.decoder.embed")
+            self.add_momentum_copy("predictor.decoder.projector")
         self.register_buffer("correlation", torch.zeros(width, width))
         self.register_buffer("correlation_seen", torch.tensor(False))
 
@@ -64,10 +71,10 @@ class SiameseFeature(RelativeQueryObjective):
         pred = self.predict(batch, encoded, targets)
         with autocast_off(pred.device.type):
             teacher = targets.teacher.tokens.float()
-            if self.target_projection is not None:
+            if self.target_projection:
                 with torch.no_grad():
-                    teacher = F.linear(teacher, self.target_projection.weight.float(),
-                                       self.target_projection.bias.float())
+                    teacher = self.momentum_predictor_decoder_projector(
+                        self.momentum_predictor_decoder_embed(teacher)).float()
             target = F.layer_norm(teacher, teacher.shape[-1:])
             correlation = self.update_correlation(target)
             return unigrad_loss(pred.float(), target, correlation, self.neg_weight), {}
