@@ -210,3 +210,73 @@ def test_class_attention_is_the_last_blocks_head_averaged_class_token_row():
     assert not without.supports_class_attention
     with pytest.raises(ValueError, match="no class token"):
         without(x, class_attention=True)
+
+
+def mae_sincos_grid(grid: int, dim: int) -> torch.Tensor:
+    """MAE's get_2d_sincos_pos_embed, written out: for each axis a quarter of the channels
+    sin(p·ω_k) and a quarter cos(p·ω_k), ω_k = 10000^(−k/(dim/4)); row channels first here."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows = []
+    for r in range(grid):
+        for c in range(grid):
+            rows.append(torch.cat([torch.sin(r * omega), torch.cos(r * omega),
+                                   torch.sin(c * omega), torch.cos(c * omega)]))
+    return torch.stack(rows).float()
+
+
+def test_sincos_positions_are_the_fixed_2d_grid_with_the_class_token_row_at_zero():
+    """position_embedding=sincos (MAE, MoCo v3, SiameseIM): never trained, and not a timm
+    argument (test_export reloads such a network in a clean timm process)."""
+    torch.manual_seed(0)
+    backbone = tiny_backbone(position_embedding="sincos")
+    pos = backbone.model.pos_embed
+    torch.testing.assert_close(pos[0, 1:], mae_sincos_grid(4, 32))
+    assert pos[0, 0].abs().sum() == 0 and not pos.requires_grad
+    assert "position_embedding" not in backbone.timm_kwargs
+    with pytest.raises(ValueError, match="position_embedding must be one of"):
+        tiny_backbone(position_embedding="sine")
+
+
+def xavier_bound(weight: torch.Tensor) -> float:
+    fan_out, fan_in = weight.shape[0], weight[0].numel()
+    return (6.0 / (fan_in + fan_out)) ** 0.5
+
+
+def assert_xavier_uniform(weight: torch.Tensor) -> None:
+    """Inside ±sqrt(6 / (fan_in + fan_out)) and spread over it (a uniform's std is bound/√3;
+    timm's trunc_normal(0.02) and PyTorch's kaiming-uniform defaults are far narrower or
+    wider for these widths)."""
+    bound = xavier_bound(weight)
+    assert weight.abs().max() <= bound + 1e-6
+    assert weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.15)
+
+
+def test_mae_init_is_xavier_uniform_with_zero_biases_and_the_patch_embedding_as_a_linear():
+    torch.manual_seed(0)
+    m = tiny_backbone(init="mae").model
+    for name, module in m.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            assert_xavier_uniform(module.weight)
+            assert module.bias.abs().sum() == 0, name
+    assert_xavier_uniform(m.patch_embed.proj.weight)
+    assert m.patch_embed.proj.bias.abs().sum() == 0
+    assert m.cls_token.std().item() == pytest.approx(0.02, rel=0.5)
+    timm_default = tiny_backbone().model.blocks[0].mlp.fc1.weight
+    assert timm_default.std().item() < 0.5 * xavier_bound(timm_default) / 3 ** 0.5
+
+
+def test_a_frozen_patch_embedding_takes_no_step_while_the_blocks_do():
+    """freeze_patch_embed (MoCo v3's random patch projection, SiameseIM): no gradient and no
+    change after an optimizer step; the blocks and the fixed positions as asked."""
+    torch.manual_seed(0)
+    backbone = tiny_backbone(freeze_patch_embed=True, position_embedding="sincos")
+    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    trainable = [p for p in backbone.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.1)
+    tokens = backbone(images()).tokens
+    (tokens * torch.randn(tokens.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+    optimizer.step()
+    after = backbone.model.state_dict()
+    for key in ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed"):
+        assert torch.equal(after[key], before[key]), key
+    assert not torch.allclose(after["blocks.0.mlp.fc1.weight"], before["blocks.0.mlp.fc1.weight"])

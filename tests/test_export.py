@@ -22,10 +22,15 @@ from m3i_lightning.zeroshot import class_embeddings
 
 
 def test_exported_backbone_gives_identical_features_in_a_clean_timm_process(tmp_path):
-    """A plain ViT and one with DeiT III's class token outside the position embedding
-    (``no_embed_class``, a timm argument the export keeps), both in one clean process."""
+    """A plain ViT, one with DeiT III's class token outside the position embedding
+    (``no_embed_class``, a timm argument the export keeps) and MAE's encoder (fixed sin-cos
+    positions, its init, a frozen patch embedding: the backbone's options, not timm's), all
+    in one clean process."""
     backbones = {}
-    for name, kwargs in {"plain": {}, "no_embed_class": dict(no_embed_class=True)}.items():
+    variants = {"plain": {}, "no_embed_class": dict(no_embed_class=True),
+                "mae_encoder": dict(position_embedding="sincos", init="mae",
+                                    freeze_patch_embed=True)}
+    for name, kwargs in variants.items():
         torch.manual_seed(0)
         backbones[name] = tiny_backbone(**kwargs).eval()
         export.export_backbone(backbones[name], tmp_path / name)

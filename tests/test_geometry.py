@@ -17,7 +17,7 @@ from m3i_lightning.geometry import (
     view_to_image,
 )
 from m3i_lightning.pixels import patchify
-from m3i_lightning.predictor import grid_coords, sincos_embedding
+from m3i_lightning.positions import grid_coords, sincos_embedding
 
 GRID = (4, 4)
 FULL = (0.0, 0.0, 1.0, 1.0, 0.0)

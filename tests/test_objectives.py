@@ -296,6 +296,23 @@ def test_prompting_decoder_keeps_the_prompts_fixed_and_updates_the_mask_tokens()
     assert (moved - out[:, 4:]).abs().mean() > 1e-2
 
 
+def test_every_decoder_starts_as_maes_xavier_uniform_linear_layers_with_zero_biases():
+    """MAE, MILAN and SiameseIM initialise their decoders so (initialize_weights); PyTorch's
+    default (kaiming-uniform, a ≈ 3x narrower bound at these widths) would differ."""
+    from m3i_lightning.predictor import TokenPredictor
+
+    torch.manual_seed(0)
+    predictor = TokenPredictor(32, 48, (4, 4), dim=64, depth=2, num_heads=4, projector_depth=1)
+    linears = [m for m in predictor.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 + 3 * 4  # embed, head, and qkv / proj / fc1 / fc2 of 3 blocks
+    for linear in linears:
+        bound = (6.0 / (linear.in_features + linear.out_features)) ** 0.5
+        assert linear.weight.abs().max() <= bound + 1e-6
+        assert linear.weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.15)
+        assert linear.bias.abs().sum() == 0
+    assert predictor.mask_token.std().item() == pytest.approx(0.02, rel=0.5)
+
+
 def test_siameseim_decoder_projects_then_predicts_with_batchnorm_over_all_tokens():
     """SiameseIM's decoder (models_sim.py forward_sim): the embedded encoder tokens pass the
     projector blocks before the decoder positions are added, every block normalises with

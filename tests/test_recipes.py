@@ -15,15 +15,18 @@ from m3i_lightning.data.views import INTERPOLATIONS
 from m3i_lightning.export import export_backbone
 from m3i_lightning.factory import build_datamodule, build_model, build_tokenizer_from
 from m3i_lightning.masking import AttentionMask, BlockMask, RandomMask
+from m3i_lightning.predictor import TokenBatchNorm
 from m3i_lightning.teacher import FrozenTeacher
 
 # Paper values. "lr": the learning rate at the recipe's batch (the linear scaling rule applied).
 PAPERS = {
     "mae": dict(batch=4096, lr=1.5e-4 * 16, epochs=800, warmup=40, wd=0.05,
                 betas=(0.9, 0.95), mask=(RandomMask, 0.75), crops=(0.2, 1.0), input="native",
+                encoder=("sincos", "mae", False),
                 heads={"mim_pixel": dict(norm_pix=True, decoder=(512, 8, 16))}),
     "mocov3": dict(batch=4096, lr=1.5e-4 * 16, epochs=300, warmup=40, wd=0.1,
                    momentum=(0.99, 1.0), crops=(0.08, 1.0), augment="byol",
+                   encoder=("sincos", "moco", True),
                    heads={"inst_disc": dict(variant="MoCoV3", temperature=0.2, dims=(4096, 256),
                                             symmetric=True)}),
     "byol": dict(batch=4096, epochs=300, warmup=10, momentum=(0.996, 1.0), crops=(0.08, 1.0),
@@ -45,7 +48,9 @@ PAPERS = {
                                           me_max=1.0, no_decay=("prototypes",))}),
     "siameseim": dict(batch=4096, lr=6.25e-5 * 16, epochs=1600, warmup=40, wd=0.05,
                       momentum=(0.995, 1.0), mask=(BlockMask, 118 / 196), clip=1.0,
+                      encoder=("sincos", "mae", True),
                       heads={"sim_feat": dict(neg_weight=0.02, decoder=(768, 4, 16),
+                                              projector=2, decoder_norm="bn",
                                               projected_targets=True)}),
     "data2vec": dict(batch=2048, lr=2e-3, epochs=800, betas=(0.9, 0.98), wd=0.05,
                      mask=(BlockMask, 0.6), momentum=(0.9998, 0.99999), mask_token=True,
@@ -54,6 +59,7 @@ PAPERS = {
     "milan": dict(batch=4096, lr=1.5e-4 * 16, epochs=400, warmup=40, wd=0.05,
                   betas=(0.9, 0.95), mask=(AttentionMask, 0.75), crops=(0.2, 1.0),
                   interpolation="bicubic", teacher="vit_base_patch16_clip_224", projection=512,
+                  encoder=("sincos", "mae", False),
                   heads={"mim_feat": dict(loss="cosine", predictor=(512, 8, 16),
                                           prompting=True, target_blocks=0, target_norm="none",
                                           loss_tokens="all")}),
@@ -165,6 +171,7 @@ def test_recipe_builds_what_the_paper_states(recipe, frozen_teachers):
         assert torch.all(model.backbone.model.blocks[0].ls1.gamma == paper["layer_scale"])
     assert model.backbone.model.no_embed_class == paper.get("no_embed_class", False)
     assert model.backbone.masks_by_token == paper.get("mask_token", False)
+    check_encoder(model.backbone.model, *paper.get("encoder", ("learned", "timm", False)))
     assert view1.interpolation == INTERPOLATIONS[paper.get("interpolation", "bilinear")]
     erasing = view1.erasing.probability if view1.erasing else 0.0
     assert erasing == paper.get("erasing", 0.0)
@@ -186,6 +193,21 @@ def test_recipe_builds_what_the_paper_states(recipe, frozen_teachers):
         check_head(model.heads[name], expected)
 
 
+def check_encoder(vit, positions: str, init: str, frozen_patch_embed: bool) -> None:
+    """Learned or fixed positions, a trained or frozen patch embedding, and the init: MAE's
+    xavier-uniform qkv reaches its bound sqrt(6 / (fan_in + fan_out)), MoCo v3's the wider
+    bound of q, k, v drawn apart (fan_out / 3); timm's N(0, 0.02) reaches neither."""
+    assert vit.pos_embed.requires_grad == (positions == "learned")
+    assert vit.patch_embed.proj.weight.requires_grad == (not frozen_patch_embed)
+    qkv = vit.blocks[0].attn.qkv.weight
+    fan_out, fan_in = qkv.shape
+    bounds = {"mae": (6 / (fan_in + fan_out)) ** 0.5, "moco": (6 / (fan_in + fan_out // 3)) ** 0.5}
+    if init in bounds:
+        assert 0.95 * bounds[init] < qkv.abs().max() <= bounds[init] + 1e-6
+    else:
+        assert qkv.std().item() == pytest.approx(0.02, rel=0.05)
+
+
 def check_head(head, expected: dict) -> None:  # noqa: C901 - one branch per stated value
     for key, value in expected.items():
         if key == "variant":
@@ -202,6 +224,11 @@ def check_head(head, expected: dict) -> None:  # noqa: C901 - one branch per sta
             decoder = getattr(head, "decoder", None) or head.predictor.decoder
             assert (decoder.embed.out_features, len(decoder.blocks),
                     decoder.blocks[0].attn.num_heads) == value
+        elif key == "projector":
+            assert len(head.predictor.decoder.projector) == value
+        elif key == "decoder_norm":
+            norm = head.predictor.decoder.blocks[0].norm1
+            assert isinstance(norm, TokenBatchNorm if value == "bn" else torch.nn.LayerNorm)
         elif key == "prompting":
             assert head.predictor.prompting == value
         elif key == "teacher_temp":

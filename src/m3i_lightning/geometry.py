@@ -13,7 +13,7 @@ Conventions, shared with :class:`~m3i_lightning.data.views.RandomView`:
   downwards and ``v`` rightwards, both in [0, 1];
 - in a grid of ``(gh, gw)`` patches, view fractions ``(u, v)`` have grid coordinates
   ``(u·gh − ½, v·gw − ½)``: the centre of patch ``(r, c)`` sits at the integers ``(r, c)``,
-  the coordinates :func:`~m3i_lightning.predictor.grid_coords` gives the input's own tokens.
+  the coordinates :func:`~m3i_lightning.positions.grid_coords` gives the input's own tokens.
   Coordinates are measured from the input view's top-left patch; a target patch outside the
   input crop gets coordinates outside ``[0, gh−1] × [0, gw−1]``.
 """
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from m3i_lightning.predictor import grid_coords, sincos_embedding
+from m3i_lightning.positions import grid_coords, sincos_embedding
 
 # SiameseIM multiplies log-scales by 10 before the sin-cos encoding: crop-scale ratios lie
 # within about [1/5, 5] (|log| < 1.7), which would barely turn the low-frequency channels.

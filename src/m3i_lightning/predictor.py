@@ -9,28 +9,8 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from m3i_lightning.heads import GlobalBatchNorm1d
-
-
-def sincos_embedding(coords: Tensor, dim: int) -> Tensor:
-    """Fixed 2-D sin-cos embedding of continuous (row, col) ``coords`` [..., 2] → [..., dim].
-
-    Half the channels encode the row and half the column, as in MAE's decoder, but the
-    coordinates may be fractional or outside the grid, which relative (inter-view) queries need.
-    """
-    if dim % 4:
-        raise ValueError(f"sin-cos embedding needs a dimension divisible by 4, got {dim}")
-    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, device=coords.device, dtype=torch.float32)
-                            / (dim // 4))
-    angles = coords.float().unsqueeze(-1) * freqs
-    return torch.cat([angles[..., 0, :].sin(), angles[..., 0, :].cos(),
-                      angles[..., 1, :].sin(), angles[..., 1, :].cos()], dim=-1)
-
-
-def grid_coords(grid_size: tuple[int, int]) -> Tensor:
-    """(row, col) of every patch of a grid, row-major: [H·W, 2]."""
-    rows, cols = torch.meshgrid(torch.arange(grid_size[0]), torch.arange(grid_size[1]),
-                                indexing="ij")
-    return torch.stack([rows.flatten(), cols.flatten()], dim=-1).float()
+from m3i_lightning.positions import grid_coords, sincos_embedding
+from m3i_lightning.weight_init import xavier_init_
 
 
 class TokenBatchNorm(nn.Module):
@@ -130,6 +110,7 @@ class TokenPredictor(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.norm = nn.LayerNorm(dim) if norm == "ln" else nn.Identity()
         self.head = nn.Linear(dim, out_dim)
+        xavier_init_(self)  # the decoders of MAE, MILAN and SiameseIM
         nn.init.normal_(self.mask_token, std=0.02)
 
     def project(self, tokens: Tensor) -> Tensor:

@@ -3,6 +3,7 @@ a mask token in their place (BEiT, data2vec)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -11,6 +12,11 @@ from torch import Tensor, nn
 
 from m3i_lightning.backbone.base import Backbone, Encoded, Part, gather_tokens
 from m3i_lightning.backbone.mask_token import MaskTokenInput, new_mask_token
+from m3i_lightning.positions import grid_coords, sincos_embedding
+from m3i_lightning.weight_init import xavier_init_
+
+POSITION_EMBEDDINGS = ("learned", "sincos")
+INITS = ("timm", "mae", "moco")
 
 
 class VisionTransformerBackbone(MaskTokenInput, Backbone):
@@ -21,6 +27,15 @@ class VisionTransformerBackbone(MaskTokenInput, Backbone):
     encodes them instead as BEiT and data2vec do: a learned mask token takes each hidden
     patch's embedding, the position embedding is added to every cell, and all cells run
     through the blocks; the outputs at the hidden cells are ``Encoded.masked_tokens``.
+
+    Three more options of the backbone build the encoders of the reference releases, which
+    are not timm's defaults: ``position_embedding='sincos'`` fixes the position embedding to
+    the 2-D sin-cos grid, untrained (MAE, MILAN, SiameseIM, MoCo v3; the prefix tokens' rows
+    at zero, as MAE's); ``init='mae'`` draws MAE's initialisation (xavier-uniform linear
+    layers and patch embedding, zero biases, class token N(0, 0.02)) instead of timm's, and
+    ``init='moco'`` MoCo v3's;
+    ``freeze_patch_embed=True`` trains no patch embedding (MoCo v3's "random patch
+    projection", kept by SiameseIM). The exported network is a plain timm ViT either way.
     """
 
     family = "vit"
@@ -31,11 +46,51 @@ class VisionTransformerBackbone(MaskTokenInput, Backbone):
     channels_last = True  # the patch embedding's tokens [B, N, D] ([B, H, W, D] if dynamic)
 
     def __init__(self, arch: str = "vit_tiny_patch16_224", img_size: int | Sequence[int] = 224,
-                 mask_token: bool = False, **timm_kwargs) -> None:
+                 mask_token: bool = False, position_embedding: str = "learned",
+                 init: str = "timm", freeze_patch_embed: bool = False, **timm_kwargs) -> None:
+        if position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, "
+                             f"got '{position_embedding}'")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got '{init}'")
         super().__init__(arch, img_size, **timm_kwargs)
         self.num_prefix_tokens: int = self.model.num_prefix_tokens
         self.mask_token = new_mask_token(self.embed_dim) if mask_token else None
         self.supports_class_attention = self.model.cls_token is not None
+        if init != "timm":
+            self.reference_init(init)
+        if position_embedding == "sincos":
+            self.fix_sincos_positions()
+        if freeze_patch_embed:
+            self.model.patch_embed.requires_grad_(False)
+
+    def reference_init(self, kind: str) -> None:
+        """MAE's ``initialize_weights`` (and MoCo v3's, ``kind='moco'``: each of q, k, v drawn
+        as its own xavier-uniform layer, the class token N(0, 1e-6)); the patch embedding as
+        a linear layer in both."""
+        m = self.model
+        xavier_init_(m)
+        if kind == "moco":
+            for block in m.blocks:
+                qkv = block.attn.qkv.weight
+                bound = math.sqrt(6.0 / (qkv.shape[0] // 3 + qkv.shape[1]))
+                nn.init.uniform_(qkv, -bound, bound)
+        projection = m.patch_embed.proj
+        nn.init.xavier_uniform_(projection.weight.view(projection.weight.shape[0], -1))
+        nn.init.zeros_(projection.bias)
+        for token in (m.cls_token, m.reg_token):
+            if token is not None:
+                nn.init.normal_(token, std=1e-6 if kind == "moco" else 0.02)
+
+    def fix_sincos_positions(self) -> None:
+        pos_embed = self.model.pos_embed
+        if pos_embed is None:
+            raise ValueError(f"'{self.arch}' has no position embedding to fix")
+        grid = sincos_embedding(grid_coords(self.model.patch_embed.grid_size), self.embed_dim)
+        prefix = grid.new_zeros(pos_embed.shape[1] - grid.shape[0], self.embed_dim)
+        with torch.no_grad():
+            pos_embed.copy_(torch.cat([prefix, grid]).unsqueeze(0))
+        pos_embed.requires_grad_(False)
 
     @property
     def masks_by_token(self) -> bool:
