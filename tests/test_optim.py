@@ -1,8 +1,10 @@
 """The recipes' optimisers: LARS against its update rule written out, the linear scaling rule
-of the learning rate, and a clear error for an unknown optimiser."""
+of the learning rate, the schedules per step and per epoch (timm's, as DeiT steps it), and a
+clear error for an unknown optimiser."""
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -79,3 +81,44 @@ def test_lamb_steps_each_weight_by_its_trust_ratio_as_deit3_trains():
         trust = before.norm() / update.norm() if decay else 1.0
         expected = before - 0.1 * trust * update
         torch.testing.assert_close(after.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_epoch_interval_steps_the_lr_as_timm_cosine_scheduler_does_for_deit():
+    """``interval=epoch``: one lr per epoch, timm's CosineLRScheduler (DeiT's schedule) stepped
+    with each epoch: the warm-up from ``warmup_start_lr``, the cosine counted from epoch 0."""
+    from timm.scheduler import CosineLRScheduler
+
+    epochs, lr, start = 12, 1e-3, 1e-6
+    config = OptimConfig(lr=lr, warmup_fraction=0.25, min_lr_ratio=0.01, warmup_start_lr=start,
+                         interval="epoch")
+    built = build_optimizer(torch.nn.Linear(2, 2), config, total_steps=1000, epochs=epochs)
+    assert built["lr_scheduler"]["interval"] == "epoch"
+    optimizer, scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
+    reference_optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=lr)
+    reference = CosineLRScheduler(reference_optimizer, t_initial=epochs, lr_min=lr * 0.01,
+                                  warmup_t=3, warmup_lr_init=start)
+    for epoch in range(epochs):
+        reference.step(epoch)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(
+            reference_optimizer.param_groups[0]["lr"], rel=1e-9), epoch
+        scheduler.step()
+    with pytest.raises(ConfigError, match="trainer.max_epochs"):
+        build_optimizer(torch.nn.Linear(2, 2), config, total_steps=1000, epochs=None)
+
+
+def test_step_warmup_ramps_from_its_start_lr():
+    """``interval=step``: step s < W of the warm-up at start + (lr - start)(s + 1) / W, then
+    the cosine over the remaining steps down to min_lr_ratio x lr."""
+    lr, start, total, warmup = 1e-3, 1e-4, 20, 4
+    config = OptimConfig(lr=lr, warmup_fraction=warmup / total, min_lr_ratio=0.1,
+                         warmup_start_lr=start)
+    built = build_optimizer(torch.nn.Linear(2, 2), config, total_steps=total)
+    optimizer, scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
+    seen = []
+    for _ in range(total):
+        seen.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    ramp = [start + (lr - start) * (s + 1) / warmup for s in range(warmup)]
+    cosine = [0.1 * lr + 0.9 * lr * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))) / 2
+              for s in range(warmup, total)]
+    assert seen == pytest.approx(ramp + cosine, rel=1e-9)

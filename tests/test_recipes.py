@@ -18,7 +18,8 @@ from m3i_lightning.masking import AttentionMask, BlockMask, RandomMask
 from m3i_lightning.predictor import TokenBatchNorm
 from m3i_lightning.teacher import FrozenTeacher
 
-# Paper values. "lr": the learning rate at the recipe's batch (the linear scaling rule applied).
+# Paper values. "lr": the learning rate at the recipe's batch (the linear scaling rule applied);
+# "per_epoch_from": timm's schedule stepped once per epoch (DeiT's main.py), warmed up from it.
 PAPERS = {
     "mae": dict(batch=4096, lr=1.5e-4 * 16, epochs=800, warmup=40, wd=0.05,
                 betas=(0.9, 0.95), mask=(RandomMask, 0.75), crops=(0.2, 1.0), input="native",
@@ -67,10 +68,12 @@ PAPERS = {
                     crops=(0.2, 1.0),
                     heads={"dense_id": dict(temperature=0.2, queue=65536, dense_weight=0.5)}),
     "deit": dict(batch=1024, lr=5e-4 * 2, epochs=300, warmup=5, wd=0.05, betas=(0.9, 0.999),
+                 per_epoch_from=1e-6,
                  augment="deit", erasing=0.25, repeats=3, interpolation="bicubic",
                  heads={"cls": dict(label_smoothing=0.1, mixup=(0.8, 1.0, 0.5))}),
     # DeiT III's README command for ViT-B on ImageNet-1k
     "deit3": dict(batch=2048, lr=3e-3, epochs=800, warmup=5, wd=0.05, optimizer="lamb",
+                  per_epoch_from=1e-6,
                   size=192, layer_scale=1e-4, no_embed_class=True, augment="three_augment",
                   jitter=0.3, repeats=3, interpolation="bicubic",
                   heads={"cls": dict(loss="bce", label_smoothing=0.0, mixup=(0.8, 1.0, 0.5))}),
@@ -141,6 +144,8 @@ def test_recipe_builds_what_the_paper_states(recipe, frozen_teachers):
         assert optim.learning_rate(paper["batch"]) == pytest.approx(paper["lr"])
     if "warmup" in paper:
         assert optim.warmup_fraction * paper["epochs"] == pytest.approx(paper["warmup"], rel=0.02)
+    assert (optim.interval, optim.warmup_start_lr) == (
+        ("epoch", paper["per_epoch_from"]) if "per_epoch_from" in paper else ("step", 0.0))
     if "wd" in paper:
         wd = paper["wd"] if isinstance(paper["wd"], tuple) else (paper["wd"], None)
         assert (optim.weight_decay, optim.final_weight_decay) == pytest.approx(wd)
@@ -287,7 +292,7 @@ def test_recipe_trains_two_steps_on_the_embedded_data(recipe, frozen_teachers):
     cfg = composed(recipe, "backbone=vit_cpu", "data.batch_size=8", "data.source_size=16",
                    *paper_overrides(recipe, frozen_teachers, "vit_cpu"))
     data, model = built(cfg)
-    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=2, max_epochs=cfg.trainer.max_epochs, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, accelerator="cpu",
                         devices=1)

@@ -4,6 +4,7 @@ the very trajectory of an uninterrupted run."""
 
 from __future__ import annotations
 
+import math
 import os
 import textwrap
 import time
@@ -15,6 +16,9 @@ from runs import COMPOSED, TINY_RUN, losses, run
 
 from m3i_lightning.checkpointing import resume_path
 from m3i_lightning.errors import ConfigError
+
+
+LR = "lr-AdamW/pg1"  # LearningRateMonitor's column of the decayed parameters' lr
 
 
 def _batches(loader) -> list[torch.Tensor]:
@@ -153,3 +157,25 @@ def test_run_with_views_rendered_on_the_device_resumes_exactly(tmp_path):
     resumed, expected = losses(killed), losses(whole)
     assert set(range(5, 14)) <= set(resumed)
     assert resumed == {step: expected[step] for step in resumed}
+
+
+def test_lr_held_per_epoch_follows_its_schedule_and_resumes_mid_epoch(tmp_path):
+    """``optim.interval=epoch`` in a run (batch 64: 22 steps per epoch, 3 epochs, 1 of
+    warm-up from 1e-4): the logged lr holds for each epoch at the schedule's value, and a run
+    killed at its second checkpoint resumes from step 15 (mid-epoch) onto the uninterrupted
+    run's lrs and losses, across the epoch boundaries."""
+    args = [*TINY_RUN, *COMPOSED, "data.batch_size=64", "trainer.max_epochs=3", "optim.lr=1e-3",
+            "optim.interval=epoch", "optim.warmup_fraction=0.34", "optim.warmup_start_lr=1e-4",
+            "optim.min_lr_ratio=0", "checkpoint.every_n_steps=15"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run(*args, f"hydra.run.dir={whole}")
+    per_epoch = [1e-4, *(0.5e-3 * (1 + math.cos(math.pi * e / 3)) for e in (1, 2))]
+    assert losses(whole, LR) == pytest.approx({step: per_epoch[step // 22] for step in range(66)},
+                                              rel=1e-6)
+    assert run(*args, f"hydra.run.dir={killed}", prelude=KILL_ON_SECOND_SAVE,
+               check=False).returncode == -9
+    run(*args, "resume=auto", f"hydra.run.dir={killed}")
+    for key in (LR, "train/loss"):
+        resumed, expected = losses(killed, key), losses(whole, key)
+        assert set(range(15, 66)) <= set(resumed)
+        assert resumed == {step: expected[step] for step in resumed}

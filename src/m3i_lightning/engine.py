@@ -266,7 +266,7 @@ class Engine(L.LightningModule):
         exempt = [getattr(objective, name) for objective in self.objectives().values()
                   for name in objective.no_weight_decay]
         return build_optimizer(self, self.optim, int(self.trainer.estimated_stepping_batches),
-                               exempt, self.global_batch_size())
+                               exempt, self.global_batch_size(), self.trainer.max_epochs)
 
     def global_batch_size(self) -> int | None:
         """Samples per optimizer step over all processes (the linear scaling rule's batch);

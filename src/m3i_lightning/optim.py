@@ -6,17 +6,19 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from timm.optim import Lamb
 from torch import nn
 
-from m3i_lightning.errors import check_options
+from m3i_lightning.errors import ConfigError, check_options
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "mask_token", "logit_scale")
 
 
 OPTIMIZERS = ("adamw", "lars", "lamb")
+INTERVALS = ("step", "epoch")
 
 
 @dataclass
@@ -33,6 +35,11 @@ class OptimConfig:
     trust_coefficient: float = 1e-3  # lars: η of the trust ratio
     warmup_fraction: float = 0.05
     min_lr_ratio: float = 0.0
+    # The lr the warm-up starts from (DeiT: timm's warmup_lr 1e-6); it ramps linearly to lr.
+    warmup_start_lr: float = 0.0
+    # step: the schedule moves every optimizer step (MAE, MoCo v3, DINO); epoch: it holds for a
+    # whole epoch, timm's CosineLRScheduler stepped once per epoch as DeiT's main.py does.
+    interval: str = "step"
     # When set, weight decay follows a cosine from weight_decay to this value (DINO: 0.04 → 0.4).
     final_weight_decay: float | None = None
 
@@ -54,6 +61,8 @@ class OptimConfig:
                             "two numbers in [0, 1)"),
                   "warmup_fraction": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
                   "min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+                  "warmup_start_lr": (lambda v: v >= 0, "a number >= 0"),
+                  "interval": (lambda v: v in INTERVALS, f"one of {INTERVALS}"),
                   "final_weight_decay": (lambda v: v is None or v >= 0,
                                          "null or a number >= 0")}
         check_options({f"optim.{name}": (getattr(self, name), valid, allowed)
@@ -112,12 +121,23 @@ def param_groups(module: nn.Module, weight_decay: float,
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear warmup from 0, then cosine decay to ``min_ratio``."""
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float,
+                  start_ratio: float = 0.0) -> float:
+    """LR multiplier per step: a linear warm-up from ``start_ratio`` whose first step already
+    moves, then a cosine over the steps after it, down to ``min_ratio`` (MAE's schedule)."""
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return start_ratio + (1 - start_ratio) * (step + 1) / warmup_steps
+    return cosine_ramp(step - warmup_steps, total_steps - warmup_steps, 1.0, min_ratio)
+
+
+def epoch_warmup_cosine(epoch: int, epochs: int, warmup_epochs: int, min_ratio: float,
+                        start_ratio: float) -> float:
+    """LR multiplier per epoch as timm's CosineLRScheduler gives it to DeiT: a linear warm-up
+    from ``start_ratio`` (its warmup_lr_init) that starts there at epoch 0, then a cosine that
+    counts from epoch 0 over all ``epochs`` (no warm-up prefix) down to ``min_ratio``."""
+    if epoch < warmup_epochs:
+        return start_ratio + (1 - start_ratio) * epoch / warmup_epochs
+    return cosine_ramp(epoch, epochs, 1.0, min_ratio)
 
 
 def cosine_ramp(step: int, total_steps: int, start: float, end: float) -> float:
@@ -147,7 +167,10 @@ def fused_on(devices: Collection[torch.device]) -> bool:
 
 
 def build_optimizer(module: nn.Module, cfg: OptimConfig, total_steps: int,
-                    exempt: Collection[nn.Parameter] = (), global_batch_size: int | None = None):
+                    exempt: Collection[nn.Parameter] = (), global_batch_size: int | None = None,
+                    epochs: int | None = None):
+    """The optimizer and its lr schedule, over ``total_steps`` (``interval=step``) or over
+    ``epochs`` (``interval=epoch``, which needs them)."""
     groups = param_groups(module, cfg.weight_decay, exempt)
     lr = cfg.learning_rate(global_batch_size)
     if cfg.name == "lars":
@@ -159,7 +182,19 @@ def build_optimizer(module: nn.Module, cfg: OptimConfig, total_steps: int,
         devices = [p.device for group in groups for p in group["params"]]
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas),
                                       fused=fused_on(devices))
-    warmup = int(cfg.warmup_fraction * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, total_steps, warmup, cfg.min_lr_ratio))
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    start = cfg.warmup_start_lr / lr
+    if cfg.interval == "epoch":
+        if not epochs or epochs < 0:
+            raise ConfigError("optim.interval=epoch schedules the lr over trainer.max_epochs, "
+                              "which is not set: set trainer.max_epochs or optim.interval=step")
+        # the warm-up a recipe states in epochs, as a fraction of them (5 of 300 is 0.0167)
+        warmup = round(cfg.warmup_fraction * epochs)
+        multiplier = partial(epoch_warmup_cosine, epochs=epochs, warmup_epochs=warmup,
+                             min_ratio=cfg.min_lr_ratio, start_ratio=start)
+    else:
+        multiplier = partial(warmup_cosine, total_steps=total_steps,
+                             warmup_steps=int(cfg.warmup_fraction * total_steps),
+                             min_ratio=cfg.min_lr_ratio, start_ratio=start)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+    return {"optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": cfg.interval}}
