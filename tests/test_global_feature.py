@@ -18,7 +18,8 @@ from m3i_lightning.factory import build_model
 
 @pytest.mark.parametrize(("objectives", "mix", "pooled", "extra"), [
     ("mim_feat,cls", False, False, ()), ("mim_feat,cls", True, True, ()),
-    ("mim_feat,sim_feat", False, True, ()),
+    ("mim_feat,sim_feat", False, True, ("objective.sim_feat.class_token=false",)),
+    ("sim_feat", False, False, ()),  # SiameseIM's decoder reads the class token
     ("mim_feat", False, False, ("objective.mim_feat.loss_tokens=all",))])  # MILAN's class token
 def test_evaluated_feature_is_the_trained_one_and_export_keeps_it(objectives, mix, pooled,
                                                                   extra, batch, tmp_path):

@@ -4,6 +4,7 @@ a fixed batch, no collapse, and the command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -137,6 +138,20 @@ def test_sim_feat_is_unigrad_on_layer_normed_teacher_features(backbone, batch, p
     assert loss.item() == pytest.approx(ref_unigrad(pred, target, 0.02), rel=1e-4)
 
 
+@pytest.mark.parametrize("class_token", [True, False])
+def test_sim_feat_decoder_reads_the_global_feature_when_asked(backbone, batch, class_token):
+    """SiameseIM's decoder reads the encoder's class token before the visible tokens: the
+    predictions follow the global feature with class_token, and ignore it without."""
+    objective = build("sim_feat", backbone, class_token=class_token)
+    model = MultiObjective(backbone, {"sim_feat": objective}, input_mode="native")
+    seen, encoded, targets = readings(model, batch)["sim_feat"]
+    moved = dataclasses.replace(encoded, global_feature=encoded.global_feature + 1.0)
+    with torch.no_grad():
+        change = (objective.predict(seen, moved, targets)
+                  - objective.predict(seen, encoded, targets)).abs().max().item()
+    assert change > 1e-2 if class_token else change < 1e-6
+
+
 def test_sim_feat_correlation_is_a_moving_average_when_asked(backbone):
     objective = build("sim_feat", backbone, correlation_momentum=0.9)
     first, second = torch.randn(4, 16, 32), torch.randn(4, 16, 32)
@@ -154,9 +169,9 @@ def test_sim_feat_correlation_is_a_moving_average_when_asked(backbone):
 
 def spy(forward, seen: dict, name: str):
     """Wrap a predictor's forward to record its (encoded, input geometry, target geometry)."""
-    def recording(*args):
+    def recording(*args, **kwargs):
         seen[name] = args
-        return forward(*args)
+        return forward(*args, **kwargs)
     return recording
 
 

@@ -52,7 +52,7 @@ PAPERS = {
                       encoder=("sincos", "mae", True),
                       heads={"sim_feat": dict(neg_weight=0.02, decoder=(768, 4, 16),
                                               projector=2, decoder_norm="bn",
-                                              projected_targets=True)}),
+                                              projected_targets=True, class_token=True)}),
     "data2vec": dict(batch=2048, lr=2e-3, epochs=800, betas=(0.9, 0.98), wd=0.05,
                      mask=(BlockMask, 0.6), momentum=(0.9998, 0.99999), mask_token=True,
                      heads={"mim_feat": dict(loss="smooth_l1", beta=2.0, target_blocks=6,
@@ -260,6 +260,8 @@ def check_head(head, expected: dict) -> None:  # noqa: C901 - one branch per sta
             assert head.no_weight_decay == value
         elif key == "projected_targets":
             assert head.target_projection == value
+        elif key == "class_token":
+            assert head.class_token == value
         elif key == "loss":
             assert head.distribution.kind == value
         elif key == "beta":

@@ -42,11 +42,12 @@ class RelativePredictor(nn.Module):
         code = self.view_code(rel.code(self.dim))
         return rel.positions(self.grid_size, self.dim) + code.unsqueeze(1)
 
-    def forward(self, encoded: Encoded, input_geometry: Tensor,
-                target_geometry: Tensor) -> Tensor:
-        """Predictions [B, N, out_dim] for every patch of the target view, row-major."""
+    def forward(self, encoded: Encoded, input_geometry: Tensor, target_geometry: Tensor,
+                prefix: Tensor | None = None) -> Tensor:
+        """Predictions [B, N, out_dim] for every patch of the target view, row-major;
+        ``prefix`` [B, P, in_dim]: tokens of no grid position the decoder also reads."""
         query = self.queries(input_geometry, target_geometry)
-        return self.decoder(encoded.tokens, encoded.visible_index, query)
+        return self.decoder(encoded.tokens, encoded.visible_index, query, prefix=prefix)
 
 
 class RelativeQueryObjective(Objective):
@@ -77,5 +78,9 @@ class RelativeQueryObjective(Objective):
     def predict(self, batch: dict, encoded: Encoded, targets: Targets) -> Tensor:
         """The predictor's output [B, N, out_dim] for every patch of the target view."""
         geometry = [batch[f"{view}_geometry"] for view in (targets.input_view, targets.view)]
-        return self.predictor(encoded, *geometry)
+        return self.predictor(encoded, *geometry, prefix=self.decoder_prefix(encoded))
+
+    def decoder_prefix(self, encoded: Encoded) -> Tensor | None:
+        """Tokens of no grid position the decoder reads before the encoded patches: none."""
+        return None
 

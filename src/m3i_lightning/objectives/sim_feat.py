@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from m3i_lightning.backbone import Encoded
 from m3i_lightning.distributed import mean_over_ranks
 from m3i_lightning.losses import autocast_off, feature_correlation, unigrad_loss
 from m3i_lightning.objectives.relative_query import RelativeQueryObjective
@@ -32,6 +33,10 @@ class SiameseFeature(RelativeQueryObjective):
     tokens go through the EMA copy of the decoder's input projection and projector, then the
     LayerNorm, so prediction and target live in the decoder's width; without it, the
     LayerNorm-ed teacher tokens themselves (the paper's description).
+    The decoder reads the global feature before the visible tokens (``class_token``, as the
+    release's decoder reads the encoder's class token): on a ViT without mix, its class token,
+    which a sim_feat run therefore trains and is read by; with M3I's mix, each image's
+    mean-pooled own tokens, its global feature there.
     """
 
     name = "sim_feat"
@@ -40,10 +45,15 @@ class SiameseFeature(RelativeQueryObjective):
     masked_input = True
     uses_teacher = True
 
+    @classmethod
+    def trains_global_feature(cls, options: dict) -> bool:
+        return options.get("class_token") is not False  # null: the class default, true
+
     def __init__(self, neg_weight: float = 0.02, correlation_momentum: float = 0.0,
                  target_projection: bool = True, projector_depth: int = 2,
-                 decoder_norm: str = "bn", **kwargs) -> None:
+                 decoder_norm: str = "bn", class_token: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.class_token = class_token
         if not 0.0 <= correlation_momentum < 1.0:
             raise ValueError(f"correlation_momentum must be in [0, 1), got {correlation_momentum}")
         self.neg_weight, self.correlation_momentum = neg_weight, correlation_momentum
@@ -56,6 +66,9 @@ class SiameseFeature(RelativeQueryObjective):
             self.add_momentum_copy("predictor.decoder.projector")
         self.register_buffer("correlation", torch.zeros(width, width))
         self.register_buffer("correlation_seen", torch.tensor(False))
+
+    def decoder_prefix(self, encoded: Encoded) -> Tensor | None:
+        return encoded.global_feature.unsqueeze(1) if self.class_token else None
 
     @torch.no_grad()
     def update_correlation(self, target: Tensor) -> Tensor:
