@@ -29,9 +29,9 @@ def test_every_compared_configuration_has_its_untrained_twin():
     assert [o for o in untrained_m3i if o != "trainer.max_steps=0"] == rows["M3I (mix)"]
     trained = [label for label, o in rows.items() if "trainer.max_steps=0" not in o]
     assert {"cls", "mim_feat", "sim_feat", "inst_disc (moco)", "M3I (mix)"} <= set(trained)
-    # the default rows: M3I, the ablation's best single objective and their random init, all
-    # read by the mean of the tokens
-    assert list(dict(script.runs("default"))) == ["random init (mean-pooled)", "sim_feat",
+    # the default rows: M3I, the ablation's best single objective and both random inits
+    assert list(dict(script.runs("default"))) == ["random init (class token)",
+                                                  "random init (mean-pooled)", "sim_feat",
                                                   "M3I (mix)"]
     assert "M3I w/o mix" in dict(script.runs("all"))
 
