@@ -106,6 +106,29 @@ def test_epoch_interval_steps_the_lr_as_timm_cosine_scheduler_does_for_deit():
         build_optimizer(torch.nn.Linear(2, 2), config, total_steps=1000, epochs=None)
 
 
+def test_epoch_lag_trails_the_schedule_as_deits_main_steps_it():
+    """DeiT's main.py builds timm's scheduler (which sets the warm-up's first lr) and calls
+    ``step(epoch)`` after each epoch, so the next epoch trains at the value of the one just
+    trained: ``epoch_lag=1``. A lag without the per-epoch interval is refused."""
+    from timm.scheduler import CosineLRScheduler
+
+    epochs, lr, start = 12, 1e-3, 1e-6
+    config = OptimConfig(lr=lr, warmup_fraction=0.25, min_lr_ratio=0.01, warmup_start_lr=start,
+                         interval="epoch", epoch_lag=1)
+    built = build_optimizer(torch.nn.Linear(2, 2), config, total_steps=1000, epochs=epochs)
+    optimizer, scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
+    reference_optimizer = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=lr)
+    reference = CosineLRScheduler(reference_optimizer, t_initial=epochs, lr_min=lr * 0.01,
+                                  warmup_t=3, warmup_lr_init=start)
+    for epoch in range(epochs):  # main.py's loop: train the epoch, then step(epoch)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(
+            reference_optimizer.param_groups[0]["lr"], rel=1e-9), epoch
+        reference.step(epoch)
+        scheduler.step()
+    with pytest.raises(ConfigError, match="optim.epoch_lag"):
+        OptimConfig(epoch_lag=1)
+
+
 def test_step_warmup_ramps_from_its_start_lr():
     """``interval=step``: step s < W of the warm-up at start + (lr - start)(s + 1) / W, then
     the cosine over the remaining steps down to min_lr_ratio x lr."""

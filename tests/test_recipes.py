@@ -19,7 +19,8 @@ from m3i_lightning.predictor import TokenBatchNorm
 from m3i_lightning.teacher import FrozenTeacher
 
 # Paper values. "lr": the learning rate at the recipe's batch (the linear scaling rule applied);
-# "per_epoch_from": timm's schedule stepped once per epoch (DeiT's main.py), warmed up from it.
+# "per_epoch_from": timm's schedule stepped once per epoch (DeiT's main.py), warmed up from it,
+# with the epoch just trained (one epoch behind).
 PAPERS = {
     "mae": dict(batch=4096, lr=1.5e-4 * 16, epochs=800, warmup=40, wd=0.05,
                 betas=(0.9, 0.95), mask=(RandomMask, 0.75), crops=(0.2, 1.0), input="native",
@@ -144,8 +145,8 @@ def test_recipe_builds_what_the_paper_states(recipe, frozen_teachers):
         assert optim.learning_rate(paper["batch"]) == pytest.approx(paper["lr"])
     if "warmup" in paper:
         assert optim.warmup_fraction * paper["epochs"] == pytest.approx(paper["warmup"], rel=0.02)
-    assert (optim.interval, optim.warmup_start_lr) == (
-        ("epoch", paper["per_epoch_from"]) if "per_epoch_from" in paper else ("step", 0.0))
+    assert (optim.interval, optim.warmup_start_lr, optim.epoch_lag) == (
+        ("epoch", paper["per_epoch_from"], 1) if "per_epoch_from" in paper else ("step", 0.0, 0))
     if "wd" in paper:
         wd = paper["wd"] if isinstance(paper["wd"], tuple) else (paper["wd"], None)
         assert (optim.weight_decay, optim.final_weight_decay) == pytest.approx(wd)

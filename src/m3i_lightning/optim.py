@@ -40,6 +40,9 @@ class OptimConfig:
     # step: the schedule moves every optimizer step (MAE, MoCo v3, DINO); epoch: it holds for a
     # whole epoch, timm's CosineLRScheduler stepped once per epoch as DeiT's main.py does.
     interval: str = "step"
+    # interval=epoch: the epochs the lr trails its schedule. DeiT's main.py: 1, it steps the
+    # schedule with the epoch just trained, so epochs 0 and 1 train at the schedule's epoch 0.
+    epoch_lag: int = 0
     # When set, weight decay follows a cosine from weight_decay to this value (DINO: 0.04 → 0.4).
     final_weight_decay: float | None = None
 
@@ -63,6 +66,8 @@ class OptimConfig:
                   "min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
                   "warmup_start_lr": (lambda v: v >= 0, "a number >= 0"),
                   "interval": (lambda v: v in INTERVALS, f"one of {INTERVALS}"),
+                  "epoch_lag": (lambda v: v == 0 or (v > 0 and self.interval == "epoch"),
+                                "0, or an integer > 0 with optim.interval=epoch"),
                   "final_weight_decay": (lambda v: v is None or v >= 0,
                                          "null or a number >= 0")}
         check_options({f"optim.{name}": (getattr(self, name), valid, allowed)
@@ -131,10 +136,12 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
 
 
 def epoch_warmup_cosine(epoch: int, epochs: int, warmup_epochs: int, min_ratio: float,
-                        start_ratio: float) -> float:
+                        start_ratio: float, lag: int = 0) -> float:
     """LR multiplier per epoch as timm's CosineLRScheduler gives it to DeiT: a linear warm-up
     from ``start_ratio`` (its warmup_lr_init) that starts there at epoch 0, then a cosine that
-    counts from epoch 0 over all ``epochs`` (no warm-up prefix) down to ``min_ratio``."""
+    counts from epoch 0 over all ``epochs`` (no warm-up prefix) down to ``min_ratio``; with
+    ``lag``, epoch e trains at the schedule's epoch max(e − lag, 0)."""
+    epoch = max(epoch - lag, 0)
     if epoch < warmup_epochs:
         return start_ratio + (1 - start_ratio) * epoch / warmup_epochs
     return cosine_ramp(epoch, epochs, 1.0, min_ratio)
@@ -190,7 +197,7 @@ def build_optimizer(module: nn.Module, cfg: OptimConfig, total_steps: int,
         # the warm-up a recipe states in epochs, as a fraction of them (5 of 300 is 0.0167)
         warmup = round(cfg.warmup_fraction * epochs)
         multiplier = partial(epoch_warmup_cosine, epochs=epochs, warmup_epochs=warmup,
-                             min_ratio=cfg.min_lr_ratio, start_ratio=start)
+                             min_ratio=cfg.min_lr_ratio, start_ratio=start, lag=cfg.epoch_lag)
     else:
         multiplier = partial(warmup_cosine, total_steps=total_steps,
                              warmup_steps=int(cfg.warmup_fraction * total_steps),
