@@ -167,7 +167,8 @@ def best_single(table: dict[str, dict[str, list[float]]]) -> str | None:
 
 def plot_probe_curves(results: list[dict], labels: list[str], out: Path) -> None:
     """Online kNN and linear probe (``val/*``, metrics.csv) against the step for ``labels``;
-    a random-init row, which trains no step, is its end-of-run value as a dashed line."""
+    a random-init row, which trains no step, is its end-of-run value as a gray line, dashed
+    or dotted (one per feature)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,14 +178,16 @@ def plot_probe_curves(results: list[dict], labels: list[str], out: Path) -> None
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     seed = results[0]["seed"]
+    baseline_styles = iter(("--", ":", "-."))
     for label in labels:
+        style = next(baseline_styles) if label.startswith("random init") else None
         run_dir = next(Path(r["run_dir"]) for r in results
                        if r["objective"] == label and r["seed"] == seed)
         series = read_metrics(run_dir / "metrics.csv")
         final = next(r for r in results if r["objective"] == label and r["seed"] == seed)
         for axis, key in zip(axes, ("val/knn_top1", "val/linear_top1"), strict=True):
             if label.startswith("random init") and final.get(key[4:]) is not None:
-                axis.axhline(100 * final[key[4:]], linestyle="--", color="gray", label=label)
+                axis.axhline(100 * final[key[4:]], linestyle=style, color="gray", label=label)
             elif series.get(key):
                 steps, values = zip(*series[key], strict=True)
                 axis.plot(steps, [100 * v for v in values], marker="o", label=label)
@@ -245,7 +248,10 @@ def main(argv: list[str] | None = None) -> None:
                                     "minutes": round(minutes, 1), "best_single": best,
                                     "runs": results}, indent=2))
     if args.curves and best and "M3I (mix)" in table:
-        plot_probe_curves(results, ["M3I (mix)", best, "random init (mean-pooled)"],
+        plotted = ["M3I (mix)", best]
+        baselines = dict.fromkeys(f"random init ({table[label]['feature']})"
+                                  for label in plotted)
+        plot_probe_curves(results, [*plotted, *(b for b in baselines if b in table)],
                           args.curves)
     for r in results:
         if "error" in r:
