@@ -274,7 +274,8 @@ def test_a_frozen_patch_embedding_takes_no_step_while_the_blocks_do():
     trainable = [p for p in backbone.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=0.1)
     tokens = backbone(images()).tokens
-    (tokens * torch.randn(tokens.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+    weights = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(1))
+    (tokens * weights).sum().backward()
     optimizer.step()
     after = backbone.model.state_dict()
     for key in ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed"):

@@ -134,7 +134,8 @@ def test_msn_scores_its_focal_views_as_anchors_of_the_same_target(crops_batch):
     want = msn_loss(anchors, targets, msn.prototypes, msn.anchor_temperature,
                     msn.target_temperature, msn.me_max_weight, msn.sinkhorn_iterations)
     torch.testing.assert_close(msn.term(got, "mean")[0], want)
-    model._trainer = SimpleNamespace(estimated_stepping_batches=10, max_epochs=None, datamodule=None)
+    model._trainer = SimpleNamespace(estimated_stepping_batches=10, max_epochs=None,
+                                     datamodule=None)
     decayed, plain = model.configure_optimizers()["optimizer"].param_groups
     assert any(p is msn.prototypes for p in plain["params"]) and plain["weight_decay"] == 0.0
     assert not any(p is msn.prototypes for p in decayed["params"])

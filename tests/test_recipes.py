@@ -295,7 +295,8 @@ def test_recipe_trains_two_steps_on_the_embedded_data(recipe, frozen_teachers):
     cfg = composed(recipe, "backbone=vit_cpu", "data.batch_size=8", "data.source_size=16",
                    *paper_overrides(recipe, frozen_teachers, "vit_cpu"))
     data, model = built(cfg)
-    trainer = L.Trainer(max_steps=2, max_epochs=cfg.trainer.max_epochs, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=2, max_epochs=cfg.trainer.max_epochs, logger=False,
+                        enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, accelerator="cpu",
                         devices=1)

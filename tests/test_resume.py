@@ -17,7 +17,6 @@ from runs import COMPOSED, TINY_RUN, losses, run
 from m3i_lightning.checkpointing import resume_path
 from m3i_lightning.errors import ConfigError
 
-
 LR = "lr-AdamW/pg1"  # LearningRateMonitor's column of the decayed parameters' lr
 
 
