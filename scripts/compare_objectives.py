@@ -180,13 +180,14 @@ def plot_probe_curves(results: list[dict], labels: list[str], out: Path) -> None
     seed = results[0]["seed"]
     baseline_styles = iter(("--", ":", "-."))
     for label in labels:
-        style = next(baseline_styles) if label.startswith("random init") else None
+        untrained = label.startswith("random init")
+        style = next(baseline_styles) if untrained else None
         run_dir = next(Path(r["run_dir"]) for r in results
                        if r["objective"] == label and r["seed"] == seed)
         series = read_metrics(run_dir / "metrics.csv")
         final = next(r for r in results if r["objective"] == label and r["seed"] == seed)
         for axis, key in zip(axes, ("val/knn_top1", "val/linear_top1"), strict=True):
-            if label.startswith("random init") and final.get(key[4:]) is not None:
+            if untrained and final.get(key[4:]) is not None:
                 axis.axhline(100 * final[key[4:]], linestyle=style, color="gray", label=label)
             elif series.get(key):
                 steps, values = zip(*series[key], strict=True)

@@ -66,7 +66,8 @@ class OptimConfig:
                   "min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
                   "warmup_start_lr": (lambda v: v >= 0, "a number >= 0"),
                   "interval": (lambda v: v in INTERVALS, f"one of {INTERVALS}"),
-                  "epoch_lag": (lambda v: v == 0 or (v > 0 and self.interval == "epoch"),
+                  "epoch_lag": (lambda v: isinstance(v, int) and (
+                      v == 0 or (v > 0 and self.interval == "epoch")),
                                 "0, or an integer > 0 with optim.interval=epoch"),
                   "final_weight_decay": (lambda v: v is None or v >= 0,
                                          "null or a number >= 0")}
