@@ -8,10 +8,10 @@ mean ± std over the seeds.
     python scripts/compare_objectives.py --only M3I random      # rows starting with these names
     python scripts/compare_objectives.py --finetune-epochs 0    # no fine-tuning column
 
-Each pre-training is a separate ``python -m m3i_lightning`` process with ``input=native`` (each
-objective with its reference input), the default CPU ViT and its CPU-sized heads
-(``conf/scale/cpu.yaml``); the random-init rows are the same commands with
-``trainer.max_steps=0``. Each run's end-of-run evaluation scores it: kNN, linear probe and the
+Each pre-training is a separate ``python -m m3i_lightning`` process running the row's CPU recipe
+(``conf/experiment/cpu/``: the CPU ViT and heads, the budget, the row's tuned values), each
+objective on its reference input (``input=native``); the random-init rows are the same commands
+with ``trainer.max_steps=0``. Each run's end-of-run evaluation scores it: kNN, linear probe and the
 ``finetune`` protocol (the ``cpu`` fine-tuning recipe for ``--finetune-epochs``). ``--jobs 2``
 runs two processes at a time with one thread each, which on 2 cores finishes sooner than one
 process with two threads.
@@ -32,24 +32,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from m3i_lightning.objectives import OBJECTIVES
 
-# backbone=vit_cpu brings the CPU-sized heads of conf/scale/cpu.yaml to the recipe too. Mask
-# ratio 0.75 (each image a quarter of the mixed grid) chosen against the recipe's 0.5 at this
-# budget (seed 0: linear probe 74.7 against 73.5, kNN 63.8 against 57.1; docs/cpu_sweep.md),
-# here and not in the overlay, whose 0.5 the default run was tuned on.
-M3I = ["experiment=m3i", "backbone=vit_cpu", "mask.ratio=0.75"]
-# The budget of every row, the random inits included: 8 epochs (--epochs) of batch 32, 360
-# optimizer steps, so that the default rows' three seeds fit in 30 minutes on 2 cores. Batch 32
-# chosen against 64 at the same epochs (M3I, seed 0, 6 epochs: linear probe 71.3 against 66.9;
-# docs/cpu_sweep.md).
-BUDGET = ["global_batch_size=32"]
-# Each row's learning rate, the better of 3e-4 and 1e-3 on seed 0's linear probe
-# (docs/cpu_sweep.md): 1e-3 for MoCo v3 (73.8 against 66.0 at 15 epochs of batch 64); 3e-4 for
-# sim_feat (73.3 against 71.6), M3I (73.5 against 73.0), mim_feat (67.1 against 52.6) and cls
-# (66.0; 65.0 at 1e-3 and batch 128). Rows of --rows all not listed here were not swept.
-LEARNING_RATES = {"inst_disc (moco)": 1e-3}
-DEFAULT_LR = 3e-4
+# Every row runs a CPU recipe of conf/experiment/cpu/: the budget of cpu/base (8 epochs of batch
+# 32, 360 optimizer steps, the CPU ViT and heads) and the values tuned for the row at that budget,
+# each with what it was chosen against. A row of the table without a recipe of its own runs
+# cpu/base with its objective; M3I is experiment=m3i under that budget.
+BASE = "experiment=cpu/base"
+BASE_RECIPE = Path(__file__).resolve().parents[1] / "conf" / "experiment" / "cpu" / "base.yaml"
+RECIPES = {"inst_disc (moco)": "experiment=cpu/mocov3"}
+M3I = ["experiment=cpu/m3i"]
 UNTRAINED = "trainer.max_steps=0"
 # The default rows: M3I's three objectives alone (mim_feat intra-view, sim_feat inter-view, cls)
 # and the strongest global self-supervised objective of the 4-epoch table (MoCo v3), then M3I;
@@ -76,9 +70,9 @@ def runs(which: str) -> list[tuple[str, list[str]]]:
     """The random-init baselines of the two global features a run is read by (the class token;
     the mean of the tokens, which M3I's mix and the token-only objectives train), the objective
     rows, then M3I."""
-    objectives = [(label, o) for label, o in table_rows()
-                  if which == "all" or label in DEFAULT_ROWS]
-    return [("random init (class token)", ["objective=[cls]", UNTRAINED]),
+    objectives = [(label, [RECIPES[label]] if label in RECIPES else [BASE, *o])
+                  for label, o in table_rows() if which == "all" or label in DEFAULT_ROWS]
+    return [("random init (class token)", [BASE, "objective=[cls]", UNTRAINED]),
             ("random init (mean-pooled)", [*M3I, UNTRAINED]),
             *objectives,
             ("M3I (mix)", M3I),
@@ -99,7 +93,7 @@ def run(cmd: list[str], threads: int) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env)
 
 
-def pretrain_and_evaluate(label: str, overrides: list[str], seed: int, epochs: int,
+def pretrain_and_evaluate(label: str, overrides: list[str], seed: int, epochs: int | None,
                           finetune_epochs: int, run_dir: Path, threads: int,
                           shared: list[str]) -> dict:
     """One row at one seed: pre-train, then the run's own end-of-run evaluation (kNN, linear
@@ -108,10 +102,10 @@ def pretrain_and_evaluate(label: str, overrides: list[str], seed: int, epochs: i
     start = time.perf_counter()
     protocols = "knn,linear" + (",finetune" if finetune_epochs else "")
     finetune = [f"finetune.epochs={finetune_epochs}"] if finetune_epochs else []
-    proc = run([sys.executable, "-m", "m3i_lightning", *overrides, f"seed={seed}",
-                f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false",
-                f"protocols=[{protocols}]", *finetune, f"hydra.run.dir={run_dir}", *BUDGET,
-                *shared],
+    budget = [f"trainer.max_epochs={epochs}"] if epochs else []
+    proc = run([sys.executable, "-m", "m3i_lightning", *overrides, f"seed={seed}", *budget,
+                "trainer.enable_progress_bar=false", f"protocols=[{protocols}]", *finetune,
+                f"hydra.run.dir={run_dir}", *shared],
                threads)
     result = {"objective": label, "seed": seed, "run_dir": str(run_dir)}
     report = run_dir / "eval.json"
@@ -205,7 +199,7 @@ def plot_probe_curves(results: list[dict], labels: list[str], out: Path) -> None
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, help="pre-training epochs (default: cpu/base's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rows", choices=["default", "all"], default="default")
     parser.add_argument("--only", nargs="*", help="row labels starting with these names")
@@ -224,8 +218,7 @@ def main(argv: list[str] | None = None) -> None:
                 if not args.only or any(label.startswith(p) for p in args.only)]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     root = args.keep or Path(tempfile.mkdtemp(prefix="compare_objectives_"))
-    jobs = [(label, [*o, f"optim.lr={LEARNING_RATES.get(label, DEFAULT_LR)}",
-                     *online_probes(seed == args.seeds[0], args.probe_every)], seed,
+    jobs = [(label, [*o, *online_probes(seed == args.seeds[0], args.probe_every)], seed,
              root / f"run{i}-seed{seed}")
             for i, (label, o) in enumerate(selected) for seed in args.seeds]
     start = time.perf_counter()
@@ -242,9 +235,11 @@ def main(argv: list[str] | None = None) -> None:
                      ", ".join(f"{PROTOCOLS[k]} {100 * r[k]:.1f}" for k in PROTOCOLS if k in r)),
                   file=sys.stderr, flush=True)
     minutes = (time.perf_counter() - start) / 60
+    base = OmegaConf.load(BASE_RECIPE)
+    epochs = args.epochs or base.trainer.max_epochs
     table = aggregate(results)
     best = best_single(table)
-    args.out.write_text(json.dumps({"epochs": args.epochs, "seeds": args.seeds,
+    args.out.write_text(json.dumps({"epochs": epochs, "seeds": args.seeds,
                                     "finetune_epochs": args.finetune_epochs,
                                     "minutes": round(minutes, 1), "best_single": best,
                                     "runs": results}, indent=2))
@@ -258,10 +253,9 @@ def main(argv: list[str] | None = None) -> None:
         if "error" in r:
             print(f"{r['objective']} seed {r['seed']} failed:\n{r['error']}", file=sys.stderr)
     columns = [k for k in PROTOCOLS if any(row[k] for row in table.values())]
-    print(f"{len(jobs)} runs in {minutes:.0f} min ({args.jobs} at a time): {args.epochs} epochs "
-          "of pre-training on the embedded digits (default CPU ViT, "
-          f"{' '.join(BUDGET + args.set)}, "
-          "each row's learning rate)"
+    print(f"{len(jobs)} runs in {minutes:.0f} min ({args.jobs} at a time): {epochs} epochs of "
+          f"batch {base.global_batch_size} of pre-training on the embedded digits (each row's "
+          "CPU recipe, conf/experiment/cpu/" + "".join(f", {o}" for o in args.set) + ")"
           + (f", then {args.finetune_epochs} epochs of the cpu fine-tuning recipe"
              if args.finetune_epochs else "")
           + f"; top-1 (%) on the 359 held-out digits, mean ± std over seeds {args.seeds}\n")

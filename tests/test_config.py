@@ -13,6 +13,7 @@ import pytest
 import timm
 import yaml
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from m3i_lightning.backbone import family_of
 from m3i_lightning.data import DATA_MODULES
@@ -24,6 +25,7 @@ from m3i_lightning.strategies import STRATEGIES
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+CPU_RECIPES = sorted(f"cpu/{p.stem}" for p in (CONF / "experiment" / "cpu").glob("*.yaml"))
 
 
 def load(path: Path) -> dict:
@@ -132,3 +134,36 @@ def test_every_recipe_composes_to_known_keys(experiment):
     assert cfg.backbone.arch == "vit_base_patch16_224" and dict(cfg.heads) == {}
     cpu = composed(f"experiment={experiment}", "backbone=vit_cpu")
     assert dict(cpu.heads) == load(CONF / "scale" / "cpu.yaml")["heads"]
+
+
+def flat(node, prefix: str = "") -> dict:
+    """dotted key → value of a composed config."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    return {k: v for key, child in node.items()
+            for k, v in flat(child, f"{prefix}.{key}" if prefix else key).items()}
+
+
+@pytest.mark.parametrize("recipe", CPU_RECIPES)
+def test_every_cpu_recipe_runs_the_cpu_budget_on_the_cpu_vit(recipe):
+    """The CPU recipes (compare_objectives' rows) all train the CPU ViT with its heads, at the
+    one budget of cpu/base, and set only keys the default config knows."""
+    budget = load(CONF / "experiment" / "cpu" / "base.yaml")
+    cfg = composed(f"experiment={recipe}")
+    default = composed(f"objective=[{','.join(cfg.objective)}]")
+    assert set(flat(OmegaConf.to_container(cfg))) <= set(flat(OmegaConf.to_container(default)))
+    assert cfg.backbone == composed().backbone
+    assert dict(cfg.heads) == load(CONF / "scale" / "cpu.yaml")["heads"]
+    assert cfg.global_batch_size == budget["global_batch_size"]
+    assert cfg.trainer.max_epochs == budget["trainer"]["max_epochs"]
+
+
+def test_cpu_m3i_departs_from_the_m3i_recipe_only_in_its_cpu_values():
+    """experiment=cpu/m3i is M3I's recipe on the CPU ViT (its objectives, shared mixed input,
+    teacher and schedule) but for the budget and the two values tuned at it."""
+    paper = flat(OmegaConf.to_container(composed("experiment=m3i", "backbone=vit_cpu")))
+    cpu = flat(OmegaConf.to_container(composed("experiment=cpu/m3i")))
+    assert set(paper) == set(cpu)
+    changed = {k for k in paper if paper[k] != cpu[k]}
+    assert changed == {"global_batch_size", "trainer.max_epochs", "mask.ratio", "optim.lr"}
+    assert cpu["input"] == "shared" and cpu["mix"] is True

@@ -141,7 +141,8 @@ def check_choices(args: list[str]) -> None:
         if group == "objective":
             choices = sorted(OBJECTIVES)
         elif (CONF_DIR / group).is_dir() and not searched:
-            choices = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+            choices = sorted(p.relative_to(CONF_DIR / group).with_suffix("").as_posix()
+                             for p in (CONF_DIR / group).rglob("*.yaml"))
         else:
             continue
         values = override.sweep_iterator() if override.is_sweep_override() else [override.value()]
