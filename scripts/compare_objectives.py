@@ -42,7 +42,7 @@ from m3i_lightning.objectives import OBJECTIVES
 # cpu/base with its objective; M3I is experiment=m3i under that budget.
 BASE = "experiment=cpu/base"
 BASE_RECIPE = Path(__file__).resolve().parents[1] / "conf" / "experiment" / "cpu" / "base.yaml"
-RECIPES = {"inst_disc (moco)": "experiment=cpu/mocov3"}
+RECIPES = {"inst_disc (moco)": "experiment=cpu/mocov3", "mim_feat": "experiment=cpu/mim_feat"}
 M3I = ["experiment=cpu/m3i"]
 UNTRAINED = "trainer.max_steps=0"
 # The default rows: M3I's three objectives alone (mim_feat intra-view, sim_feat inter-view, cls)

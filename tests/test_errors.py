@@ -218,7 +218,7 @@ def test_unknown_config_group_choices_are_one_line_with_the_choices(capsys, monk
     for args, expected in ((["backbone=vit_nope"], "unknown backbone choice(s) ['vit_nope']"),
                            (["data=nope"], "'embedded', 'hf', 'imagefolder', 'webdataset'"),
                            (["-m", "experiment=mae,maee"], "unknown experiment choice(s)"),
-                           (["experiment=cpu/nope"], "'cpu/base', 'cpu/m3i', 'cpu/mocov3'"),
+                           (["experiment=cpu/nope"], "'cpu/base', 'cpu/m3i', 'cpu/mim_feat'"),
                            (["objective=[mim_feat,nope]"], "['nope']; choose from ['ae'")):
         line = fails_with_one_line(capsys, monkeypatch, cli.main, "m3i_lightning", *args)
         assert expected in line, line
