@@ -37,10 +37,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from measure import time_rounds
 from PIL import Image
 
 from m3i_lightning.data.views import AUGMENT_ON
-from m3i_lightning.measure import time_rounds
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -61,7 +61,7 @@ def default_model(overrides: list[str]):
     """The default CPU pre-training model of the Hydra config, and that config."""
     from hydra import compose, initialize_config_dir
 
-    from m3i_lightning.factory import build_model, build_tokenizer_from
+    from m3i_lightning.config.factory import build_model, build_tokenizer_from
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)

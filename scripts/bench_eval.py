@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from m3i_lightning.knn import knn_predict
+from m3i_lightning.evaluation.knn import knn_predict
 
 MB = 2**20
 

@@ -53,12 +53,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-import m3i_lightning
-from m3i_lightning.engine import MultiObjective
-from m3i_lightning.factory import build_datamodule, build_model, build_tokenizer_from
-from m3i_lightning.masking import RandomMask
-from m3i_lightning.measure import (
+from measure import (
     PeakMemory,
     SyncCounter,
     count_calls,
@@ -67,8 +62,13 @@ from m3i_lightning.measure import (
     time_rounds,
     timed,
 )
+
+import m3i_lightning
+from m3i_lightning.components.masking import RandomMask
+from m3i_lightning.components.optim import build_optimizer
+from m3i_lightning.config.factory import build_datamodule, build_model, build_tokenizer_from
+from m3i_lightning.engine.module import MultiObjective
 from m3i_lightning.objectives import OBJECTIVES
-from m3i_lightning.optim import build_optimizer
 
 CONF_DIR = Path(m3i_lightning.__file__).resolve().parent / "conf"
 COMPOSED = ("mim_feat", "clip", "cls")
@@ -455,8 +455,8 @@ def bench_multicrop(model_name: str, batch_size: int, extra: list[str], device: 
 def bench_masking(model_name: str, batch_size: int, extra: list[str], device: torch.device,
                   warmup: int, repeats: int) -> dict:
     """Student encoder forward+backward on the full view against visible tokens only."""
-    from m3i_lightning.factory import build_backbone
-    from m3i_lightning.masking import build_mask
+    from m3i_lightning.components.masking import build_mask
+    from m3i_lightning.config.factory import build_backbone
 
     cfg = compose(Spec(model_name, "", [], batch_size).all_overrides(extra))
     torch.manual_seed(0)
@@ -510,7 +510,7 @@ def bf16_rows(spec: Spec, extra: list[str], device: torch.device, warmup: int, r
     transformer blocks compiled (the library's ``compile`` option): images/s, FLOPs, MFU and
     the peak memory of the timed steps. FLOPs are counted once, eagerly: compiling changes no
     arithmetic."""
-    from m3i_lightning.sharding import compile_blocks
+    from m3i_lightning.engine.sharding import compile_blocks
 
     peak = peak_tflops(device, given_peak)
     case = build_case(spec, extra, device)

@@ -168,7 +168,7 @@ def plot_probe_curves(results: list[dict], labels: list[str], out: Path) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from m3i_lightning.pictures import read_metrics
+    from m3i_lightning.runtime.pictures import read_metrics
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     seed = results[0]["seed"]

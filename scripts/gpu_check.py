@@ -40,11 +40,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_data  # noqa: E402  (the scripts folder, as scripts/benchmark.py --data imports it)
 import benchmark  # noqa: E402
+from measure import synchronize  # noqa: E402
 
-from m3i_lightning.cli import build_trainer  # noqa: E402
-from m3i_lightning.factory import build_datamodule, build_model, build_tokenizer_from  # noqa: E402
-from m3i_lightning.measure import synchronize  # noqa: E402
-from m3i_lightning.strategies import build_strategy  # noqa: E402
+from m3i_lightning.config.factory import build_datamodule, build_model, build_tokenizer_from  # noqa: E402
+from m3i_lightning.config.trainer import build_trainer  # noqa: E402
+from m3i_lightning.runtime.strategies import build_strategy  # noqa: E402
 
 NEEDS_CUDA = "skipped: needs CUDA"
 NOT_REACHED = "not reached: the check was stopped before this row"

@@ -21,8 +21,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+from m3i_lightning.core.errors import M3IError
 from m3i_lightning.data.imagefolder import class_names, list_folder
-from m3i_lightning.errors import M3IError
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -38,8 +38,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchmark  # noqa: E402  (the scripts folder: its compose)
 
-from m3i_lightning.factory import build_model, build_tokenizer_from  # noqa: E402
-from m3i_lightning.sharding import enable_activation_checkpointing, transformer_blocks  # noqa: E402
+from m3i_lightning.config.factory import build_model, build_tokenizer_from  # noqa: E402
+from m3i_lightning.engine.sharding import enable_activation_checkpointing, transformer_blocks  # noqa: E402
 
 BACKBONES = {"ViT-B/16": "vit_base", "ViT-L/16": "vit_large", "ViT-H/14": "vit_huge"}
 GIB = 2**30

@@ -10,8 +10,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from m3i_lightning.backbone import Backbone
+from m3i_lightning.components.text import ByteTokenizer
 from m3i_lightning.data import EmbeddedDigits
-from m3i_lightning.text import ByteTokenizer
 
 # Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine the spinning
 # of oversubscribed threads makes a step tens of times slower: tests run single-threaded.
@@ -73,7 +73,7 @@ TINY_HEADS = {
 def tiny_objective(name: str, tokenizer, backbone: Backbone | None = None, **overrides):
     """Objective ``name`` with tiny heads: standalone with ``backbone``, else sized for
     :data:`TINY_VIT` and ready to be put in a MultiObjective."""
-    from m3i_lightning.factory import objective_class
+    from m3i_lightning.config.factory import objective_class
 
     options = {**TINY_HEADS.get(name, {}), **overrides}
     if name == "clip":
@@ -124,8 +124,8 @@ def clip_checkpoint(tmp_path_factory):
     """300 steps of clip alone on the digits (~10 s), saved with its config."""
     import lightning as L
 
-    from m3i_lightning.factory import build_datamodule, build_model, build_tokenizer_from
-    from m3i_lightning.restore import StoreConfig
+    from m3i_lightning.config.factory import build_datamodule, build_model, build_tokenizer_from
+    from m3i_lightning.config.restore import StoreConfig
 
     cfg = compose_config(*CLIP_TINY, "data.batch_size=64", "optim.lr=2e-3")
     L.seed_everything(0)

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_backbone
 
-from m3i_lightning import sharding
 from m3i_lightning.backbone import (
     Backbone,
     ConvNeXtBackbone,
@@ -17,15 +16,16 @@ from m3i_lightning.backbone import (
     SwinBackbone,
     VisionTransformerBackbone,
 )
+from m3i_lightning.components.masking import RandomMask
+from m3i_lightning.components.predictor import TokenPredictor
+from m3i_lightning.components.text import ByteTokenizer
+from m3i_lightning.config.factory import build_objectives
+from m3i_lightning.core.errors import ConfigError
 from m3i_lightning.data import EmbeddedDigits
-from m3i_lightning.engine import MultiObjective
-from m3i_lightning.errors import ConfigError
-from m3i_lightning.factory import build_objectives
-from m3i_lightning.masking import RandomMask
-from m3i_lightning.mixing import encode_mixed, partner_rows
+from m3i_lightning.engine import sharding
+from m3i_lightning.engine.mixing import encode_mixed, partner_rows
+from m3i_lightning.engine.module import MultiObjective
 from m3i_lightning.objectives import OBJECTIVES
-from m3i_lightning.predictor import TokenPredictor
-from m3i_lightning.text import ByteTokenizer
 
 # 32 px nets whose last stage is a 4x4 grid of 8 px cells, over an 8x8 patch embedding.
 TINY_FAMILIES = {

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from m3i_lightning.text import ByteTokenizer, TextTower
+from m3i_lightning.components.text import ByteTokenizer, TextTower
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 TINY = ["backbone.img_size=16", "backbone.embed_dim=32", "backbone.depth=2",

@@ -16,12 +16,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from m3i_lightning.backbone import family_of
+from m3i_lightning.components.optim import OptimConfig
+from m3i_lightning.config.factory import accepted_options
 from m3i_lightning.data import DATA_MODULES
-from m3i_lightning.engine import Engine
-from m3i_lightning.factory import accepted_options
+from m3i_lightning.engine.module import Engine
 from m3i_lightning.objectives import OBJECTIVES
-from m3i_lightning.optim import OptimConfig
-from m3i_lightning.strategies import STRATEGIES
+from m3i_lightning.runtime.strategies import STRATEGIES
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))

@@ -6,12 +6,12 @@ import pytest
 import torch
 from data_files import image_bytes, pretrain
 
+from m3i_lightning.components.text import ByteTokenizer, HFTokenizer, TextTower
+from m3i_lightning.core.errors import ConfigError
 from m3i_lightning.data import HFData
 from m3i_lightning.data.hf import HFStream
 from m3i_lightning.data.stream import ViewStream
 from m3i_lightning.data.views import CropSet
-from m3i_lightning.errors import ConfigError
-from m3i_lightning.text import ByteTokenizer, HFTokenizer, TextTower
 
 datasets = pytest.importorskip("datasets")
 

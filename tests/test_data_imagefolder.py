@@ -9,9 +9,9 @@ import pytest
 import torch
 from data_files import image_bytes, labelled_folder, messy_folder, pretrain, write
 
+from m3i_lightning.components.text import ByteTokenizer
+from m3i_lightning.core.errors import ConfigError
 from m3i_lightning.data import ImageFolderData
-from m3i_lightning.errors import ConfigError
-from m3i_lightning.text import ByteTokenizer
 
 
 def folder_module(path, **kwargs) -> ImageFolderData:
@@ -87,7 +87,7 @@ def test_pretrain_on_a_messy_folder(tmp_path):
     done = pretrain(tmp_path / "run", "data=imagefolder", f"data.path={tmp_path / 'images'}",
                     "trainer.max_steps=2")
     assert done.returncode == 0, done.stderr[-3000:]
-    log = (tmp_path / "run" / "cli.log").read_text()
+    log = (tmp_path / "run" / "pretrain.log").read_text()
     assert re.search(r"skipped \d+ samples: \d+ unreadable image \(e.g. .*(corrupt|truncated)",
                      log), log
     assert "ignored 1 file(s)" in log and "notes.txt" in log

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from m3i_lightning.engine import MultiObjective
-from m3i_lightning.losses import clip_loss
+from m3i_lightning.components.losses import clip_loss
+from m3i_lightning.engine.module import MultiObjective
 from m3i_lightning.objectives.clip import CLIP
 from m3i_lightning.objectives.cls import Classification
 from m3i_lightning.objectives.mim_feat import MaskedFeature

@@ -24,12 +24,12 @@ from data_files import (
     write,
 )
 
+from m3i_lightning.components.text import ByteTokenizer
+from m3i_lightning.core.errors import ConfigError
 from m3i_lightning.data import WebDatasetData
 from m3i_lightning.data.shards import ShardSource, expand_urls
 from m3i_lightning.data.stream import Reader, ViewStream
 from m3i_lightning.data.views import CropSet
-from m3i_lightning.errors import ConfigError
-from m3i_lightning.text import ByteTokenizer
 
 PATTERN = "{000000..000007}.tar"
 

@@ -10,8 +10,8 @@ import torch.multiprocessing as mp
 from conftest import digits_module, tiny_backbone, tiny_objective
 from runs import COMPOSED, TINY_RUN, TWO_CPU_PROCESSES, gloo_share, losses, run
 
-from m3i_lightning.engine import MultiObjective
-from m3i_lightning.text import ByteTokenizer
+from m3i_lightning.components.text import ByteTokenizer
+from m3i_lightning.engine.module import MultiObjective
 
 GLOBAL_BATCH = 8
 STEPS = 2

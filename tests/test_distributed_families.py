@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from runs import TWO_CPU_PROCESSES, gloo_share, losses, run
 from test_backbone_families import digits32, family_backbone, heads
 
-from m3i_lightning.engine import MultiObjective
+from m3i_lightning.engine.module import MultiObjective
 
 GLOBAL_BATCH, STEPS = 8, 2
 

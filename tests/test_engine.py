@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import CONF_DIR, TINY_VIT, digits_module, tiny_backbone, tiny_objective
 
-from m3i_lightning.engine import MultiObjective
-from m3i_lightning.errors import ConfigError, NonFiniteLossError
+from m3i_lightning.core.errors import ConfigError, NonFiniteLossError
+from m3i_lightning.engine.module import MultiObjective
+from m3i_lightning.engine.plan import Input, Reading
 from m3i_lightning.objectives.base import Objective
-from m3i_lightning.plan import Input, Reading
 
 COMPOSED = ["mim_feat", "clip", "cls"]
 
@@ -214,7 +214,7 @@ def test_non_finite_loss_names_the_objective(tokenizer, batch, monkeypatch, bad)
 
 def test_objective_with_its_own_backbone_is_rejected(tokenizer):
     owner = tiny_objective("cls", tokenizer, backbone=tiny_backbone(depth=1))
-    with pytest.raises(ConfigError, match="'cls' owns a backbone"):
+    with pytest.raises(ConfigError, match="'cls' is a MultiObjective, not an objective head"):
         MultiObjective(tiny_backbone(depth=1), {"cls": owner})
 
 
@@ -249,7 +249,7 @@ def test_finite_check_interval(monkeypatch):
     """auto: every step on CPU; on a GPU only when Lightning reads the loss for logging."""
     from omegaconf import OmegaConf
 
-    from m3i_lightning.factory import finite_check_interval
+    from m3i_lightning.config.factory import finite_check_interval
 
     cfg = OmegaConf.create({"check_finite_every": "auto", "trainer": {"log_every_n_steps": 50}})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -263,27 +263,38 @@ def test_finite_check_interval(monkeypatch):
 def test_heads_load_no_engine_module():
     """An objective head (and the bare losses) import without the training engine."""
     code = ("import sys, m3i_lightning.objectives.base, m3i_lightning.objectives, "
-            "m3i_lightning.losses; print(sorted(m for m in sys.modules "
+            "m3i_lightning.components.losses; print(sorted(m for m in sys.modules "
             "if m.startswith('m3i_lightning')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     loaded = set(ast.literal_eval(out))
-    engine = {"m3i_lightning.engine", "m3i_lightning.plan", "m3i_lightning.factory",
-              "m3i_lightning.strategies", "m3i_lightning.mixing", "m3i_lightning.masking",
-              "m3i_lightning.teacher", "m3i_lightning.optim"}
+    engine = {"m3i_lightning.engine.module", "m3i_lightning.engine.plan", "m3i_lightning.config.factory",
+              "m3i_lightning.runtime.strategies", "m3i_lightning.engine.mixing", "m3i_lightning.components.masking",
+              "m3i_lightning.engine.teacher", "m3i_lightning.components.optim"}
     assert "m3i_lightning.objectives.base" in loaded and not loaded & engine
 
 
-def test_standalone_objective_is_its_class_and_a_head_is_not_an_engine(tokenizer):
-    from m3i_lightning.engine import Engine
+def test_standalone_objective_is_a_one_head_engine_that_pickles(tokenizer, tmp_path):
+    """``Cls(backbone=b)`` is a MultiObjective with that one head: a class defined where it
+    lives, which pickles, deep-copies and round-trips through torch.save."""
+    import copy
+    import pickle
+
+    from m3i_lightning.engine.module import Engine
     from m3i_lightning.objectives import Classification
 
     head = tiny_objective("cls", tokenizer)
     alone = tiny_objective("cls", tokenizer, backbone=tiny_backbone(depth=1))
     assert type(head) is Classification and not isinstance(head, Engine)
-    assert isinstance(alone, Classification) and isinstance(alone, Engine)
-    assert type(alone) is type(tiny_objective("cls", tokenizer, backbone=tiny_backbone(depth=1)))
-    assert alone.objectives() == {"cls": alone}
+    assert type(alone) is MultiObjective and type(alone).__module__ == "m3i_lightning.engine.module"
+    assert type(alone.head) is Classification and alone.objectives() == {"cls": alone.head}
+    for restored in (pickle.loads(pickle.dumps(alone)), copy.deepcopy(alone)):
+        assert type(restored.head) is Classification
+        assert restored.state_dict().keys() == alone.state_dict().keys()
+    torch.save(alone, tmp_path / "alone.pt")
+    loaded = torch.load(tmp_path / "alone.pt", weights_only=False)
+    for key, value in alone.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.01, 1.0, 1.5, -0.5])
@@ -298,7 +309,7 @@ def test_unknown_mask_kind_names_the_choices(tokenizer):
 
 
 def test_a_teacher_of_another_width_needs_heads_sized_for_it(tokenizer):
-    from m3i_lightning.teacher import TargetEncoder
+    from m3i_lightning.engine.teacher import TargetEncoder
 
     wide = TargetEncoder(tiny_backbone(embed_dim=48, depth=1))
     with pytest.raises(ConfigError, match=r"48 wide.*\['global_distill'\].*\[32\]"):
@@ -347,7 +358,7 @@ def test_a_fifteenth_objective_is_one_class_file_and_one_yaml(tmp_path, monkeypa
 
     from hydra import compose, initialize_config_dir
 
-    from m3i_lightning.factory import build_model
+    from m3i_lightning.config.factory import build_model
     from m3i_lightning.objectives import OBJECTIVES
 
     (tmp_path / "global_regression.py").write_text(FIFTEENTH)

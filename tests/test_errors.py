@@ -17,9 +17,10 @@ import pytest
 import torch
 from runs import TINY_RUN, run
 
-from m3i_lightning import cli, export
-from m3i_lightning import eval as eval_command
-from m3i_lightning.errors import ConfigError
+from m3i_lightning.commands import eval as eval_command
+from m3i_lightning.commands import export as export_command
+from m3i_lightning.commands import pretrain as cli
+from m3i_lightning.core.errors import ConfigError
 
 QUIET_HYDRA = ["hydra/job_logging=none", "hydra/hydra_logging=none"]
 TINY_CLS = [*TINY_RUN, "objective=[cls]", "data.batch_size=32"]
@@ -84,13 +85,13 @@ def test_bad_checkpoint_files_given_to_eval_and_export(files, tmp_path, capsys, 
     for bad, expected in (("missing", "no such file"), ("truncated", "cannot be read"),
                           ("pickle", "wrote or trusts")):
         path = files.get(bad, tmp_path / "missing.ckpt")
-        line = fails_with_one_line(capsys, monkeypatch, export.main, "export",
+        line = fails_with_one_line(capsys, monkeypatch, export_command.main, "export",
                                    f"checkpoint={path}", f"out={out}")
         assert expected in line
-    line = fails_with_one_line(capsys, monkeypatch, export.main, "export", f"out={out}")
+    line = fails_with_one_line(capsys, monkeypatch, export_command.main, "export", f"out={out}")
     assert "checkpoint=PATH out=DIR" in line
     assert not out.exists()  # nothing exported from a bad checkpoint
-    line = fails_with_one_line(capsys, monkeypatch, export.main, "export",
+    line = fails_with_one_line(capsys, monkeypatch, export_command.main, "export",
                                f"checkpoint={files['good']}", f"out={files['a_file']}/sub")
     assert f"cannot write the exported model to {files['a_file']}/sub" in line
 
@@ -139,7 +140,7 @@ def test_a_shell_sees_one_line_and_hydra_full_error_shows_the_trace(files, tmp_p
 
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # the error itself propagates, trace and all
     for main, args in ((eval_command.main, [f"hydra.run.dir={tmp_path}", *QUIET_HYDRA]),
-                       (export.main, [f"out={tmp_path / 'out'}"])):
+                       (export_command.main, [f"out={tmp_path / 'out'}"])):
         monkeypatch.setattr(sys, "argv", ["prog", f"checkpoint={files['truncated']}", *args])
         with pytest.raises(ConfigError, match="cannot be read as a checkpoint"):
             main()

@@ -15,12 +15,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import compose_config, digits_module, tiny_backbone, tiny_objective
 
-from m3i_lightning.engine import MultiObjective
-from m3i_lightning.errors import ConfigError
-from m3i_lightning.eval import RESULTS_FILE, evaluate_command
-from m3i_lightning.export import export_model
-from m3i_lightning.monitors import KNNAccuracy, LinearProbeAccuracy, ProbeMonitor
-from m3i_lightning.restore import load_checkpoint
+from m3i_lightning.commands.eval import RESULTS_FILE, evaluate_command
+from m3i_lightning.config.artifacts import export_model
+from m3i_lightning.config.restore import load_checkpoint
+from m3i_lightning.core.errors import ConfigError
+from m3i_lightning.engine.module import MultiObjective
+from m3i_lightning.evaluation.monitors import KNNAccuracy, LinearProbeAccuracy, ProbeMonitor
 
 NUM_CLASSES, K, TEMPERATURE = 4, 5, 0.1
 

@@ -10,8 +10,8 @@ import pytest
 from conftest import compose_config
 from runs import TINY_RUN, TWO_CPU_PROCESSES, run
 
-from m3i_lightning.errors import ConfigError
-from m3i_lightning.eval import RESULTS_FILE, evaluate_command
+from m3i_lightning.commands.eval import RESULTS_FILE, evaluate_command
+from m3i_lightning.core.errors import ConfigError
 
 TABLE_ROW = "| kNN top-1"
 

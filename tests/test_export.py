@@ -14,11 +14,12 @@ import torch
 from conftest import compose_config, tiny_backbone
 from runs import TIMM_ONLY
 
-from m3i_lightning import export
-from m3i_lightning.errors import ConfigError
-from m3i_lightning.factory import build_datamodule, build_model, build_tokenizer_from
-from m3i_lightning.restore import CONFIG_KEY, StoreConfig, TrainedModel, load_checkpoint
-from m3i_lightning.zeroshot import class_embeddings
+from m3i_lightning.commands import export as export_command
+from m3i_lightning.config import artifacts as export
+from m3i_lightning.config.factory import build_datamodule, build_model, build_tokenizer_from
+from m3i_lightning.config.restore import CONFIG_KEY, StoreConfig, TrainedModel, load_checkpoint
+from m3i_lightning.core.errors import ConfigError
+from m3i_lightning.evaluation.zeroshot import class_embeddings
 
 
 def test_exported_backbone_gives_identical_features_in_a_clean_timm_process(tmp_path):
@@ -71,7 +72,7 @@ def clip_checkpoint(tmp_path_factory):
 def test_export_command_writes_the_trained_backbone_text_tower_and_tokenizer(clip_checkpoint,
                                                                              tmp_path, capsys):
     path, model, tokenizer, dm = clip_checkpoint
-    export.main([f"checkpoint={path}", f"out={tmp_path}"])
+    export_command.main([f"checkpoint={path}", f"out={tmp_path}"])
     assert str(tmp_path) in capsys.readouterr().out
     spec = json.loads((tmp_path / "clip" / export.TOKENIZER_FILE).read_text())
     assert spec == {"tokenizer": "byte", "context_length": tokenizer.context_length}
@@ -102,4 +103,4 @@ def test_checkpoint_without_config_and_bad_arguments_fail_clearly(clip_checkpoin
     with pytest.raises(ConfigError, match="training config"):
         load_checkpoint(tmp_path / "plain.ckpt")
     with pytest.raises(SystemExit):
-        export.main([f"out={tmp_path}"])
+        export_command.main([f"out={tmp_path}"])

@@ -17,10 +17,10 @@ from hydra import compose, initialize_config_dir
 from runs import TIMM_ONLY, run
 from test_backbone_families import TINY_FAMILIES, family_backbone
 
-from m3i_lightning import export
-from m3i_lightning.factory import build_datamodule, build_model, build_tokenizer_from
+from m3i_lightning.config import artifacts as export
+from m3i_lightning.config.factory import build_datamodule, build_model, build_tokenizer_from
+from m3i_lightning.engine.teacher import FrozenTeacher
 from m3i_lightning.objectives import OBJECTIVES
-from m3i_lightning.teacher import FrozenTeacher
 
 FAMILIES = ["convnext", "swin", "resnet"]
 

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_VIT, tiny_backbone, tiny_objective
 
-from m3i_lightning.engine import MultiObjective
-from m3i_lightning.optim import OptimConfig, build_optimizer, fused_on
-from m3i_lightning.predictor import TokenPredictor
-from m3i_lightning.text import TextTower
+from m3i_lightning.components.optim import OptimConfig, build_optimizer, fused_on
+from m3i_lightning.components.predictor import TokenPredictor
+from m3i_lightning.components.text import TextTower
+from m3i_lightning.engine.module import MultiObjective
 
 
 @pytest.fixture

@@ -17,13 +17,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from runs import TWO_CPU_PROCESSES, losses, run
 
+from m3i_lightning.commands.finetune import FineTuningData, build_classifier, recipe_from
+from m3i_lightning.components.text import ByteTokenizer
+from m3i_lightning.config.artifacts import export_backbone
+from m3i_lightning.core.errors import ConfigError
 from m3i_lightning.data.views import CropSet
-from m3i_lightning.errors import ConfigError
-from m3i_lightning.export import export_backbone
 from m3i_lightning.finetune import Classifier, FineTuning, Recipe, layer_decay_groups
 from m3i_lightning.finetune.augment import RecipeView
-from m3i_lightning.finetune.command import FineTuningData, build_classifier, recipe_from
-from m3i_lightning.text import ByteTokenizer
 
 LR, DECAY, WEIGHT_DECAY = 1e-3, 0.5, 0.05
 # The layer of each parameter of a depth-2 ViT, written out: embeddings and the class token

@@ -9,15 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from m3i_lightning.data.views import RandomView
-from m3i_lightning.geometry import (
+from m3i_lightning.components.geometry import (
     image_to_view,
     patch_centres,
     relative_geometry,
     view_to_image,
 )
-from m3i_lightning.pixels import patchify
-from m3i_lightning.positions import grid_coords, sincos_embedding
+from m3i_lightning.components.pixels import patchify
+from m3i_lightning.core.positions import grid_coords, sincos_embedding
+from m3i_lightning.data.views import RandomView
 
 GRID = (4, 4)
 FULL = (0.0, 0.0, 1.0, 1.0, 0.0)

@@ -12,8 +12,8 @@ import torch
 from conftest import compose_config
 from safetensors.torch import load_file
 
-from m3i_lightning.export import export_backbone
-from m3i_lightning.factory import build_model
+from m3i_lightning.config.artifacts import export_backbone
+from m3i_lightning.config.factory import build_model
 
 
 @pytest.mark.parametrize(("objectives", "mix", "pooled", "extra"), [

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_backbone
 
-from m3i_lightning.health import RepresentationHealth, normalised_std, rankme
+from m3i_lightning.evaluation.health import RepresentationHealth, normalised_std, rankme
 
 
 def test_rankme_is_the_entropy_rank_of_the_singular_values():
@@ -64,7 +64,7 @@ def test_a_collapsed_representation_warns_and_a_fresh_one_does_not(recwarn):
 def test_teacher_cosine_starts_at_one_for_an_ema_copy(tokenizer):
     from conftest import tiny_objective
 
-    from m3i_lightning.engine import MultiObjective
+    from m3i_lightning.engine.module import MultiObjective
 
     torch.manual_seed(0)
     model = MultiObjective(tiny_backbone(), {"mim_feat": tiny_objective("mim_feat", tokenizer)})

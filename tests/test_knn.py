@@ -13,9 +13,9 @@ import torch.multiprocessing as mp
 from conftest import digits_module, tiny_backbone
 from sklearn.neighbors import NearestNeighbors
 
-from m3i_lightning.knn import extract_features, knn_predict, nearest
-from m3i_lightning.shares import EqualShare, split_loader
-from m3i_lightning.text import ByteTokenizer
+from m3i_lightning.components.text import ByteTokenizer
+from m3i_lightning.core.shares import EqualShare, split_loader
+from m3i_lightning.evaluation.knn import extract_features, knn_predict, nearest
 
 K, TEMPERATURE, CLASSES = 10, 0.07, 5
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from m3i_lightning import losses as L
-from m3i_lightning.distributions import Boltzmann, Gaussian
-from m3i_lightning.losses import boltzmann_nll, clip_loss, gaussian_nll
+from m3i_lightning.components.distributions import Boltzmann, Gaussian
+from m3i_lightning.components.losses import boltzmann_nll, clip_loss, gaussian_nll
 
 # --- hand-written references (explicit loops, no torch loss functions) -----------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from m3i_lightning.masking import AttentionMask, BlockMask, RandomMask, build_mask
+from m3i_lightning.components.masking import AttentionMask, BlockMask, RandomMask, build_mask
 
 GENERATORS = [RandomMask, BlockMask]
 

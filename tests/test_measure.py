@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
-from m3i_lightning.measure import (
+from measure import (
     PeakMemory,
     SyncCounter,
     count_calls,
     median_ratio,
     time_rounds,
 )
+from torch import nn
 
 CPU = torch.device("cpu")
 

@@ -6,7 +6,7 @@ import csv
 
 from lightning.pytorch.loggers import CSVLogger
 
-from m3i_lightning.metrics_log import ResumedCSVLogger
+from m3i_lightning.runtime.metrics_log import ResumedCSVLogger
 
 
 def rows(path) -> list[dict]:

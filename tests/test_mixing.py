@@ -6,9 +6,9 @@ import torch
 from conftest import tiny_backbone
 
 from m3i_lightning.backbone import gather_tokens
-from m3i_lightning.engine import MultiObjective
-from m3i_lightning.masking import RandomMask
-from m3i_lightning.mixing import encode_mixed, mixed_masks, partner_rows
+from m3i_lightning.components.masking import RandomMask
+from m3i_lightning.engine.mixing import encode_mixed, mixed_masks, partner_rows
+from m3i_lightning.engine.module import MultiObjective
 from m3i_lightning.objectives import Classification, MaskedFeature
 
 

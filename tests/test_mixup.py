@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_backbone, tiny_objective
 
-from m3i_lightning.engine import MultiObjective
-from m3i_lightning.errors import ConfigError
+from m3i_lightning.core.errors import ConfigError
+from m3i_lightning.engine.module import MultiObjective
 
 SMOOTHING = 0.1
 

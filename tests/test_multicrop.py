@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import digits_module, tiny_backbone, tiny_objective
 
-from m3i_lightning.engine import MultiObjective
-from m3i_lightning.optim import OptimConfig, build_optimizer, follow_weight_decay
-from m3i_lightning.plan import Input, Reading
+from m3i_lightning.components.optim import OptimConfig, build_optimizer, follow_weight_decay
+from m3i_lightning.engine.module import MultiObjective
+from m3i_lightning.engine.plan import Input, Reading
 
 LOCAL = dict(count=2, size=8, scale=(0.05, 0.4))
 DINO_TINY = dict(out_dim=16, hidden_dim=16, bottleneck_dim=8)
@@ -117,7 +117,7 @@ def test_weight_decay_follows_a_cosine_to_its_final_value():
 
 
 def test_msn_scores_its_focal_views_as_anchors_of_the_same_target(crops_batch):
-    from m3i_lightning.losses import msn_loss
+    from m3i_lightning.components.losses import msn_loss
 
     torch.manual_seed(0)
     msn = tiny_objective("sim_global", None, **MSN_TINY)

@@ -9,11 +9,11 @@ import torch
 from conftest import digits_module, tiny_backbone, tiny_objective
 
 from m3i_lightning.backbone import Backbone
-from m3i_lightning.engine import MultiObjective
-from m3i_lightning.errors import ConfigError
+from m3i_lightning.components.optim import OptimConfig, build_optimizer
+from m3i_lightning.core.errors import ConfigError
+from m3i_lightning.engine.module import MultiObjective
+from m3i_lightning.engine.teacher import cosine_momentum
 from m3i_lightning.objectives import CLIP, Classification, MaskedFeature
-from m3i_lightning.optim import OptimConfig, build_optimizer
-from m3i_lightning.teacher import cosine_momentum
 
 NAMES = ["cls", "clip", "mim_feat"]
 SELECTIONS = [[name] for name in NAMES] + [NAMES]
@@ -175,14 +175,14 @@ def test_data2vec_target_averages_the_teachers_last_blocks_in_one_pass(k, tokeni
     readings = objective.readings(batch)["mim_feat"]
     assert len(passes) == 1
     reading_batch, encoded, targets = readings[0]
-    loss, _ = objective.loss(reading_batch, encoded, targets)
+    loss, _ = objective.head.loss(reading_batch, encoded, targets)
 
     with torch.no_grad():
         target = ref_data2vec_target(teacher.model, batch["view1"], k)
     hidden = encoded.masked_index
     target = target.gather(1, hidden[..., None].expand(-1, -1, target.shape[-1]))
-    pred = objective.predictor(encoded.tokens, encoded.visible_index,
-                               objective.predictor.position(hidden))
+    pred = objective.head.predictor(encoded.tokens, encoded.visible_index,
+                               objective.head.predictor.position(hidden))
     error = (pred - target).abs()
     huber = torch.where(error < 2.0, 0.5 * error**2 / 2.0, error - 1.0).mean()
     torch.testing.assert_close(loss, huber, rtol=1e-4, atol=1e-5)
@@ -202,7 +202,7 @@ def test_data2vec_linear_head_reads_the_mask_token_encoding_at_the_masked_cells(
                                backbone=tiny_backbone(depth=3, mask_token=True))
     student, teacher = objective.backbone, objective.teacher.encoder
     reading_batch, encoded, targets = objective.readings(batch)["mim_feat"][0]
-    loss, _ = objective.loss(reading_batch, encoded, targets)
+    loss, _ = objective.head.loss(reading_batch, encoded, targets)
 
     x, hidden, m = batch["view1"], encoded.masked_index, student.model
     cells = torch.zeros(x.shape[0], 16, 1, dtype=torch.bool).scatter_(1, hidden[..., None], True)
@@ -210,7 +210,7 @@ def test_data2vec_linear_head_reads_the_mask_token_encoding_at_the_masked_cells(
     cls = (m.cls_token + m.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
     outputs = m.norm(m.blocks(torch.cat([cls, patches], dim=1)))[:, 1:]
     at_masked = outputs.gather(1, hidden[..., None].expand(-1, -1, 32))
-    pred = at_masked @ objective.predictor.weight.T + objective.predictor.bias
+    pred = at_masked @ objective.head.predictor.weight.T + objective.head.predictor.bias
     with torch.no_grad():
         target = ref_data2vec_target(teacher.model, x, 2)
     target = target.gather(1, hidden[..., None].expand(-1, -1, 32))
@@ -275,7 +275,7 @@ def prompting_reference(predictor, tokens, pos, prefix, query_pos):
 
 
 def test_prompting_decoder_keeps_the_prompts_fixed_and_updates_the_mask_tokens():
-    from m3i_lightning.predictor import TokenPredictor
+    from m3i_lightning.components.predictor import TokenPredictor
 
     torch.manual_seed(0)
     predictor = TokenPredictor(32, 24, (4, 4), dim=32, depth=2, num_heads=4, prompting=True)
@@ -299,7 +299,7 @@ def test_prompting_decoder_keeps_the_prompts_fixed_and_updates_the_mask_tokens()
 def test_every_decoder_starts_as_maes_xavier_uniform_linear_layers_with_zero_biases():
     """MAE, MILAN and SiameseIM initialise their decoders so (initialize_weights); PyTorch's
     default (kaiming-uniform, a ≈ 3x narrower bound at these widths) would differ."""
-    from m3i_lightning.predictor import TokenPredictor
+    from m3i_lightning.components.predictor import TokenPredictor
 
     torch.manual_seed(0)
     predictor = TokenPredictor(32, 48, (4, 4), dim=64, depth=2, num_heads=4, projector_depth=1)
@@ -317,7 +317,7 @@ def test_siameseim_decoder_projects_then_predicts_with_batchnorm_over_all_tokens
     """SiameseIM's decoder (models_sim.py forward_sim): the embedded encoder tokens pass the
     projector blocks before the decoder positions are added, every block normalises with
     BatchNorm over all tokens of the batch, and no norm precedes the output layer."""
-    from m3i_lightning.predictor import TokenBatchNorm, TokenPredictor
+    from m3i_lightning.components.predictor import TokenBatchNorm, TokenPredictor
 
     torch.manual_seed(0)
     predictor = TokenPredictor(32, 24, (4, 4), dim=32, depth=2, num_heads=4,
@@ -349,11 +349,11 @@ def test_milan_loss_covers_the_class_token_and_every_patch_against_raw_targets(t
     torch.manual_seed(0)
     objective = tiny_objective("mim_feat", tokenizer, backbone=tiny_backbone(), loss="cosine",
                                predictor="prompting", target_norm="none", loss_tokens="all")
-    assert objective.predictor.prompting
+    assert objective.head.predictor.prompting
     reading_batch, encoded, targets = objective.readings(batch)["mim_feat"][0]
-    loss, _ = objective.loss(reading_batch, encoded, targets)
-    pred = objective.predictor(encoded.tokens, encoded.visible_index,
-                               objective.predictor.position(encoded.masked_index),
+    loss, _ = objective.head.loss(reading_batch, encoded, targets)
+    pred = objective.head.predictor(encoded.tokens, encoded.visible_index,
+                               objective.head.predictor.position(encoded.masked_index),
                                prefix=encoded.global_feature[:, None], every_slot=True)
     teacher = targets.teacher
     order = torch.cat([encoded.visible_index, encoded.masked_index], dim=1)
@@ -377,7 +377,7 @@ def test_attention_mask_is_drawn_from_the_teachers_attention_of_the_same_images(
                                                                               batch):
     """mask.kind=attention: the teacher runs first and the student's visible patches are the
     AttentionMask draw from its class attention of view1 (the same random stream)."""
-    from m3i_lightning.masking import AttentionMask
+    from m3i_lightning.components.masking import AttentionMask
 
     torch.manual_seed(0)
     objective = tiny_objective("mim_feat", tokenizer, backbone=tiny_backbone(), mask="attention")

@@ -18,9 +18,10 @@ from runs import assert_each_term_logged, run
 
 from m3i_lightning import losses
 from m3i_lightning.backbone import Encoded
-from m3i_lightning.engine import MultiObjective
-from m3i_lightning.errors import ConfigError
-from m3i_lightning.heads import GlobalBatchNorm1d
+from m3i_lightning.components.heads import GlobalBatchNorm1d
+from m3i_lightning.components.optim import OptimConfig, build_optimizer
+from m3i_lightning.core.errors import ConfigError
+from m3i_lightning.engine.module import MultiObjective
 from m3i_lightning.objectives import (
     OBJECTIVES,
     DenseContrast,
@@ -28,7 +29,6 @@ from m3i_lightning.objectives import (
     SiameseGlobal,
     Targets,
 )
-from m3i_lightning.optim import OptimConfig, build_optimizer
 
 VARIANTS = ("moco", "byol", "barlow")
 

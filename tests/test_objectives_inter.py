@@ -13,10 +13,10 @@ from conftest import fit_fixed_batch, tiny_backbone
 from runs import assert_each_term_logged, run
 
 from m3i_lightning import MultiObjective
-from m3i_lightning.geometry import relative_geometry
-from m3i_lightning.losses import feature_correlation, unigrad_loss
+from m3i_lightning.components.geometry import relative_geometry
+from m3i_lightning.components.losses import feature_correlation, unigrad_loss
+from m3i_lightning.core.positions import grid_coords, sincos_embedding
 from m3i_lightning.objectives import OBJECTIVES
-from m3i_lightning.positions import grid_coords, sincos_embedding
 
 INTER = ["nvs", "sim_pixel", "sim_feat"]
 TINY = dict(predictor_dim=32, predictor_depth=1, predictor_heads=2)

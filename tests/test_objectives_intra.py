@@ -15,13 +15,13 @@ from hydra import compose, initialize_config_dir
 from runs import assert_each_term_logged, run
 
 from m3i_lightning import MultiObjective
-from m3i_lightning.errors import ConfigError
-from m3i_lightning.export import export_backbone
-from m3i_lightning.factory import build_model
-from m3i_lightning.losses import dino_loss, mae_loss
+from m3i_lightning.components.losses import dino_loss, mae_loss
+from m3i_lightning.components.pixels import patchify
+from m3i_lightning.config.artifacts import export_backbone
+from m3i_lightning.config.factory import build_model
+from m3i_lightning.core.errors import ConfigError
+from m3i_lightning.engine.teacher import FrozenTeacher
 from m3i_lightning.objectives import OBJECTIVES
-from m3i_lightning.pixels import patchify
-from m3i_lightning.teacher import FrozenTeacher
 
 INTRA = ["ae", "mim_pixel", "dense_distill", "global_distill", "mim_global"]
 TINY_OPTIONS = {
@@ -254,7 +254,7 @@ def train(name: str, batch: dict, steps: int = 30):
     if name == "global_distill":
         with torch.no_grad():
             teacher = objective.teacher(batch["view1"]).global_feature
-            objective.center.copy_(objective.momentum_head(teacher).mean(0))
+            objective.head.center.copy_(objective.head.momentum_head(teacher).mean(0))
     return fit_fixed_batch(objective, batch, steps)
 
 

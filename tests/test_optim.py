@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from m3i_lightning.errors import ConfigError
-from m3i_lightning.optim import OptimConfig, build_optimizer
+from m3i_lightning.components.optim import OptimConfig, build_optimizer
+from m3i_lightning.core.errors import ConfigError
 
 
 def test_lars_scales_each_weight_step_by_its_trust_ratio_and_not_the_biases():
@@ -46,7 +46,7 @@ def test_base_lr_follows_the_linear_scaling_rule():
 def test_the_engine_counts_the_batch_over_processes_and_accumulation(tokenizer):
     from conftest import tiny_backbone, tiny_objective
 
-    from m3i_lightning.engine import MultiObjective
+    from m3i_lightning.engine.module import MultiObjective
 
     model = MultiObjective(tiny_backbone(), {"cls": tiny_objective("cls", tokenizer)})
     model._trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=32), world_size=4,

@@ -14,18 +14,18 @@ from conftest import digits_module, tiny_backbone, tiny_objective
 from PIL import Image
 from runs import run
 
-from m3i_lightning.engine import MultiObjective
-from m3i_lightning.errors import ConfigError
-from m3i_lightning.pictures import (
+from m3i_lightning.components.pixels import normalize_patches, patchify, reconstruction_panels
+from m3i_lightning.config.loggers import run_loggers
+from m3i_lightning.config.restore import CONFIG_KEY
+from m3i_lightning.core.errors import ConfigError
+from m3i_lightning.engine.module import MultiObjective
+from m3i_lightning.runtime.pictures import (
     CURVES_DPI,
     CURVES_SIZE,
     ReconstructionGrid,
     grid_size,
     plot_curves,
 )
-from m3i_lightning.pixels import normalize_patches, patchify, reconstruction_panels
-from m3i_lightning.restore import CONFIG_KEY
-from m3i_lightning.runfolder import run_loggers
 
 PIXEL_HEADS = {"ae": dict(decoder_dim=32, decoder_depth=1, decoder_heads=2),
                "mim_pixel": dict(decoder_dim=32, decoder_depth=1, decoder_heads=2),

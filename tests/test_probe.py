@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from m3i_lightning.probe import fit_linear_probe
+from m3i_lightning.evaluation.probe import fit_linear_probe
 
 CLASSES, DIM, ROWS = 4, 6, 100
 # rank 0 holds the first 13 rows: most batches of 8 drawn from the 100 have none of them

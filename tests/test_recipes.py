@@ -11,12 +11,12 @@ from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
 
 from m3i_lightning.backbone import Backbone
+from m3i_lightning.components.masking import AttentionMask, BlockMask, RandomMask
+from m3i_lightning.components.predictor import TokenBatchNorm
+from m3i_lightning.config.artifacts import export_backbone
+from m3i_lightning.config.factory import build_datamodule, build_model, build_tokenizer_from
 from m3i_lightning.data.views import INTERPOLATIONS
-from m3i_lightning.export import export_backbone
-from m3i_lightning.factory import build_datamodule, build_model, build_tokenizer_from
-from m3i_lightning.masking import AttentionMask, BlockMask, RandomMask
-from m3i_lightning.predictor import TokenBatchNorm
-from m3i_lightning.teacher import FrozenTeacher
+from m3i_lightning.engine.teacher import FrozenTeacher
 
 # Paper values. "lr": the learning rate at the recipe's batch (the linear scaling rule applied);
 # "per_epoch_from": timm's schedule stepped once per epoch (DeiT's main.py), warmed up from it,

@@ -12,10 +12,10 @@ import torch
 from conftest import digits_module
 from torch.utils.data import IterableDataset
 
+from m3i_lightning.core.errors import ConfigError
 from m3i_lightning.data import sampling
 from m3i_lightning.data.dataset import make_loader
 from m3i_lightning.data.sampling import ResumableSampler, sample_seed
-from m3i_lightning.errors import ConfigError
 
 REPEATS = 3
 

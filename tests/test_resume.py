@@ -14,8 +14,8 @@ import torch
 from conftest import digits_module
 from runs import COMPOSED, TINY_RUN, losses, run
 
-from m3i_lightning.checkpointing import resume_path
-from m3i_lightning.errors import ConfigError
+from m3i_lightning.core.errors import ConfigError
+from m3i_lightning.runtime.checkpointing import resume_path
 
 LR = "lr-AdamW/pg1"  # LearningRateMonitor's column of the decayed parameters' lr
 

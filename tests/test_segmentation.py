@@ -12,10 +12,10 @@ import torch
 from conftest import tiny_backbone
 from PIL import Image
 
-from m3i_lightning.errors import ConfigError
-from m3i_lightning.eval import PROTOCOLS, selected_protocols
-from m3i_lightning.segmentation import confusion_matrix, mean_iou, segmentation_probe
-from m3i_lightning.segmentation.scenes import digit_scenes
+from m3i_lightning.core.errors import ConfigError
+from m3i_lightning.evaluation.protocols import PROTOCOLS, selected_protocols
+from m3i_lightning.evaluation.segmentation import confusion_matrix, mean_iou, segmentation_probe
+from m3i_lightning.evaluation.segmentation.scenes import digit_scenes
 
 IGNORE = 255
 
@@ -171,9 +171,9 @@ def test_eval_command_runs_segmentation_and_finetune_protocols_into_one_table(tm
 
     from conftest import compose_config
 
-    from m3i_lightning.eval import RESULTS_FILE, evaluate_command
-    from m3i_lightning.export import export_model
-    from m3i_lightning.restore import TrainedModel
+    from m3i_lightning.commands.eval import RESULTS_FILE, evaluate_command
+    from m3i_lightning.config.artifacts import export_model
+    from m3i_lightning.config.restore import TrainedModel
 
     torch.manual_seed(0)
     folder = export_model(TrainedModel(tiny_backbone()), tmp_path / "export")
@@ -207,7 +207,7 @@ def test_a_dense_objective_beats_random_init_on_the_scenes():
     import lightning as L
     from conftest import compose_config
 
-    from m3i_lightning.factory import build_datamodule, build_model, build_tokenizer_from
+    from m3i_lightning.config.factory import build_datamodule, build_model, build_tokenizer_from
 
     cfg = compose_config("objective=[mim_feat]", "objective.mim_feat.predictor_dim=32",
                          "objective.mim_feat.predictor_depth=1",

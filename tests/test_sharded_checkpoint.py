@@ -13,10 +13,10 @@ import pytest
 import torch
 from runs import TINY_RUN, TWO_CPU_PROCESSES, losses, run
 
-from m3i_lightning.checkpointing import read_checkpoint, resume_path
-from m3i_lightning.errors import ConfigError
-from m3i_lightning.restore import load_checkpoint
-from m3i_lightning.sharded_checkpoint import INDEX_FILE, METADATA_FILE
+from m3i_lightning.config.restore import load_checkpoint
+from m3i_lightning.core.errors import ConfigError
+from m3i_lightning.runtime.checkpointing import read_checkpoint, resume_path
+from m3i_lightning.runtime.sharded_checkpoint import INDEX_FILE, METADATA_FILE
 
 SHARDED = ["objective=[cls]", "strategy=fsdp", "trainer.accelerator=cpu",
            "data.batch_size=16", "checkpoint.every_n_steps=2", "checkpoint.sharded=true"]

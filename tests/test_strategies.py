@@ -10,11 +10,11 @@ from lightning.pytorch.strategies import FSDPStrategy
 from timm.models.vision_transformer import Block
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
-from m3i_lightning import sharding
 from m3i_lightning.backbone import Backbone
-from m3i_lightning.engine import MultiObjective
-from m3i_lightning.errors import ConfigError
-from m3i_lightning.strategies import FullyShardedDataParallel, build_strategy
+from m3i_lightning.core.errors import ConfigError
+from m3i_lightning.engine import sharding
+from m3i_lightning.engine.module import MultiObjective
+from m3i_lightning.runtime.strategies import FullyShardedDataParallel, build_strategy
 
 
 def _model(tokenizer, *names: str) -> MultiObjective:

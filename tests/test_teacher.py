@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from m3i_lightning.teacher import EMATeacher, cosine_momentum
+from m3i_lightning.engine.teacher import EMATeacher, cosine_momentum
 
 
 def test_cosine_momentum_endpoints():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import digits_module
 
-from m3i_lightning.errors import ConfigError
-from m3i_lightning.zeroshot import PHOTO_TEMPLATES, class_embeddings, class_prompts
+from m3i_lightning.core.errors import ConfigError
+from m3i_lightning.evaluation.zeroshot import PHOTO_TEMPLATES, class_embeddings, class_prompts
 
 
 class Named:
@@ -28,10 +28,10 @@ def test_caption_style_prompts_score_at_least_as_well_as_bare_names(clip_checkpo
     """A clip model trained on templated captions (the digits'): prompts in the style of its
     captions classify the held-out digits at least as well as the bare class names (up to 2
     points, 7 of 359 images, of run-to-run noise across CPUs), and well above chance (0.1)."""
-    from m3i_lightning.factory import build_datamodule
-    from m3i_lightning.knn import extract_features
-    from m3i_lightning.restore import load_checkpoint
-    from m3i_lightning.zeroshot import zero_shot_predict
+    from m3i_lightning.config.factory import build_datamodule
+    from m3i_lightning.config.restore import load_checkpoint
+    from m3i_lightning.evaluation.knn import extract_features
+    from m3i_lightning.evaluation.zeroshot import zero_shot_predict
 
     model = load_checkpoint(clip_checkpoint)
     dm = build_datamodule(model.config.data, model.tokenizer)

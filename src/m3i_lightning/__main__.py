@@ -1,3 +1,3 @@
-from m3i_lightning.cli import main
+from m3i_lightning.commands.pretrain import main
 
 main()

@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from timm.models import convnext, swin_transformer
 from torch import Tensor, nn
 
-from m3i_lightning.backbone.base import Backbone, Encoded, Part, gather_tokens
+from m3i_lightning.backbone.base import Backbone
 from m3i_lightning.backbone.mask_token import MaskTokenInput, new_mask_token
+from m3i_lightning.core.encoded import Encoded, Part, gather_tokens
 
 
 class MaskTokenBackbone(MaskTokenInput, Backbone):

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from m3i_lightning.backbone.base import Part
+from m3i_lightning.core.encoded import Part
 
 
 def new_mask_token(width: int) -> nn.Parameter:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from timm.models import resnet
 from torch import Tensor, nn
 
-from m3i_lightning.backbone.base import Backbone, Encoded
+from m3i_lightning.backbone.base import Backbone
+from m3i_lightning.core.encoded import Encoded
 
 
 class ResNetBackbone(Backbone):

@@ -10,10 +10,11 @@ import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
-from m3i_lightning.backbone.base import Backbone, Encoded, Part, gather_tokens
+from m3i_lightning.backbone.base import Backbone
 from m3i_lightning.backbone.mask_token import MaskTokenInput, new_mask_token
-from m3i_lightning.positions import grid_coords, sincos_embedding
-from m3i_lightning.weight_init import xavier_init_
+from m3i_lightning.core.encoded import Encoded, Part, gather_tokens
+from m3i_lightning.core.positions import grid_coords, sincos_embedding
+from m3i_lightning.core.weight_init import xavier_init_
 
 POSITION_EMBEDDINGS = ("learned", "sincos")
 INITS = ("timm", "mae", "moco")

@@ -8,11 +8,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
+from m3i_lightning.core.errors import ConfigError, M3IError, check_options
 from m3i_lightning.data.device_views import device_fields
 from m3i_lightning.data.sampling import ResumableLoader, ResumableSampler
 from m3i_lightning.data.skips import BadSample
 from m3i_lightning.data.views import CropSet
-from m3i_lightning.errors import ConfigError, M3IError, check_options
 
 MISSING_LABEL = -100
 MAX_REPLACEMENTS = 100

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from m3i_lightning.components.text import ByteTokenizer
 from m3i_lightning.data.dataset import ViewDataset, check_loader_options, make_loader
 from m3i_lightning.data.device_views import DeviceViews
 from m3i_lightning.data.views import CropSet, LocalCrops
-from m3i_lightning.text import ByteTokenizer
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTION_TEMPLATES = (

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
+from m3i_lightning.core.errors import ConfigError
 from m3i_lightning.data.dataset import ViewDataset
 from m3i_lightning.data.images import decode_image
 from m3i_lightning.data.module import ViewDataModule, require_usable
 from m3i_lightning.data.skips import BadSample
 from m3i_lightning.data.stream import Reader, ViewStream, held_out
-from m3i_lightning.errors import ConfigError
 
-log = logging.getLogger("m3i_lightning")
+log = logging.getLogger(__name__)
 
 SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
@@ -67,7 +67,7 @@ def load_hf(name: str, split: str, streaming: bool) -> tuple:
 
 def prepare_columns(dataset, image_columns: Sequence[str], optional: Sequence[str | None] = ()):
     """Check the columns exist and read the image columns undecoded (images, and the masks of
-    :mod:`m3i_lightning.segmentation`), so the workers decode them with the project's rules."""
+    :mod:`m3i_lightning.evaluation.segmentation`), so the workers decode them with the project's rules."""
     from datasets import Image
 
     columns = dataset.column_names

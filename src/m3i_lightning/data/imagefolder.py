@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
+from m3i_lightning.core.errors import ConfigError, EmptySplitError
 from m3i_lightning.data.dataset import ViewDataset
 from m3i_lightning.data.images import decode_image, is_image_name
 from m3i_lightning.data.module import ViewDataModule, require_usable
-from m3i_lightning.errors import ConfigError, EmptySplitError
 
-log = logging.getLogger("m3i_lightning")
+log = logging.getLogger(__name__)
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 CAPTION_COLUMNS = ("text", "caption")

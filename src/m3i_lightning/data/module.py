@@ -14,15 +14,15 @@ from collections.abc import Iterable, Mapping, Sequence
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from m3i_lightning.core.distributed import world
+from m3i_lightning.core.errors import ConfigError
 from m3i_lightning.data.dataset import check_loader_options, make_loader
 from m3i_lightning.data.device_views import DeviceViews
 from m3i_lightning.data.images import decode_image
 from m3i_lightning.data.skips import BadSample
 from m3i_lightning.data.views import CropSet, LocalCrops
-from m3i_lightning.distributed import world
-from m3i_lightning.errors import ConfigError
 
-log = logging.getLogger("m3i_lightning")
+log = logging.getLogger(__name__)
 
 
 class ViewDataModule(DeviceViews, L.LightningDataModule):

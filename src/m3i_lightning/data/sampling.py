@@ -25,7 +25,7 @@ import torch
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from m3i_lightning.distributed import world
+from m3i_lightning.core.distributed import world
 
 
 def sample_seed(seed: int, epoch: int, index: int, copy: int = 0) -> int:

@@ -27,13 +27,13 @@ from pathlib import PurePosixPath
 
 import fsspec
 
+from m3i_lightning.core.errors import ConfigError
 from m3i_lightning.data.images import is_image_name
 from m3i_lightning.data.module import ViewDataModule, require_usable
 from m3i_lightning.data.skips import BadSample
 from m3i_lightning.data.stream import Reader, ViewStream, held_out
-from m3i_lightning.errors import ConfigError
 
-log = logging.getLogger("m3i_lightning")
+log = logging.getLogger(__name__)
 
 _BRACES = re.compile(r"\{([^{}]*)\}")
 _BLOCK = 512

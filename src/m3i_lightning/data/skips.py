@@ -16,7 +16,7 @@ from collections import Counter
 import lightning as L
 import torch.distributed as dist
 
-log = logging.getLogger("m3i_lightning")
+log = logging.getLogger(__name__)
 
 
 class BadSample(Exception):

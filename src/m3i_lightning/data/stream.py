@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 from torch.utils.data import IterableDataset, get_worker_info
 
+from m3i_lightning.core.errors import M3IError
 from m3i_lightning.data.dataset import ViewDataset
 from m3i_lightning.data.images import decode_image
 from m3i_lightning.data.skips import BadSample
 from m3i_lightning.data.views import CropSet
-from m3i_lightning.errors import M3IError
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from torch import Tensor
 
-from m3i_lightning.plan import GLOBAL_VIEWS, local_view_names
-from m3i_lightning.seeding import seeded_globals
+from m3i_lightning.core.seeding import seeded_globals
+from m3i_lightning.core.views import GLOBAL_VIEWS, local_view_names
 
 IDENTITY_GEOMETRY = (0.0, 0.0, 1.0, 1.0, 0.0)
 # ``data.augment_on``: where the crops and colour augmentations of training views run. ``device``:

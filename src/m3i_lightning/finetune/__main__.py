@@ -1,3 +1,3 @@
-from m3i_lightning.finetune.command import main
+from m3i_lightning.commands.finetune import main
 
 main()

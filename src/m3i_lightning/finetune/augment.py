@@ -18,8 +18,8 @@ import torchvision.transforms.v2.functional as TF
 from timm.data import create_transform
 from torch import Tensor
 
+from m3i_lightning.core.seeding import seeded_globals
 from m3i_lightning.data.views import IDENTITY_GEOMETRY, CropSet
-from m3i_lightning.seeding import seeded_globals
 
 
 class RecipeView:

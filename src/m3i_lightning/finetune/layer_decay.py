@@ -12,7 +12,7 @@ import re
 
 from torch import nn
 
-from m3i_lightning.optim import decays
+from m3i_lightning.components.optim import decays
 
 INPUT_SIDE = ("patch_embed", "pos_embed", "cls_token", "reg_token", "norm_pre")
 BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")

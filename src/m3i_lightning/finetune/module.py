@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor, nn
 
-from m3i_lightning import sharding
 from m3i_lightning.backbone import Backbone
-from m3i_lightning.batch_mixup import BatchMixup
+from m3i_lightning.components.batch_mixup import BatchMixup
+from m3i_lightning.components.optim import warmup_cosine
+from m3i_lightning.core.shares import valid_rows
+from m3i_lightning.engine import sharding
+from m3i_lightning.engine.teacher import ema_
 from m3i_lightning.finetune.layer_decay import layer_decay_groups
-from m3i_lightning.optim import warmup_cosine
-from m3i_lightning.shares import valid_rows
-from m3i_lightning.teacher import ema_
 
 HEAD_INIT_STD = 2e-5  # MAE's fine-tuning head: near zero, so early steps keep the features
 
@@ -66,7 +66,7 @@ class FineTuning(L.LightningModule):
 
     Logs ``train/loss``, and after every validation epoch ``val/top1`` and ``val/top5`` over
     the held-out split (``val/ema_top1`` / ``val/ema_top5`` for the averaged weights). The
-    validation batches are each rank's equal share (:mod:`m3i_lightning.shares`): padding rows
+    validation batches are each rank's equal share (:mod:`m3i_lightning.core.shares`): padding rows
     are not counted, so the figures are those of one process over the whole split.
     """
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from m3i_lightning.backbone import Encoded, gather_tokens
-from m3i_lightning.errors import ConfigError
-from m3i_lightning.losses import mae_loss
+from m3i_lightning.components.losses import mae_loss
+from m3i_lightning.components.pixels import patchify, reconstruction_panels
+from m3i_lightning.components.predictor import TokenPredictor
+from m3i_lightning.core.encoded import Encoded, gather_tokens
+from m3i_lightning.core.errors import ConfigError
 from m3i_lightning.objectives.base import Objective, Targets
-from m3i_lightning.pixels import patchify, reconstruction_panels
-from m3i_lightning.predictor import TokenPredictor
 
 
 class AutoEncoder(Objective):

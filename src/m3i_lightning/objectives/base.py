@@ -1,24 +1,24 @@
 """The objective plugin: one row of the unified table, one term of Eq. 4.
 
 An objective is a head: its predictor f_ψ, its distribution form and what it reads. It knows
-nothing of optimisers, masks or teachers; the engine (:mod:`m3i_lightning.engine`) encodes the
-inputs and builds the targets it declares. Given ``backbone=...`` an objective is built as a
-complete LightningModule that trains on its own (see :meth:`Objective.__new__`); only then is
-the engine imported.
+nothing of optimisers, masks or teachers; the engine (:mod:`m3i_lightning.engine.module`) encodes the
+inputs and builds the targets it declares. ``SiameseFeature(backbone=b, ...)`` builds a complete
+LightningModule that trains it on its own: the package root installs :attr:`Objective.host`
+(the engine's ``MultiObjective.alone``), so this module never imports the engine.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-import lightning as L
 import torch
 from torch import Tensor, nn
 
-from m3i_lightning.backbone import Encoded
-from m3i_lightning.errors import ConfigError
+from m3i_lightning.core.encoded import Encoded
+from m3i_lightning.core.errors import ConfigError
 
 LossInputs = tuple[dict, Encoded, "Targets"]  # what the engine hands to :meth:`Objective.loss`
 
@@ -44,7 +44,7 @@ class Targets:
     student: Encoded | None = None
 
 
-class Objective(L.LightningModule):
+class Objective(nn.Module):
     """Owns its predictor f_ψ and distribution form; declares its input and target.
 
     The class variables are the objective's row of the unified table; the engine plans every
@@ -104,15 +104,20 @@ class Objective(L.LightningModule):
         elif "name" in vars(cls):
             OBJECTIVES[cls.name] = cls
 
+    # Builds the trainable module of ``Cls(backbone=b, **options)``: set by the package root,
+    # the composition root that knows the engine (dependency inversion: heads sit below it).
+    host: ClassVar[Callable[..., nn.Module] | None] = None
+
     def __new__(cls, *args, backbone=None, **kwargs):
-        """With a backbone, the object is of the engine-hosting subclass of ``cls`` (made once
-        per class, :func:`m3i_lightning.engine.standalone`): the same objective, plus the
-        engine's training steps. Without one, a plain head for a MultiObjective."""
+        """Without a backbone, a plain head for a MultiObjective. With one, the objective
+        trained on its own: ``Objective.host(cls, backbone, **kwargs)``, a MultiObjective with
+        this one head (``model.head``), which pickles and deep-copies like any module."""
         if backbone is None:
             return super().__new__(cls)
-        from m3i_lightning.engine import standalone
-
-        return super().__new__(standalone(cls))
+        if Objective.host is None:
+            raise ConfigError(f"{cls.__name__}(backbone=...) needs the engine: build it with "
+                              "m3i_lightning.MultiObjective.alone")
+        return Objective.host(cls, backbone, *args, **kwargs)
 
     def __init__(self, *, weight: float = 1.0, embed_dim: int | None = None,
                  grid_size: tuple[int, int] | None = None, patch_size: int | None = None) -> None:
@@ -187,8 +192,8 @@ class Objective(L.LightningModule):
     def pictures(self, batch: dict, encoded: Encoded, targets: Targets) -> dict[str, Tensor]:
         """Pictures of what the objective predicts, for people to look at: name → images
         [B, 3, H, W] in the views' normalised space, in display order (pixel objectives return
-        :func:`~m3i_lightning.pixels.reconstruction_panels`). Empty for objectives whose
-        targets are not pixels. Drawn by :class:`~m3i_lightning.pictures.ReconstructionGrid`."""
+        :func:`~m3i_lightning.components.pixels.reconstruction_panels`). Empty for objectives whose
+        targets are not pixels. Drawn by :class:`~m3i_lightning.runtime.pictures.ReconstructionGrid`."""
         return {}
 
 

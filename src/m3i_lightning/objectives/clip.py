@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m3i_lightning.distributed import gather_with_grad
-from m3i_lightning.losses import clip_loss
+from m3i_lightning.components.losses import clip_loss
+from m3i_lightning.components.text import TextTower
+from m3i_lightning.core.distributed import gather_with_grad
 from m3i_lightning.objectives.base import Objective
-from m3i_lightning.text import TextTower
 
 
 class CLIP(Objective):

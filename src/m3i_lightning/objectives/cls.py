@@ -7,10 +7,10 @@ import random
 import torch
 from torch import nn
 
-from m3i_lightning.batch_mixup import BatchMixup
-from m3i_lightning.distributions import Boltzmann
+from m3i_lightning.components.batch_mixup import BatchMixup
+from m3i_lightning.components.distributions import Boltzmann
+from m3i_lightning.core.seeding import seeded_globals
 from m3i_lightning.objectives.base import Objective
-from m3i_lightning.seeding import seeded_globals
 
 
 class Classification(Objective):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from m3i_lightning.backbone import gather_tokens
-from m3i_lightning.distributions import Gaussian
-from m3i_lightning.errors import ConfigError
+from m3i_lightning.components.distributions import Gaussian
+from m3i_lightning.core.encoded import gather_tokens
+from m3i_lightning.core.errors import ConfigError
 from m3i_lightning.objectives.base import Objective
 
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from m3i_lightning.distributed import gather_with_grad
-from m3i_lightning.heads import mlp
-from m3i_lightning.losses import dense_info_nce, queue_info_nce
+from m3i_lightning.components.heads import mlp
+from m3i_lightning.components.losses import dense_info_nce, queue_info_nce
+from m3i_lightning.core.distributed import gather_with_grad
 from m3i_lightning.objectives.base import Objective
 
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from m3i_lightning.distributed import mean_over_ranks
-from m3i_lightning.heads import mlp
-from m3i_lightning.losses import dino_loss
+from m3i_lightning.components.heads import mlp
+from m3i_lightning.components.losses import dino_loss
+from m3i_lightning.core.distributed import mean_over_ranks
 from m3i_lightning.objectives.base import Objective
 
 

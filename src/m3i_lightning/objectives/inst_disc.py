@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from m3i_lightning.distributed import gather_with_grad
-from m3i_lightning.heads import GlobalBatchNorm1d, mlp
-from m3i_lightning.losses import barlow_twins_loss, byol_loss, info_nce
+from m3i_lightning.components.heads import GlobalBatchNorm1d, mlp
+from m3i_lightning.components.losses import barlow_twins_loss, byol_loss, info_nce
+from m3i_lightning.core.distributed import gather_with_grad
 from m3i_lightning.objectives.base import Objective, Targets
 
 
@@ -23,7 +23,7 @@ class InstanceDiscrimination(Objective):
     is the view1 image. The family of :class:`MoCoV3`, :class:`BYOL` and :class:`BarlowTwins`.
 
     Each projector width left null takes the reference's (``reference_dims``). Heads use
-    :class:`~m3i_lightning.heads.GlobalBatchNorm1d`, the global-batch (synchronised)
+    :class:`~m3i_lightning.components.heads.GlobalBatchNorm1d`, the global-batch (synchronised)
     BatchNorm of the references; their linear layers keep a bias, which a following
     BatchNorm or the batch standardisation cancels, so the functions equal the references'.
     """

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m3i_lightning.backbone import gather_tokens
-from m3i_lightning.distributions import Gaussian
-from m3i_lightning.errors import ConfigError, check_options
+from m3i_lightning.components.distributions import Gaussian
+from m3i_lightning.components.predictor import TokenPredictor
+from m3i_lightning.core.encoded import gather_tokens
+from m3i_lightning.core.errors import ConfigError, check_options
 from m3i_lightning.objectives.base import Objective
-from m3i_lightning.predictor import TokenPredictor
 
 # ``predictor``: the head that predicts the masked cells' features (see MaskedFeature).
 PREDICTORS = ("transformer", "prompting", "linear")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from m3i_lightning.distributions import Gaussian
-from m3i_lightning.heads import mlp
+from m3i_lightning.components.distributions import Gaussian
+from m3i_lightning.components.heads import mlp
 from m3i_lightning.objectives.base import Objective
 
 

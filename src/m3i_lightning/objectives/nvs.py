@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from m3i_lightning.errors import ConfigError
-from m3i_lightning.losses import mae_loss
+from m3i_lightning.components.losses import mae_loss
+from m3i_lightning.components.pixels import patchify, reconstruction_panels
+from m3i_lightning.core.errors import ConfigError
 from m3i_lightning.objectives.relative_query import RelativeQueryObjective
-from m3i_lightning.pixels import patchify, reconstruction_panels
 
 
 class NovelViewSynthesis(RelativeQueryObjective):

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from m3i_lightning.backbone import Encoded
-from m3i_lightning.geometry import relative_geometry
+from m3i_lightning.components.geometry import relative_geometry
+from m3i_lightning.components.predictor import TokenPredictor
+from m3i_lightning.core.encoded import Encoded
 from m3i_lightning.objectives.base import Objective, Targets
-from m3i_lightning.predictor import TokenPredictor
 
 
 class RelativePredictor(nn.Module):
-    """A :class:`~m3i_lightning.predictor.TokenPredictor` whose queries are the target view's
+    """A :class:`~m3i_lightning.components.predictor.TokenPredictor` whose queries are the target view's
     patches: the sin-cos embedding of their coordinates in the input grid, plus a learned
     projection of the target's relative log-scale and flip (SiameseIM adds relative position
     and scale to its mask-token queries).

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from m3i_lightning.backbone import Encoded
-from m3i_lightning.distributed import mean_over_ranks
-from m3i_lightning.losses import autocast_off, feature_correlation, unigrad_loss
+from m3i_lightning.components.losses import autocast_off, feature_correlation, unigrad_loss
+from m3i_lightning.core.distributed import mean_over_ranks
+from m3i_lightning.core.encoded import Encoded
 from m3i_lightning.objectives.relative_query import RelativeQueryObjective
 
 
@@ -19,7 +19,7 @@ class SiameseFeature(RelativeQueryObjective):
     predictor must both match the views (semantic alignment, as instance discrimination does)
     and fill in content it never saw (spatial sensitivity, as masked image modelling does).
 
-    The loss is the dense UniGrad loss (:func:`~m3i_lightning.losses.unigrad_loss`): a Gaussian
+    The loss is the dense UniGrad loss (:func:`~m3i_lightning.components.losses.unigrad_loss`): a Gaussian
     pull to the stop-gradient target plus ``neg_weight`` (0.02) times a decorrelation term on
     the predictions. Its correlation matrix F of the targets is averaged over ranks;
     ``correlation_momentum`` ρ keeps a moving average F ← ρF + (1−ρ)F_batch as UniGrad does for

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m3i_lightning.distributed import gather_with_grad
-from m3i_lightning.heads import mlp
-from m3i_lightning.losses import msn_loss
+from m3i_lightning.components.heads import mlp
+from m3i_lightning.components.losses import msn_loss
+from m3i_lightning.core.distributed import gather_with_grad
 from m3i_lightning.objectives.base import Objective
 
 

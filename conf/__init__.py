@@ -1,1 +1,0 @@
-"""Hydra configs, importable so they ship inside the wheel and are found from any directory."""

@@ -1,0 +1,196 @@
+"""``python -m m3i_lightning.finetune checkpoint=PATH | backbone_dir=DIR | random_init=true``:
+fine-tune a pre-trained backbone on a labelled data set (``data=...``, as for pre-training)
+with a recipe of ``conf/finetune/``; writes best and last checkpoints and ``finetune.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from m3i_lightning.backbone import Backbone
+from m3i_lightning.conf import CONF_DIR
+from m3i_lightning.config.factory import build_datamodule
+from m3i_lightning.config.finetune_source import finetuning_backbone, load_source, transfer
+from m3i_lightning.config.loggers import run_loggers
+from m3i_lightning.config.trainer import per_device_batch, trainer_kwargs
+from m3i_lightning.core.errors import ConfigError, one_line_errors
+from m3i_lightning.core.shares import split_loader
+from m3i_lightning.finetune.augment import RecipeView
+from m3i_lightning.finetune.module import Classifier, FineTuning, Recipe
+from m3i_lightning.runtime.checkpointing import AtomicCheckpointIO, LastCheckpoint
+from m3i_lightning.runtime.strategies import build_strategy
+
+RESULTS_FILE = "finetune.json"
+CONFIG_KEY = "m3i_finetune_config"
+STRATEGIES = ("auto", "ddp", "fsdp")
+TRAIN_FIELDS = {"view1", "label"}
+
+
+class FineTuningData(L.LightningDataModule):
+    """A pre-training data module serving fine-tuning batches: its training images through
+    the recipe's :class:`~m3i_lightning.finetune.augment.RecipeView`, with labels, and its
+    held-out split as every rank's equal share (:mod:`m3i_lightning.core.shares`)."""
+
+    def __init__(self, data, view: RecipeView) -> None:
+        super().__init__()
+        self.data = data
+        self.data.view = view
+
+    def setup(self, stage: str) -> None:
+        if hasattr(self.data, "setup"):
+            self.data.setup(stage)
+
+    def train_dataloader(self):
+        return self.data.train_dataloader()
+
+    def val_dataloader(self):
+        return split_loader(self.data, "val")
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Refuse unlabelled training images while the labels are still on the host (no
+        device sync): cross-entropy would silently ignore them."""
+        if self.trainer.training and (batch["label"] < 0).any():
+            missing = int((batch["label"] < 0).sum())
+            raise ConfigError(f"fine-tuning needs a label for every training image: {missing} "
+                              f"of a batch of {len(batch['label'])} have none")
+        return batch
+
+
+class StoreFineTuningConfig(L.Callback):
+    """The resolved fine-tuning config in every checkpoint, under its own key (these are not
+    pre-training checkpoints)."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[CONFIG_KEY] = self.config
+
+
+def recipe_from(cfg: DictConfig, global_batch: int) -> Recipe:
+    """The optimisation recipe; ``lr: null`` takes MAE's rule lr = blr · batch / 256."""
+    r = cfg.finetune
+    lr = r.lr if r.lr is not None else r.blr * global_batch / 256
+    return Recipe(lr=lr, layer_decay=r.layer_decay, weight_decay=r.weight_decay,
+                  betas=tuple(r.betas), warmup_epochs=r.warmup_epochs, min_lr=r.min_lr,
+                  mixup=r.mixup, cutmix=r.cutmix, smoothing=r.smoothing, ema=r.ema)
+
+
+def build_classifier(cfg: DictConfig, num_classes: int,
+                     pretrained: tuple[Backbone, str] | None = None) -> tuple[Classifier, str]:
+    """``backbone=`` with the pre-trained weights of exactly one source, and its name;
+    ``pretrained``: a backbone in memory and its name (the eval command's ``finetune``
+    protocol), whose own architecture is then fine-tuned."""
+    r = cfg.finetune
+    if pretrained is not None:
+        source, name = pretrained
+        spec = {"arch": source.arch, "img_size": source.img_size, **source.timm_kwargs}
+        backbone = finetuning_backbone(spec, r.drop_path, r.global_pool)
+        transfer(source, backbone, name)
+        return Classifier(backbone, num_classes), name
+    sources = [bool(cfg.checkpoint), bool(cfg.backbone_dir), bool(cfg.random_init)]
+    if sum(sources) != 1:
+        raise ConfigError("give exactly one of checkpoint=PATH (a pre-training checkpoint), "
+                          "backbone_dir=DIR (an exported folder) or random_init=true (the "
+                          "from-scratch baseline)")
+    backbone = finetuning_backbone(OmegaConf.to_container(cfg.backbone, resolve=True),
+                                   r.drop_path, r.global_pool)
+    name = "random_init"
+    if not cfg.random_init:
+        source, name = load_source(cfg.checkpoint, cfg.backbone_dir)
+        transfer(source, backbone, name)
+    return Classifier(backbone, num_classes), name
+
+
+def finetune(cfg: DictConfig, out: Path, pretrained: tuple[Backbone, str] | None = None) -> dict:
+    """Fit, validate the last weights once more, and write ``finetune.json`` (rank 0);
+    ``pretrained``: see :func:`build_classifier`."""
+    if cfg.strategy.name not in STRATEGIES:
+        raise ConfigError(f"fine-tuning runs with strategy= one of {STRATEGIES}, not "
+                          f"'{cfg.strategy.name}'")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = build_datamodule(cfg.data, None, TRAIN_FIELDS)
+    if "label" not in data.provides:
+        raise ConfigError(f"fine-tuning needs labels: data '{cfg.data.name}' provides none")
+    r = cfg.finetune
+    datamodule = FineTuningData(data, RecipeView(
+        data.view, r.crop_scale, r.hflip, r.auto_augment, r.reprob, r.remode, r.interpolation))
+    classifier, source = build_classifier(cfg, data.num_classes, pretrained)
+    checkpoints = out / "checkpoints"
+    best = ModelCheckpoint(checkpoints, filename="best", monitor="val/top1", mode="max",
+                           enable_version_counter=False)
+    trainer = L.Trainer(**trainer_kwargs(cfg), default_root_dir=out,
+                        strategy=build_strategy(cfg.strategy, None),
+                        plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
+                        logger=run_loggers(cfg, out),
+                        callbacks=[best, LastCheckpoint(checkpoints), StoreFineTuningConfig(cfg),
+                                   LearningRateMonitor("step")])
+    data.batch_size = per_device_batch(r.batch_size, trainer.world_size)
+    model = FineTuning(classifier, recipe_from(cfg, r.batch_size))
+    trainer.fit(model, datamodule=datamodule)
+    last = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+    results = {"top1": last["val/top1"], "top5": last["val/top5"],
+               **{k.removeprefix("val/"): v for k, v in last.items() if "ema_top" in k}}
+    results["best_top1"] = keep_best(best, checkpoints / "last.ckpt", results["top1"],
+                                     trainer.is_global_zero)
+    if trainer.is_global_zero:
+        summary = {"source": source, "run_dir": str(out), "results": results,
+                   "epochs": trainer.current_epoch, "steps": trainer.global_step,
+                   "lr": model.recipe.lr, "checkpoints": {"best": str(checkpoints / "best.ckpt"),
+                                                          "last": str(checkpoints / "last.ckpt")},
+                   "finetune": OmegaConf.to_container(r, resolve=True)}
+        (out / RESULTS_FILE).write_text(json.dumps(summary, indent=2))
+        print(f"top-1 {100 * results['top1']:.2f}%  top-5 {100 * results['top5']:.2f}%  "
+              f"(best top-1 {100 * results['best_top1']:.2f}%)")
+        print(f"results: {out / RESULTS_FILE}")
+    return results
+
+
+def finetune_config(cfg: DictConfig, img_size: int) -> DictConfig:
+    """The fine-tuning command's config with the recipe, data and seed of ``cfg``. It runs on
+    one device: the end of a training run evaluates on rank 0 alone."""
+    scope = (contextlib.nullcontext() if GlobalHydra.instance().is_initialized()
+             else initialize_config_dir(str(CONF_DIR), version_base="1.3"))
+    with scope:
+        composed = compose("finetune")
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    composed.data = {**data, "img_size": img_size}
+    composed.finetune = OmegaConf.to_container(cfg.finetune, resolve=True)
+    composed.seed = cfg.seed
+    composed.trainer.devices = 1
+    return composed
+
+
+def finetune_top1(backbone: Backbone, cfg: DictConfig, out_dir: Path) -> float:
+    """Fine-tune a copy of ``backbone`` (its weights stay as they are) in ``out_dir``."""
+    composed = finetune_config(cfg, backbone.img_size[0])
+    return finetune(composed, Path(out_dir), (backbone, "the evaluated model"))["top1"]
+
+
+def keep_best(best: ModelCheckpoint, last: Path, last_top1: float, writer: bool) -> float:
+    """The best top-1 over the evaluations during training and the final one of the last
+    weights (which training validates only when the last epoch is a multiple of
+    ``eval_every``); ``best.ckpt`` becomes ``last.ckpt`` when the final one is the best."""
+    score = float("-inf") if best.best_model_score is None else float(best.best_model_score)
+    if last_top1 <= score:
+        return score
+    if writer:
+        shutil.copyfile(last, Path(best.dirpath) / "best.ckpt")
+    return last_top1
+
+
+@hydra.main(config_path="../conf", config_name="finetune", version_base="1.3")
+@one_line_errors
+def main(cfg: DictConfig) -> None:
+    finetune(cfg, Path(HydraConfig.get().runtime.output_dir))

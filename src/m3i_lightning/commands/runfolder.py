@@ -1,0 +1,118 @@
+"""What a training run adds around ``trainer.fit``, all inside its run folder.
+
+Before: the loggers (CSV always, since the curves are drawn from ``metrics.csv``; TensorBoard
+too with ``logger=tensorboard``) and the callbacks: the config stored in each checkpoint,
+the online probes when the data has labels, the reconstruction grids. After, on rank 0: the
+exported model, the evaluation table (``eval.json``) and the curves; the evaluation itself
+runs on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig
+
+from m3i_lightning.commands.eval import report, run_cfg_protocols
+from m3i_lightning.config.artifacts import export_model
+from m3i_lightning.config.restore import StoreConfig
+from m3i_lightning.core.errors import ConfigError, EmptySplitError
+from m3i_lightning.evaluation.health import RepresentationHealth
+from m3i_lightning.evaluation.monitors import ProbeMonitor
+from m3i_lightning.evaluation.protocols import NEEDS_LABELS, TrainedModel, selected_protocols
+from m3i_lightning.runtime.checkpointing import checkpoints_in
+from m3i_lightning.runtime.metrics_log import LogLastStep
+from m3i_lightning.runtime.pictures import ReconstructionGrid, plot_curves
+from m3i_lightning.runtime.strategies import FullyShardedDataParallel
+
+log = logging.getLogger(__name__)
+
+PICTURES_DIR = "pictures"
+EXPORT_DIR = "backbone"
+
+
+def evaluable(datamodule) -> bool:
+    """Labels and the evaluation loaders (``eval_dataloader(split)``, and ``val_dataloader``
+    giving memory then queries, see :mod:`m3i_lightning.evaluation.monitors`)."""
+    return "label" in datamodule.provides and hasattr(datamodule, "eval_dataloader")
+
+
+def check_run_folder(out: Path, resume: str | None, overwrite: bool) -> None:
+    """A folder that holds checkpoints is only reused when asked: resumed (``resume=``) or
+    replaced (``overwrite=true``); nothing of a finished run is lost by a repeated command."""
+    found = checkpoints_in(out)
+    if found and not resume and not overwrite:
+        names = ", ".join(str(p.relative_to(out)) for p in sorted(found))
+        raise ConfigError(f"the run folder {out} already holds {names}: continue it with "
+                          "resume=auto, or give a new folder (hydra.run.dir=...) or "
+                          "overwrite=true to start again in it")
+
+
+def untrained(trainer: L.Trainer, datamodule, out: Path) -> None:
+    """After a fit that ran no step. ``trainer.max_steps=0`` asks for that (the random-init
+    baseline): its initial weights are saved as ``last.ckpt`` and a step-0 row starts
+    ``metrics.csv``, so the run folder is complete. Otherwise the data gave no batch: a
+    :class:`ConfigError` saying why, before anything is exported."""
+    if trainer.max_steps == 0 or trainer.max_epochs == 0:
+        if trainer.is_global_zero:
+            print("trainer.max_steps=0: no training step; last.ckpt holds the initial weights")
+        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)
+        if isinstance(trainer.strategy, FullyShardedDataParallel):
+            trainer.strategy.wait_for_checkpoint()  # the fit is over: nothing waits for it
+        for logger in trainer.loggers:
+            logger.log_metrics({"epoch": 0}, step=0)
+            logger.save()
+        return
+    loader = datamodule.train_dataloader()
+    size = len(loader.dataset) if hasattr(loader.dataset, "__len__") else "too few"
+    per_process = f" per process on {trainer.world_size}" if trainer.world_size > 1 else ""
+    raise ConfigError(f"no training step ran: the training split's {size} samples make no "
+                      f"batch of data.batch_size={loader.batch_size}{per_process}, and the "
+                      f"incomplete last batch is dropped (drop_last={loader.drop_last}); lower "
+                      "data.batch_size or give more data")
+
+
+def run_callbacks(cfg: DictConfig, datamodule, out: Path) -> list[L.Callback]:
+    callbacks = [StoreConfig(cfg, datamodule.num_classes), LogLastStep(),
+                 ReconstructionGrid(out / PICTURES_DIR, cfg.pictures.every_n_epochs,
+                                    cfg.pictures.num_images)]
+    callbacks.append(RepresentationHealth(**cfg.health))
+    if evaluable(datamodule):
+        callbacks.append(ProbeMonitor(datamodule.num_classes, cfg.knn.k, cfg.knn.temperature,
+                                      cfg.probe))
+    return callbacks
+
+
+def finish_run(trainer: L.Trainer, model, datamodule, tokenizer, cfg: DictConfig,
+               out: Path) -> dict:
+    """Export, evaluate ``protocols`` (table printed, ``eval.json``) and draw the curves. Every
+    rank calls it with the whole model: the classification protocols run on every rank's share
+    of the data (see :func:`~m3i_lightning.commands.eval.run_protocols`), the rest on rank 0, which alone
+    returns results. Data without labels runs only the protocols that need none (segmentation); a
+    split without labelled images skips the evaluation with a warning naming the options that
+    supply it: a finished run never turns into a crash."""
+    writer = trainer.is_global_zero
+    clip = model.heads["clip"] if "clip" in model.heads else None
+    trained = TrainedModel(model.backbone, clip, tokenizer, cfg)
+    results: dict = {}
+    if cfg.export and writer:
+        results["export"] = str(export_model(trained, out / EXPORT_DIR))
+    protocols = selected_protocols(cfg.get("protocols"), clip is not None)
+    if not evaluable(datamodule):
+        protocols = [p for p in protocols if p not in NEEDS_LABELS]
+    evaluation = None
+    if protocols:
+        try:
+            evaluation = run_cfg_protocols(trained, datamodule, cfg, out, protocols)
+        except EmptySplitError as err:
+            if writer:
+                log.warning("end-of-run evaluation skipped: %s", err)
+    if not writer:
+        return {}
+    if evaluation is not None:
+        results.update(evaluation.results)
+        report(evaluation, cfg, out, {"run_dir": str(out)})
+    results["curves"] = str(plot_curves(out / "metrics.csv", out / PICTURES_DIR / "curves.png"))
+    return results
