@@ -212,6 +212,7 @@ class Engine(L.LightningModule):
         (:class:`~m3i_lightning.evaluation.monitors.ProbeMonitor`), so the engine stays metric-free."""
         return self.backbone(batch["image"]).global_feature.detach()
 
+    @sharding.step_method
     @torch.no_grad()
     def global_features(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         """The student's and the teacher's (None without one) global features of ``images``,
@@ -220,6 +221,7 @@ class Engine(L.LightningModule):
         student = self.backbone(images).global_feature
         return student, None if self.teacher is None else self.teacher(images).global_feature
 
+    @sharding.step_method
     def objective_pictures(self, batch: dict) -> dict[str, dict[str, Tensor]]:
         """Pictures of every objective that draws some (:meth:`Objective.pictures`), from the
         first reading of each; drawn by :class:`~m3i_lightning.runtime.pictures.ReconstructionGrid`.

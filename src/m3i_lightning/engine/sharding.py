@@ -8,20 +8,42 @@ ResNet bottlenecks; of the predictors and the text tower) is its own ``fully_sha
 then the engine is the root unit holding the rest (embeddings, stems, downsampling layers,
 norms, mask tokens, heads). Lightning calls ``training_step``, never ``forward``, so the
 steps are registered as the root's forward: the root all-gathers its parameters at the start
-of a step. Each parameter is sharded on dim 0 over the same mesh, so the teacher's local shard
+of a step. Those are Lightning's step hooks and every method marked :func:`step_method`. Each parameter is sharded on dim 0 over the same mesh, so the teacher's local shard
 and the student's hold the same slice and the EMA update runs on local shards
 (:func:`m3i_lightning.engine.teacher.ema_`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-# The engine's entry points that run the model, each registered as a forward of the root.
-FORWARD_METHODS = ("training_step", "validation_step", "objective_pictures",
-                   "global_features")
+Method = TypeVar("Method", bound=Callable)
+_STEP_MARK = "_m3i_step_method"
+
+
+def step_method(method: Method) -> Method:
+    """Mark a method that runs the model outside ``forward`` and Lightning's steps (a monitor's
+    pass, pictures): under FSDP2 it is registered as a forward of the root, so it gathers the
+    weights. The mark travels with the method, so renaming it keeps it sharded."""
+    setattr(method, _STEP_MARK, True)
+    return method
+
+
+def step_methods(model: nn.Module) -> list[str]:
+    """Names of the methods of ``model`` that run it: Lightning's step hooks it overrides and
+    those marked :func:`step_method`."""
+    from lightning.pytorch import LightningModule
+
+    hooks = (LightningModule.training_step, LightningModule.validation_step)
+    names = [hook.__name__ for hook in hooks
+             if getattr(type(model), hook.__name__, hook) is not hook]
+    return names + [name for name in dir(type(model))
+                    if getattr(getattr(type(model), name, None), _STEP_MARK, False)]
 
 
 def block_classes(model: nn.Module) -> set[type[nn.Module]]:
@@ -79,15 +101,13 @@ def shard(model: nn.Module, mesh) -> None:
     by default): a validation step, which has no backward, then leaves no full copy behind,
     and the EMA update and checkpoints always see shards.
     """
-    from lightning.pytorch import LightningModule
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh, reshard_after_forward=True)
-    for name in FORWARD_METHODS:  # those the model defines (not Lightning's empty defaults)
-        if getattr(type(model), name, None) not in (None, getattr(LightningModule, name, None)):
-            register_fsdp_forward_method(model, name)
+    for name in step_methods(model):
+        register_fsdp_forward_method(model, name)
 
 
 def configure(model: nn.Module, mesh=None, *, activation_checkpointing: bool = False,

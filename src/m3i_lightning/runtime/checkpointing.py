@@ -40,11 +40,15 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import CombinedLoader
 
 from m3i_lightning.core.errors import ConfigError, M3IError
-from m3i_lightning.runtime.sharded_checkpoint import is_sharded, read_sharded, remove_stale
+from m3i_lightning.runtime.sharded_checkpoint import (
+    PARTIAL_SUFFIX,
+    is_sharded,
+    read_sharded,
+    remove_stale,
+)
 
 log = logging.getLogger(__name__)
 
-PARTIAL_SUFFIX = ".partial"
 REFUSED_BY_SAFE_LOADER = "Unsupported global"  # torch's weights_only refusal of a stored object
 
 

@@ -39,7 +39,7 @@ from m3i_lightning.core.errors import M3IError
 
 METADATA_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a sharded checkpoint
 INDEX_FILE = ".metadata"  # DCP's index of the shards, written last by the coordinating rank
-PARTIAL_SUFFIX = ".partial"
+PARTIAL_SUFFIX = ".partial"  # of a save under way, file or folder, until renamed into place
 STEP_INFIX = ".step-"
 
 
