@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 LOCK := requirements.lock
 
-.PHONY: install lock run test lint bench clean
+.PHONY: install lock run test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -30,11 +30,17 @@ run: install
 	$(BIN)/python -m m3i_lightning $(ARGS)
 
 # Two pytest workers (pytest-xdist), each test file on one worker: the subprocess and
-# 2-process tests wait on each other less; TEST_WORKERS=0 runs in one process.
+# 2-process tests wait on each other less; TEST_WORKERS=0 runs in one process. `make test` runs
+# every tier (tests/unit, tests/distributed, tests/e2e) and lists the slowest tests;
+# `make test-fast` the unit tier only.
 TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests $(ARGS)
+	$(PYTEST) tests $(ARGS)
+
+test-fast: install
+	$(PYTEST) tests/unit $(ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests scripts
