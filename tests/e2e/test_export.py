@@ -17,6 +17,7 @@ from m3i_lightning.config import artifacts as export
 from m3i_lightning.config.restore import CONFIG_KEY, TrainedModel, load_checkpoint
 from m3i_lightning.core.errors import ConfigError
 from m3i_lightning.evaluation.zeroshot import class_embeddings
+from m3i_lightning.objectives.capabilities import TOKENIZER_FILE
 
 
 def test_exported_backbone_gives_identical_features_in_a_clean_timm_process(tmp_path):
@@ -60,26 +61,29 @@ def test_export_command_writes_the_trained_backbone_text_tower_and_tokenizer(cli
     path, model, tokenizer, dm = clip_cls_run
     export_command.main([f"checkpoint={path}", f"out={tmp_path}"])
     assert str(tmp_path) in capsys.readouterr().out
-    spec = json.loads((tmp_path / "clip" / export.TOKENIZER_FILE).read_text())
+    spec = json.loads((tmp_path / "clip" / TOKENIZER_FILE).read_text())
     assert spec == {"tokenizer": "byte", "context_length": tokenizer.context_length}
+    assert json.loads((tmp_path / export.IMAGE_TEXT_FILE).read_text()) == {"objective": "clip"}
+    exported = export.load_exported(tmp_path)
+    (tmp_path / export.IMAGE_TEXT_FILE).unlink()  # a folder exported before the record
 
-    for loaded in (export.load_exported(tmp_path), load_checkpoint(path)):
+    for loaded in (exported, export.load_exported(tmp_path), load_checkpoint(path)):
         for (name, a), b in zip(model.backbone.state_dict().items(),
                                 loaded.backbone.state_dict().values(), strict=True):
             assert torch.equal(a, b), name
-        trained, restored = model.heads["clip"], loaded.clip
+        trained, restored = model.heads["clip"], loaded.image_text
         assert torch.equal(trained.image_proj.weight, restored.image_proj.weight)
         assert torch.equal(trained.logit_scale, restored.logit_scale)
         prompts = dm.class_prompts()
-        assert torch.equal(class_embeddings(trained, tokenizer, prompts),
-                           class_embeddings(restored, loaded.tokenizer, prompts))
+        assert torch.equal(class_embeddings(trained, prompts),
+                           class_embeddings(restored, prompts))
 
 
 def test_export_without_clip_writes_only_the_backbone(tmp_path):
     export.export_model(TrainedModel(tiny_backbone()), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [export.CONFIG_FILE,
                                                           export.WEIGHTS_FILE]
-    assert export.load_exported(tmp_path).clip is None
+    assert export.load_exported(tmp_path).image_text is None
 
 
 def test_checkpoint_without_config_and_bad_arguments_fail_clearly(clip_cls_run, tmp_path):

@@ -53,7 +53,8 @@ def test_each_family_exports_to_plain_timm_and_back(tmp_path):
             expected = backbone(inputs[family]).global_feature
             reloaded = export.load_exported(folder).backbone.eval()
             options = {k: v for k, v in TINY_FAMILIES[family].items() if k != "arch"}
-            teacher = FrozenTeacher(backbone.arch, folder / export.WEIGHTS_FILE, **options)
+            teacher = FrozenTeacher(export.load_encoder(backbone.arch,
+                                                        folder / export.WEIGHTS_FILE, **options))
             assert type(reloaded.model) is type(backbone.model)
             assert reloaded.grid_size == backbone.grid_size
             torch.testing.assert_close(reloaded(inputs[family]).global_feature, expected)

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from m3i_lightning import MultiObjective
 from m3i_lightning.components.losses import dino_loss, mae_loss
 from m3i_lightning.components.pixels import patchify
-from m3i_lightning.config.artifacts import export_backbone
+from m3i_lightning.config.artifacts import export_backbone, load_encoder
 from m3i_lightning.config.factory import build_model
 from m3i_lightning.core.errors import ConfigError
 from m3i_lightning.engine.teacher import FrozenTeacher
@@ -154,7 +154,7 @@ def test_frozen_teacher_never_moves_but_heads_still_follow_the_schedule(tmp_path
     torch.manual_seed(1)
     weights = export_backbone(tiny_backbone(), tmp_path / "teacher")
     options = dict(TINY_VIT)
-    teacher = FrozenTeacher(options.pop("arch"), weights, 0.9, 1.0, **options)
+    teacher = FrozenTeacher(load_encoder(options.pop("arch"), weights, **options), 0.9, 1.0)
     frozen = [p.clone() for p in teacher.parameters()]
     torch.manual_seed(0)
     backbone = tiny_backbone()
@@ -181,13 +181,13 @@ def test_frozen_teacher_loads_safetensors_and_lightning_checkpoints(tmp_path):
     state["heads.ae.decoder.head.weight"] = torch.zeros(3)
     torch.save({"state_dict": state, "epoch": 1}, ckpt)
     for path in (safetensors, ckpt):
-        teacher = FrozenTeacher(arch, path, **options)
+        teacher = FrozenTeacher(load_encoder(arch, path, **options))
         assert not teacher.training
         assert torch.allclose(teacher(images).tokens, expected, atol=1e-6)
     with pytest.raises(ValueError, match="lacks"):
-        FrozenTeacher(arch, ckpt, **{**options, "depth": 3})
+        load_encoder(arch, ckpt, **{**options, "depth": 3})
     with pytest.raises(ValueError, match="not a file"):
-        FrozenTeacher(arch, tmp_path / "missing.safetensors", **options)
+        load_encoder(arch, tmp_path / "missing.safetensors", **options)
 
 
 def test_frozen_teacher_from_config_gives_its_width_to_the_objectives(tmp_path, tokenizer):
@@ -219,8 +219,8 @@ def test_projected_teacher_is_the_clip_towers_head_on_its_normed_tokens(tmp_path
     weights = tmp_path / "clip.pth"
     torch.save(tower.state_dict(), weights)
     images = torch.randn(2, 3, 16, 16)
-    teacher = FrozenTeacher("vit_base_patch16_clip_224", weights, project=True, num_classes=24,
-                            **CLIP_TOWER)
+    encoder = load_encoder("vit_base_patch16_clip_224", weights, num_classes=24, **CLIP_TOWER)
+    teacher = FrozenTeacher(encoder, project=True)
     with torch.no_grad():
         normed = tower.forward_features(images)  # [B, 1 + N, D] after ln_post
         expected_tokens, expected_global = tower.head(normed[:, 1:]), tower.head(normed[:, 0])
@@ -230,7 +230,8 @@ def test_projected_teacher_is_the_clip_towers_head_on_its_normed_tokens(tmp_path
     torch.testing.assert_close(encoded.global_feature, tower(images), rtol=1e-4, atol=1e-5)
     assert teacher.embed_dim == 24
     with pytest.raises(ValueError, match="built without a head: give num_classes"):
-        FrozenTeacher("vit_base_patch16_clip_224", weights, project=True, **CLIP_TOWER)
+        FrozenTeacher(load_encoder("vit_base_patch16_clip_224", weights, **CLIP_TOWER),
+                      project=True)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["teacher.project=true"])
     with pytest.raises(ConfigError, match="needs teacher.kind=frozen"):

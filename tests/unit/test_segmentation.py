@@ -154,13 +154,14 @@ def test_hugging_face_form_reads_image_and_annotation_columns(tmp_path):
 
 
 def test_protocol_selection_defaults_and_refuses_unknown_names():
-    assert selected_protocols(None, clip=False) == ["knn", "linear"]
-    assert selected_protocols(None, clip=True) == ["knn", "linear", "zero_shot"]
-    assert selected_protocols(["segmentation", "knn"], clip=False) == ["knn", "segmentation"]
+    assert selected_protocols(None, image_text=False) == ["knn", "linear"]
+    assert selected_protocols(None, image_text=True) == ["knn", "linear", "zero_shot"]
+    assert selected_protocols(["segmentation", "knn"], image_text=False) == ["knn",
+                                                                            "segmentation"]
     with pytest.raises(ConfigError, match=r"choose a non-empty subset of \[.*'segmentation'\]"):
-        selected_protocols(["knn", "segmentaton"], clip=False)
-    with pytest.raises(ConfigError, match="zero_shot needs a model trained with the clip"):
-        selected_protocols(["zero_shot"], clip=False)
+        selected_protocols(["knn", "segmentaton"], image_text=False)
+    with pytest.raises(ConfigError, match=r"zero_shot needs .* image-text objective .*'clip'"):
+        selected_protocols(["zero_shot"], image_text=False)
     assert set(PROTOCOLS) == {"knn", "linear", "zero_shot", "finetune", "segmentation"}
 
 

@@ -39,8 +39,9 @@ def test_caption_style_prompts_score_at_least_as_well_as_bare_names(clip_checkpo
     features, labels = extract_features(model.backbone, dm.eval_dataloader("val"))
 
     def accuracy(prompts) -> float:
-        classes = class_embeddings(model.clip, model.tokenizer, prompts)
-        return (zero_shot_predict(model.clip, features, classes) == labels).float().mean().item()
+        classes = class_embeddings(model.image_text, prompts)
+        predicted = zero_shot_predict(model.image_text, features, classes)
+        return (predicted == labels).float().mean().item()
 
     templated, bare = accuracy(class_prompts(dm)), accuracy(class_prompts(dm, ["{}"]))
     assert templated >= bare - 0.02 and templated > 0.3, (templated, bare)

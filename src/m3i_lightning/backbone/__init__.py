@@ -1,5 +1,6 @@
 """The student encoder f_θ: one interface (:class:`Encoded`) over the timm families ViT, Swin,
-ConvNeXt and ResNet; ``Backbone(arch, ...)`` builds the family of ``arch``."""
+ConvNeXt and ResNet; ``Backbone.create(arch, ...)`` (or ``Backbone(arch, ...)``) builds the
+family of ``arch``."""
 
 from m3i_lightning.backbone.base import Backbone, family_of
 from m3i_lightning.backbone.hierarchical import ConvNeXtBackbone, MaskTokenBackbone, SwinBackbone

@@ -20,8 +20,10 @@ from m3i_lightning.core.encoded import Encoded, Part
 
 
 class Backbone(nn.Module):
-    """A timm network as the student encoder f_θ: ``Backbone(arch, img_size=..., **timm_kwargs)``
-    builds the family of ``arch`` (:attr:`FAMILIES`), e.g. a ``VisionTransformerBackbone``.
+    """A timm network as the student encoder f_θ, built by :meth:`create` (``arch``,
+    ``img_size=...``, ``**timm_kwargs``) as the class of its family (:attr:`FAMILIES`), e.g. a
+    ``VisionTransformerBackbone``. ``Backbone(arch, ...)`` is the same call, kept for users: like
+    ``pathlib.Path``, the base class returns an instance of the family it finds.
 
     The timm name and keyword arguments are kept (``arch``, ``timm_kwargs``), so the weights
     (``model``, a plain timm network) are exported and re-created with
@@ -57,7 +59,18 @@ class Backbone(nn.Module):
         if "family" in vars(cls):
             Backbone.FAMILIES[cls.family] = cls
 
+    @classmethod
+    def create(cls, arch: str, **kwargs) -> Backbone:
+        """The backbone of timm architecture ``arch``: an instance of its family's class, which
+        must be ``cls`` or below it; ``kwargs`` as for ``__init__``."""
+        family = family_of(arch)
+        if not issubclass(family, cls):
+            raise ValueError(f"'{arch}' is of the {family.family} family, not a {cls.__name__}")
+        return family(arch, **kwargs)
+
     def __new__(cls, arch: str = "vit_tiny_patch16_224", *args, **kwargs):
+        # ``Backbone(arch, ...)``: the family's class, whose __init__ Python then runs as
+        # :meth:`create` would; a family class (and unpickling) builds itself.
         return super().__new__(family_of(arch) if cls is Backbone else cls)
 
     def __init__(self, arch: str = "vit_tiny_patch16_224", img_size: int | Sequence[int] = 224,

@@ -1,7 +1,8 @@
 """``python -m m3i_lightning.eval checkpoint=PATH`` (or ``backbone_dir=DIR``): the scores of the
-``protocols`` (:data:`PROTOCOLS`; by default kNN, linear-probe and, for models trained with
-clip, zero-shot top-1 on the held-out split); prints a table and writes ``eval.json``. The
-training command runs the same :func:`run_protocols` at its end, with the same option.
+``protocols`` (:data:`PROTOCOLS`; by default kNN, linear-probe and, for models trained with an
+image-text objective such as clip, zero-shot top-1 on the held-out split); prints a table and
+writes ``eval.json``. The training command runs the same :func:`run_protocols` at its end,
+with the same option.
 
 The model comes from the checkpoint's stored config or the exported folder; the data, at the
 model's resolution, is by default the one the checkpoint was trained on (``data=...`` chooses
@@ -135,11 +136,11 @@ def evaluate_command(cfg: DictConfig, out_dir: Path, overrides=()) -> dict[str, 
     check_protocols(cfg.protocols)
     fabric = launch(cfg)
     model, source = load_trained(cfg)
-    protocols = selected_protocols(cfg.protocols, model.clip is not None)
+    protocols = selected_protocols(cfg.protocols, model.image_text is not None)
     cfg.data = data_config(cfg, model.config, overrides)
     model.backbone.to(fabric.device)
-    if model.clip is not None:
-        model.clip.to(fabric.device)
+    if model.image_text is not None:
+        model.image_text.to(fabric.device)
     cfg.data.img_size = model.backbone.img_size[0]
     datamodule = None
     if any(p in CLASSIFICATION for p in protocols):

@@ -22,6 +22,7 @@ from m3i_lightning.core.errors import ConfigError, EmptySplitError
 from m3i_lightning.evaluation.health import RepresentationHealth
 from m3i_lightning.evaluation.monitors import ProbeMonitor
 from m3i_lightning.evaluation.protocols import NEEDS_LABELS, TrainedModel, selected_protocols
+from m3i_lightning.objectives.capabilities import find_image_text
 from m3i_lightning.runtime.checkpointing import checkpoints_in
 from m3i_lightning.runtime.metrics_log import LogLastStep
 from m3i_lightning.runtime.pictures import ReconstructionGrid, plot_curves
@@ -85,21 +86,19 @@ def run_callbacks(cfg: DictConfig, datamodule, out: Path) -> list[L.Callback]:
     return callbacks
 
 
-def finish_run(trainer: L.Trainer, model, datamodule, tokenizer, cfg: DictConfig,
-               out: Path) -> dict:
+def finish_run(trainer: L.Trainer, model, datamodule, cfg: DictConfig, out: Path) -> dict:
     """Export, evaluate ``protocols`` (table printed, ``eval.json``) and draw the curves. Every
     rank calls it with the whole model: the classification protocols run on every rank's share
-    of the data (see :func:`~m3i_lightning.commands.eval.run_protocols`), the rest on rank 0, which alone
-    returns results. Data without labels runs only the protocols that need none (segmentation); a
-    split without labelled images skips the evaluation with a warning naming the options that
-    supply it: a finished run never turns into a crash."""
+    of the data (see :func:`~m3i_lightning.evaluation.protocols.run_protocols`), the rest on
+    rank 0, which alone returns results. Data without labels runs only the protocols that need
+    none (segmentation); a split without labelled images skips the evaluation with a warning
+    naming the options that supply it: a finished run never turns into a crash."""
     writer = trainer.is_global_zero
-    clip = model.heads["clip"] if "clip" in model.heads else None
-    trained = TrainedModel(model.backbone, clip, tokenizer, cfg)
+    trained = TrainedModel(model.backbone, find_image_text(model.heads.values()), cfg)
     results: dict = {}
     if cfg.export and writer:
         results["export"] = str(export_model(trained, out / EXPORT_DIR))
-    protocols = selected_protocols(cfg.get("protocols"), clip is not None)
+    protocols = selected_protocols(cfg.get("protocols"), trained.image_text is not None)
     if not evaluable(datamodule):
         protocols = [p for p in protocols if p not in NEEDS_LABELS]
     evaluation = None

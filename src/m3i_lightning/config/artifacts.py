@@ -1,8 +1,11 @@
-"""The exported model folder: written at the end of training or by
-``python -m m3i_lightning.export checkpoint=PATH out=DIR``, read back by the eval command.
+"""Weights on disk: the exported model folder, written at the end of training or by
+``python -m m3i_lightning.export checkpoint=PATH out=DIR`` and read back by the eval command,
+and the encoder weights of a frozen teacher.
 
     DIR/model.safetensors, DIR/config.json   the backbone, loadable by timm alone
-    DIR/clip/                                 only for models trained with clip:
+    DIR/image_text.json                      only for models trained with an image-text
+                                             objective: its config name (e.g. clip)
+    DIR/<name>/                              that head's text side (``save_text_side``); clip's:
         config.json, model.safetensors        the text tower (transformers save_pretrained)
         m3i_tokenizer.json (+ tokenizer files) how to rebuild the tokenizer
         image_projection.safetensors          image side of the joint space, and logit scale
@@ -18,16 +21,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from m3i_lightning.backbone import Backbone
-from m3i_lightning.components.text import ByteTokenizer, build_tokenizer
-from m3i_lightning.config.restore import TrainedModel
 from m3i_lightning.core.errors import ConfigError, M3IError
-from m3i_lightning.objectives.clip import CLIP
+from m3i_lightning.evaluation.protocols import TrainedModel
+from m3i_lightning.objectives import OBJECTIVES
+from m3i_lightning.objectives.capabilities import ImageText, image_text_objectives
+from m3i_lightning.runtime.checkpointing import read_checkpoint
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-CLIP_DIR = "clip"
-TOKENIZER_FILE = "m3i_tokenizer.json"
-IMAGE_PROJECTION_FILE = "image_projection.safetensors"
+IMAGE_TEXT_FILE = "image_text.json"  # which objective's text side the folder holds
 
 
 def export_backbone(backbone: Backbone, out_dir: str | Path) -> Path:
@@ -47,34 +49,29 @@ def export_backbone(backbone: Backbone, out_dir: str | Path) -> Path:
     return out / WEIGHTS_FILE
 
 
-def export_clip(clip: CLIP, tokenizer, out_dir: str | Path) -> Path:
-    """The text tower via ``save_pretrained``, the tokenizer (``save_pretrained`` for a
-    transformers one; the byte tokenizer is described by its context length alone) and the
-    image projection with the logit scale, so zero-shot classification needs nothing else."""
-    out = Path(out_dir)
-    clip.text_tower.model.save_pretrained(out)
-    if isinstance(tokenizer, ByteTokenizer):
-        name = "byte"
-    else:
-        tokenizer.tokenizer.save_pretrained(out)
-        name = "."
-    spec = {"tokenizer": name, "context_length": tokenizer.context_length}
-    (out / TOKENIZER_FILE).write_text(json.dumps(spec, indent=2))
-    save_file({"image_proj.weight": clip.image_proj.weight.detach().cpu().contiguous(),
-               "logit_scale": clip.logit_scale.detach().cpu().contiguous()},
-              out / IMAGE_PROJECTION_FILE)
-    return out
+def export_image_text(head: ImageText, out_dir: str | Path) -> Path:
+    """The head's text side in ``out_dir/<its config name>`` and that name (with its variant,
+    for a family) in ``image_text.json``, so :func:`load_exported` rebuilds the same class.
+    Returns the sub-folder."""
+    cls, out = type(head), Path(out_dir)
+    record = {"objective": cls.name}
+    if "variant" in vars(cls):
+        record["variant"] = cls.variant
+    head.save_text_side(out / cls.name)
+    (out / IMAGE_TEXT_FILE).write_text(json.dumps(record, indent=2))
+    return out / cls.name
 
 
 def export_model(model: TrainedModel, out_dir: str | Path) -> Path:
-    """The backbone, plus ``clip/`` when the model has a clip head; returns the folder.
+    """The backbone, plus the image-text head's text side when the model has one; returns the
+    folder.
     The weight files get the permissions the umask gives any new file (the safetensors writer
     makes them private), since teams share run folders."""
     out = Path(out_dir)
     try:
         export_backbone(model.backbone, out)
-        if model.clip is not None:
-            export_clip(model.clip, model.tokenizer, out / CLIP_DIR)
+        if model.image_text is not None:
+            export_image_text(model.image_text, out)
         mode = 0o666 & ~current_umask()
         for weights in out.rglob("*.safetensors"):
             weights.chmod(mode)
@@ -99,20 +96,37 @@ def load_exported(folder: str | Path) -> TrainedModel:
     config = json.loads((folder / CONFIG_FILE).read_text())
     # ConvNeXt / ResNet take no img_size: the training size is the pretrained_cfg's input size
     img_size = tuple(config["pretrained_cfg"]["input_size"][1:])
-    backbone = Backbone(config["architecture"], **{"img_size": img_size, **config["model_args"]})
+    backbone = Backbone.create(config["architecture"],
+                               **{"img_size": img_size, **config["model_args"]})
     backbone.model.load_state_dict(read_weights(folder / WEIGHTS_FILE))
-    clip_dir = folder / CLIP_DIR
-    if not clip_dir.is_dir():
-        return TrainedModel(backbone)
-    spec = json.loads((clip_dir / TOKENIZER_FILE).read_text())
-    name = "byte" if spec["tokenizer"] == "byte" else str(clip_dir / spec["tokenizer"])
-    tokenizer = build_tokenizer(name, spec["context_length"])
-    clip = CLIP(tokenizer, text_pretrained=str(clip_dir), embed_dim=backbone.embed_dim,
-                grid_size=backbone.grid_size, patch_size=backbone.patch_size)
-    result = clip.load_state_dict(read_weights(clip_dir / IMAGE_PROJECTION_FILE), strict=False)
-    if result.unexpected_keys:
-        raise M3IError(f"{clip_dir / IMAGE_PROJECTION_FILE}: unexpected {result.unexpected_keys}")
-    return TrainedModel(backbone, clip, tokenizer)
+    return TrainedModel(backbone, load_image_text(folder, backbone))
+
+
+def load_image_text(folder: Path, backbone: Backbone) -> ImageText | None:
+    """The image-text head whose text side ``folder`` holds (None without one), rebuilt by its
+    class, for ``backbone``. A folder exported before ``image_text.json`` names the objective
+    by its sub-folder alone."""
+    record_file = folder / IMAGE_TEXT_FILE
+    if record_file.is_file():
+        record = json.loads(record_file.read_text())
+    else:
+        found = [name for name in image_text_objectives() if (folder / name).is_dir()]
+        if not found:
+            return None
+        record = {"objective": found[0]}
+    name = record["objective"]
+    if name not in OBJECTIVES:
+        raise ConfigError(f"{folder} holds the text side of objective '{name}', which is not "
+                          "registered; import the module defining it (registered: "
+                          f"{sorted(OBJECTIVES)})")
+    cls = OBJECTIVES[name]
+    cls = cls.variants[record["variant"]] if "variant" in record else cls
+    try:
+        return cls.load_text_side(folder / name, embed_dim=backbone.embed_dim,
+                                  grid_size=backbone.grid_size, patch_size=backbone.patch_size)
+    except (OSError, ValueError, SafetensorError) as err:
+        raise ConfigError(f"{folder / name}: cannot rebuild the '{name}' head's text side "
+                          f"({err}); export the checkpoint again") from None
 
 
 def read_weights(path: Path) -> dict:
@@ -120,3 +134,39 @@ def read_weights(path: Path) -> dict:
         return load_file(path)
     except (SafetensorError, OSError) as err:
         raise ConfigError(f"{path} cannot be read as safetensors (truncated?): {err}") from None
+
+
+CHECKPOINT_PREFIXES = ("backbone.model.", "module.")
+
+
+def load_encoder(arch: str, checkpoint: str | Path, **timm_kwargs) -> Backbone:
+    """The backbone of ``arch`` (:meth:`Backbone.create` with ``timm_kwargs``) with the weights
+    of a local checkpoint: a frozen teacher's encoder.
+
+    Accepted: a ``.safetensors`` file or a torch file (``.pth``, ``.pt``, ``.ckpt``) holding
+    timm keys (this library's export, timm hub files), a Lightning checkpoint of this library
+    (its student backbone is taken), a ``{'model': ...}`` wrapper (MAE, DeiT), or any layout
+    the family's timm converter knows (OpenAI / open_clip CLIP, DINOv2, original ConvNeXt and
+    Swin releases); ViT position embeddings are resampled to the backbone's grid. Every weight
+    of the network must be found (else ValueError); extra entries (decoders, heads) are ignored.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ValueError(f"teacher checkpoint '{path}' is not a file")
+    backbone = Backbone.create(arch, **timm_kwargs)
+    if path.suffix == ".safetensors":
+        state = read_weights(path)
+    else:
+        state = read_checkpoint(path, "teacher.checkpoint")
+    for wrapper in ("state_dict", "model"):
+        state = state.get(wrapper, state)
+    for prefix in CHECKPOINT_PREFIXES:
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    state = backbone.filter_checkpoint(state)
+    missing, _ = backbone.model.load_state_dict(state, strict=False)
+    if missing:
+        raise ValueError(f"teacher checkpoint '{path}' lacks {len(missing)} weight(s) of "
+                         f"'{backbone.arch}', e.g. {missing[:3]}")
+    return backbone

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from m3i_lightning.backbone import Backbone, family_of
 from m3i_lightning.components.optim import OptimConfig
 from m3i_lightning.components.text import build_tokenizer
+from m3i_lightning.config.artifacts import load_encoder
 from m3i_lightning.core.errors import ConfigError
 from m3i_lightning.data import DATA_MODULES
 from m3i_lightning.engine.module import MultiObjective
@@ -90,7 +91,7 @@ def build_backbone(cfg: Mapping) -> Backbone:
     options = _plain(cfg)
     arch = options.pop("arch")
     try:
-        return Backbone(arch, **options)
+        return Backbone.create(arch, **options)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"backbone '{arch}' with {options}: {err}") from None
 
@@ -180,9 +181,9 @@ def build_teacher(cfg: DictConfig) -> FrozenTeacher | None:
         model_args = _plain(cfg.backbone)
         arch = model_args.pop("arch")
     try:
-        return FrozenTeacher(arch, teacher["checkpoint"], teacher["momentum"],
-                             teacher["final_momentum"], teacher.get("project", False),
-                             **model_args)
+        encoder = load_encoder(arch, teacher["checkpoint"], **model_args)
+        return FrozenTeacher(encoder, teacher["momentum"], teacher["final_momentum"],
+                             teacher.get("project", False))
     except (ValueError, TypeError) as err:
         raise ConfigError(f"frozen teacher '{arch}': {err}") from None
 

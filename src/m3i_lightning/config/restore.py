@@ -2,9 +2,10 @@
 
 The training run stores its resolved config and class count in every checkpoint
 (:class:`StoreConfig`); the factory then rebuilds exactly the trained modules. Only what is
-evaluated or exported is rebuilt: the backbone and, for runs with ``clip``, its text tower
-and image projection, so neither the teacher (a frozen teacher's weights file may be gone)
-nor the other heads are needed.
+evaluated or exported is rebuilt: the backbone and, for runs with an image-text objective
+(:class:`~m3i_lightning.objectives.capabilities.ImageText`, e.g. ``clip``), that head, so
+neither the teacher (a frozen teacher's weights file may be gone) nor the other heads are
+needed.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 from m3i_lightning.config.factory import (
     build_objectives,
     build_tokenizer_from,
+    objective_class,
     objective_context,
     student_backbone,
 )
 from m3i_lightning.core.errors import ConfigError
 from m3i_lightning.evaluation.protocols import TrainedModel
+from m3i_lightning.objectives.capabilities import ImageText
 from m3i_lightning.runtime.checkpointing import read_checkpoint
 
 CONFIG_KEY = "m3i_config"
@@ -44,8 +47,16 @@ def _with_prefix(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def image_text_objective(cfg: DictConfig) -> str | None:
+    """The first objective of the run's ``cfg`` whose class offers
+    :class:`~m3i_lightning.objectives.capabilities.ImageText`; None when none does."""
+    selected = OmegaConf.to_container(cfg.objective, resolve=True) or {}
+    return next((name for name, options in selected.items()
+                 if issubclass(objective_class(name, dict(options or {})), ImageText)), None)
+
+
 def load_checkpoint(path: str | Path) -> TrainedModel:
-    """Rebuild the backbone (and clip head) of a MultiObjective checkpoint on the CPU."""
+    """Rebuild the backbone (and image-text head) of a MultiObjective checkpoint on the CPU."""
     checkpoint = read_checkpoint(path, "checkpoint")
     if CONFIG_KEY not in checkpoint:
         raise ConfigError(f"{path} holds no training config ('{CONFIG_KEY}'): it was not "
@@ -54,10 +65,11 @@ def load_checkpoint(path: str | Path) -> TrainedModel:
     state = checkpoint["state_dict"]
     backbone = student_backbone(cfg)
     backbone.load_state_dict(_with_prefix(state, "backbone."))
-    if "clip" not in cfg.objective:
+    name = image_text_objective(cfg)
+    if name is None:
         return TrainedModel(backbone, config=cfg)
-    tokenizer = build_tokenizer_from(cfg.text)
-    context = objective_context(backbone, checkpoint[NUM_CLASSES_KEY], tokenizer)
-    clip = build_objectives({"clip": cfg.objective.clip}, context, cfg.get("heads"))["clip"]
-    clip.load_state_dict(_with_prefix(state, "heads.clip."))
-    return TrainedModel(backbone, clip, tokenizer, cfg)
+    context = objective_context(backbone, checkpoint[NUM_CLASSES_KEY],
+                                build_tokenizer_from(cfg.text))
+    head = build_objectives({name: cfg.objective[name]}, context, cfg.get("heads"))[name]
+    head.load_state_dict(_with_prefix(state, f"heads.{name}."))
+    return TrainedModel(backbone, head, cfg)

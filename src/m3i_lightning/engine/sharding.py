@@ -8,8 +8,9 @@ ResNet bottlenecks; of the predictors and the text tower) is its own ``fully_sha
 then the engine is the root unit holding the rest (embeddings, stems, downsampling layers,
 norms, mask tokens, heads). Lightning calls ``training_step``, never ``forward``, so the
 steps are registered as the root's forward: the root all-gathers its parameters at the start
-of a step. Those are Lightning's step hooks and every method marked :func:`step_method`. Each parameter is sharded on dim 0 over the same mesh, so the teacher's local shard
-and the student's hold the same slice and the EMA update runs on local shards
+of a step. Those are Lightning's step hooks and every method marked :func:`step_method`.
+Each parameter is sharded on dim 0 over the same mesh, so the teacher's local shard and the
+student's hold the same slice and the EMA update runs on local shards
 (:func:`m3i_lightning.engine.teacher.ema_`).
 """
 

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from m3i_lightning.backbone import Backbone, Encoded
 from m3i_lightning.components.optim import cosine_ramp
 from m3i_lightning.engine.sharding import local
-from m3i_lightning.runtime.checkpointing import read_checkpoint
 
 
 def cosine_momentum(step: int, total_steps: int, base: float, final: float = 1.0) -> float:
@@ -93,10 +90,10 @@ class EMATeacher(TargetEncoder):
 class FrozenTeacher(TargetEncoder):
     """Fixed pre-trained weights, as Feature Distillation distils a CLIP / DINO / DeiT model.
 
-    ``arch`` and ``timm_kwargs`` build the network as :class:`Backbone` does; ``checkpoint``
-    is a local file (see :func:`load_encoder_weights`). The encoder never moves, but
-    :meth:`update` still returns the momentum schedule, for heads the reference averages.
-    Its width may differ from the student's: objectives then take ``target_dim``.
+    ``encoder`` is built and loaded by the caller (the config layer reads the checkpoint file:
+    :func:`m3i_lightning.config.artifacts.load_encoder`). It never moves, but :meth:`update`
+    still returns the momentum schedule, for heads the reference averages. Its width may
+    differ from the student's: objectives then take ``target_dim``.
 
     ``project=True`` passes its tokens and global feature (after the final norm) through the
     network's linear head: a CLIP tower's image projection, which timm keeps as ``head`` when
@@ -104,9 +101,9 @@ class FrozenTeacher(TargetEncoder):
     of its target. The objectives then read the head's width.
     """
 
-    def __init__(self, arch: str, checkpoint: str | Path, momentum: float = 0.996,
-                 final_momentum: float = 1.0, project: bool = False, **timm_kwargs) -> None:
-        encoder = Backbone(arch, **timm_kwargs)
+    def __init__(self, encoder: Backbone, momentum: float = 0.996, final_momentum: float = 1.0,
+                 project: bool = False) -> None:
+        arch = encoder.arch
         if project and encoder.family != "vit":
             raise ValueError(f"project=True reads a ViT's normed tokens; '{arch}' is of the "
                              f"{encoder.family} family")
@@ -115,7 +112,6 @@ class FrozenTeacher(TargetEncoder):
                              f"'{arch}' is built without a head: give num_classes=<its "
                              "embedding width> (e.g. 512 for a CLIP ViT-B) and a checkpoint "
                              "holding head.weight (timm converts CLIP's visual.proj to it)")
-        load_encoder_weights(encoder, checkpoint)
         super().__init__(encoder, momentum, final_momentum)
         self.project = project
 
@@ -137,35 +133,3 @@ class FrozenTeacher(TargetEncoder):
     def update(self, student: nn.Module, step: int, total_steps: int) -> float:
         return self.momentum_at(step, total_steps)
 
-
-CHECKPOINT_PREFIXES = ("backbone.model.", "module.")
-
-
-def load_encoder_weights(backbone: Backbone, checkpoint: str | Path) -> None:
-    """Load a local checkpoint into ``backbone``'s timm network (any family).
-
-    Accepted: a ``.safetensors`` file or a torch file (``.pth``, ``.pt``, ``.ckpt``) holding
-    timm keys (this library's export, timm hub files), a Lightning checkpoint of this library
-    (its student backbone is taken), a ``{'model': ...}`` wrapper (MAE, DeiT), or any layout
-    the family's timm converter knows (OpenAI / open_clip CLIP, DINOv2, original ConvNeXt and
-    Swin releases); ViT position embeddings are resampled to the backbone's grid. Every weight
-    of the network must be found; extra entries (decoders, heads) are ignored.
-    """
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise ValueError(f"teacher checkpoint '{path}' is not a file")
-    if path.suffix == ".safetensors":
-        state = load_file(path)
-    else:
-        state = read_checkpoint(path, "teacher.checkpoint")
-    for wrapper in ("state_dict", "model"):
-        state = state.get(wrapper, state)
-    for prefix in CHECKPOINT_PREFIXES:
-        if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            break
-    state = backbone.filter_checkpoint(state)
-    missing, _ = backbone.model.load_state_dict(state, strict=False)
-    if missing:
-        raise ValueError(f"teacher checkpoint '{path}' lacks {len(missing)} weight(s) of "
-                         f"'{backbone.arch}', e.g. {missing[:3]}")

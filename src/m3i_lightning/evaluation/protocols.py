@@ -20,21 +20,25 @@ from m3i_lightning.evaluation.knn import extract_features, knn_predict
 from m3i_lightning.evaluation.probe import fit_linear_probe
 from m3i_lightning.evaluation.segmentation import segmentation_probe
 from m3i_lightning.evaluation.zeroshot import class_embeddings, class_prompts, zero_shot_predict
-from m3i_lightning.objectives.clip import CLIP
+from m3i_lightning.objectives.capabilities import ImageText, image_text_objectives
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainedModel:
-    """What evaluation and export need: the backbone, and the clip head with its tokenizer
-    when the model was trained with clip (else None); ``config`` is the training config when
-    known (a checkpoint), None for an exported folder."""
+    """What evaluation and export need: the backbone, and the image-text head (zero-shot, its
+    text side exported) when the model was trained with one (else None); ``config`` is the
+    training config when known (a checkpoint), None for an exported folder."""
 
     backbone: Backbone
-    clip: CLIP | None = None
-    tokenizer: object | None = None
+    image_text: ImageText | None = None
     config: Mapping | None = None
+
+    @property
+    def tokenizer(self):
+        """The image-text head's tokenizer, for the data's captions; None without one."""
+        return None if self.image_text is None else self.image_text.tokenizer
 
 
 
@@ -49,14 +53,15 @@ PROTOCOLS = (*CLASSIFICATION, "finetune", "segmentation")
 NEEDS_LABELS = (*CLASSIFICATION, "finetune")
 
 
-def selected_protocols(protocols: Sequence[str] | None, clip: bool) -> list[str]:
+def selected_protocols(protocols: Sequence[str] | None, image_text: bool) -> list[str]:
     """The protocols to run: ``protocols`` in :data:`PROTOCOLS` order, or by default kNN,
-    linear probe and, with a clip head (``clip``), zero-shot."""
+    linear probe and, with an image-text head (``image_text``), zero-shot."""
     if protocols is None:
-        return ["knn", "linear", *(["zero_shot"] if clip else [])]
+        return ["knn", "linear", *(["zero_shot"] if image_text else [])]
     check_protocols(protocols)
-    if "zero_shot" in protocols and not clip:
-        raise ConfigError("protocol zero_shot needs a model trained with the clip objective")
+    if "zero_shot" in protocols and not image_text:
+        raise ConfigError("protocol zero_shot needs a model trained with an image-text "
+                          f"objective (one of {image_text_objectives()})")
     return [p for p in PROTOCOLS if p in protocols]
 
 
@@ -131,10 +136,10 @@ def evaluate(model: TrainedModel, datamodule, knn: Mapping, probe: Mapping,
     if "linear" in protocols:
         linear = fit_linear_probe(*train, num_classes, **probe, sharded=True)
         results["linear_top1"] = top1(linear(val[0]).argmax(-1), val[1])
-    if model.clip is not None and "zero_shot" in protocols:
-        prompts = class_prompts(datamodule, templates)
-        classes = class_embeddings(model.clip, model.tokenizer, prompts)
-        results["zero_shot_top1"] = top1(zero_shot_predict(model.clip, val[0], classes), val[1])
+    if model.image_text is not None and "zero_shot" in protocols:
+        classes = class_embeddings(model.image_text, class_prompts(datamodule, templates))
+        predicted = zero_shot_predict(model.image_text, val[0], classes)
+        results["zero_shot_top1"] = top1(predicted, val[1])
     return Evaluation(results, sizes)
 
 
@@ -203,7 +208,7 @@ def format_table(evaluation: Evaluation, knn: Mapping, probe: Mapping, data: str
     split sizes."""
     names = {"knn_top1": f"kNN top-1 (k={knn['k']}, T={knn['temperature']})",
              "linear_top1": f"linear-probe top-1 ({probe['epochs']} epochs)",
-             "zero_shot_top1": "zero-shot top-1 (clip prompts)",
+             "zero_shot_top1": "zero-shot top-1 (class prompts)",
              "finetune_top1": "fine-tuning top-1 (finetune recipe)"}
     sizes, captions = evaluation.sizes, []
     if "val" in sizes:

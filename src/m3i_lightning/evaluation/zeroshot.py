@@ -1,4 +1,5 @@
-"""Zero-shot classification with a model trained with ``clip``: no labelled example is used.
+"""Zero-shot classification with an image-text head (:class:`ImageText`, e.g. ``clip``): no
+labelled example is used.
 
 Each class is represented by the mean of its prompts' normalised text embeddings (CLIP's
 prompt ensembling), and an image takes the class closest to its projected global feature.
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from m3i_lightning.core.errors import ConfigError
-from m3i_lightning.objectives.clip import CLIP
+from m3i_lightning.objectives.capabilities import ImageText
 
 # An ensemble in the style of CLIP's ImageNet prompts, for data without templates of its own.
 PHOTO_TEMPLATES = (
@@ -46,23 +47,17 @@ def class_prompts(datamodule, templates: Sequence[str] | None = None) -> list[li
 
 
 @torch.no_grad()
-def class_embeddings(clip: CLIP, tokenizer, prompts: list[list[str]]) -> Tensor:
+def class_embeddings(head: ImageText, prompts: list[list[str]]) -> Tensor:
     """[C, D] unit-norm text embedding of every class, averaged over its prompts."""
-    device = clip.image_proj.weight.device
-    was_training = clip.training
-    clip.eval()
-    rows = []
-    for texts in prompts:
-        tokens = tokenizer(texts)
-        text = clip.text_tower(tokens["input_ids"].to(device),
-                               tokens["attention_mask"].to(device))
-        rows.append(F.normalize(F.normalize(text.float(), dim=-1).mean(0), dim=-1))
-    clip.train(was_training)
+    was_training = head.training
+    head.eval()
+    rows = [F.normalize(head.embed_texts(texts).float().mean(0), dim=-1) for texts in prompts]
+    head.train(was_training)
     return torch.stack(rows)
 
 
 @torch.no_grad()
-def zero_shot_predict(clip: CLIP, features: Tensor, classes: Tensor) -> Tensor:
+def zero_shot_predict(head: ImageText, features: Tensor, classes: Tensor) -> Tensor:
     """Predicted class of each global feature [N, embed_dim], given :func:`class_embeddings`."""
-    image = F.normalize(clip.image_proj(features.to(classes.device)).float(), dim=-1)
+    image = head.embed_images(features.to(classes.device)).float()
     return (image @ classes.T).argmax(-1)

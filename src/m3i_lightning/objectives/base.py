@@ -1,10 +1,12 @@
 """The objective plugin: one row of the unified table, one term of Eq. 4.
 
 An objective is a head: its predictor f_ψ, its distribution form and what it reads. It knows
-nothing of optimisers, masks or teachers; the engine (:mod:`m3i_lightning.engine.module`) encodes the
-inputs and builds the targets it declares. ``SiameseFeature(backbone=b, ...)`` builds a complete
-LightningModule that trains it on its own: the package root installs :attr:`Objective.host`
-(the engine's ``MultiObjective.alone``), so this module never imports the engine.
+nothing of optimisers, masks or teachers; the engine (:mod:`m3i_lightning.engine.module`)
+encodes the inputs and builds the targets it declares. ``SiameseFeature(backbone=b, ...)``
+builds a complete LightningModule that trains it on its own: the package root installs
+:attr:`Objective.host` (the engine's ``MultiObjective.alone``), so this module never imports
+the engine. What a head offers beyond its loss (an image-text joint space) is a capability
+mixed into its class (:mod:`m3i_lightning.objectives.capabilities`).
 """
 
 from __future__ import annotations
@@ -192,8 +194,9 @@ class Objective(nn.Module):
     def pictures(self, batch: dict, encoded: Encoded, targets: Targets) -> dict[str, Tensor]:
         """Pictures of what the objective predicts, for people to look at: name → images
         [B, 3, H, W] in the views' normalised space, in display order (pixel objectives return
-        :func:`~m3i_lightning.components.pixels.reconstruction_panels`). Empty for objectives whose
-        targets are not pixels. Drawn by :class:`~m3i_lightning.runtime.pictures.ReconstructionGrid`."""
+        :func:`~m3i_lightning.components.pixels.reconstruction_panels`). Empty for objectives
+        whose targets are not pixels. Drawn by
+        :class:`~m3i_lightning.runtime.pictures.ReconstructionGrid`."""
         return {}
 
 

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 
 from m3i_lightning.components.losses import clip_loss
 from m3i_lightning.components.text import TextTower
 from m3i_lightning.core.distributed import gather_with_grad
 from m3i_lightning.objectives.base import Objective
+from m3i_lightning.objectives.capabilities import ImageText, load_tokenizer, save_tokenizer
+
+IMAGE_PROJECTION_FILE = "image_projection.safetensors"  # image side and logit scale
 
 
-class CLIP(Objective):
+class CLIP(Objective, ImageText):
     """Symmetric InfoNCE between the image global feature and the paired caption (CLIP).
 
     Texts of the whole global batch are the negatives: embeddings are gathered across ranks
@@ -35,6 +41,7 @@ class CLIP(Objective):
                  init_temperature: float = 0.07, max_logit_scale: float = 100.0,
                  **kwargs) -> None:
         super().__init__(**kwargs)
+        self.tokenizer = tokenizer
         self.text_tower = TextTower(tokenizer, proj_dim, text_width, text_layers, text_heads,
                                     text_pretrained)
         self.image_proj = nn.Linear(self.embed_dim, self.text_tower.embed_dim, bias=False)
@@ -42,8 +49,41 @@ class CLIP(Objective):
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / init_temperature)))
         self.max_logit_scale = max_logit_scale
 
+    def embed_texts(self, texts: Sequence[str]) -> Tensor:
+        tokens = self.tokenizer(texts)
+        device = self.image_proj.weight.device
+        text = self.text_tower(tokens["input_ids"].to(device),
+                               tokens["attention_mask"].to(device))
+        return F.normalize(text, dim=-1)
+
+    def embed_images(self, features: Tensor) -> Tensor:
+        return F.normalize(self.image_proj(features), dim=-1)
+
+    def save_text_side(self, folder: Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.text_tower.model.save_pretrained(folder)
+        save_tokenizer(self.tokenizer, folder)
+        save_file({"image_proj.weight": self.image_proj.weight.detach().cpu().contiguous(),
+                   "logit_scale": self.logit_scale.detach().cpu().contiguous()},
+                  folder / IMAGE_PROJECTION_FILE)
+
+    @classmethod
+    def load_text_side(cls, folder: Path, *, embed_dim: int, grid_size: tuple[int, int],
+                       patch_size: int) -> CLIP:
+        folder = Path(folder)
+        head = cls(load_tokenizer(folder), text_pretrained=str(folder), embed_dim=embed_dim,
+                   grid_size=grid_size, patch_size=patch_size)
+        # the text tower's weights came with it (text_pretrained); this file holds the rest
+        result = head.load_state_dict(load_file(folder / IMAGE_PROJECTION_FILE), strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith("text_tower.")]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{folder / IMAGE_PROJECTION_FILE}: missing {missing}, "
+                             f"unexpected {result.unexpected_keys}")
+        return head
+
     def loss(self, batch, encoded, targets):
-        image = F.normalize(self.image_proj(encoded.global_feature), dim=-1)
+        image = self.embed_images(encoded.global_feature)
         text = F.normalize(self.text_tower(batch["text"], batch["text_mask"]), dim=-1)
         scale = self.logit_scale[0].exp().clamp(max=self.max_logit_scale)
         all_image, offset = gather_with_grad(image)

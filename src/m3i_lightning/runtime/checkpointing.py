@@ -12,8 +12,9 @@
   the run folder, for jobs that restart into the same folder.
 - :func:`read_checkpoint` is the one reader of checkpoints (resume, eval, export): the safe
   loader, whose failures become one line naming the option and the file. It also reads the
-  sharded folders of ``checkpoint.sharded=true`` (:mod:`m3i_lightning.runtime.sharded_checkpoint`) as
-  one consolidated checkpoint, which :mod:`m3i_lightning.commands.consolidate` writes as a file.
+  sharded folders of ``checkpoint.sharded=true``
+  (:mod:`m3i_lightning.runtime.sharded_checkpoint`) as one consolidated checkpoint, which
+  :mod:`m3i_lightning.commands.consolidate` writes as a file.
 
 Everything in a checkpoint is tensors, numbers and strings, so a file (and a sharded folder's
 ``meta.pt``) loads with ``weights_only=True``. A sharded folder's shard index is DCP's own

@@ -5,8 +5,8 @@ shards with ``torch.distributed.checkpoint`` (DCP), in the background with
 The folder has the layout of Lightning's ``ModelParallelStrategy`` with
 ``save_distributed_checkpoint=True`` (DCP shards of ``state_dict`` and ``optimizer_<i>``, and
 ``meta.pt`` holding the rest: loop counters, callbacks, the random streams and data position of
-:class:`~m3i_lightning.runtime.checkpointing.ExactResume`, the run's config), so Lightning's own loader
-resumes from it. What :class:`ShardedCheckpointWriter` adds to Lightning's writer:
+:class:`~m3i_lightning.runtime.checkpointing.ExactResume`, the run's config), so Lightning's own
+loader resumes from it. What :class:`ShardedCheckpointWriter` adds to Lightning's writer:
 
 - atomicity. A save goes into ``<name>.step-<N>.partial/``, is renamed ``<name>.step-<N>/``
   once every rank's shards and DCP's index are on disk, and only then the symbolic link
