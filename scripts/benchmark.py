@@ -148,9 +148,9 @@ def build_case(spec: Spec, extra: list[str], device: torch.device,
     torch.manual_seed(0)
     cfg = compose(spec.all_overrides(extra))
     tokenizer = build_tokenizer_from(cfg.text)
-    data = build_datamodule(cfg.data, tokenizer)
-    model = build_model(cfg, data.num_classes, tokenizer).to(device)
-    data.fields = model.batch_fields()
+    classes = build_datamodule(cfg.data, tokenizer).num_classes
+    model = build_model(cfg, classes, tokenizer).to(device)
+    data = build_datamodule(cfg.data, tokenizer, fields=model.batch_fields())
     data.setup("fit")
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
              for k, v in next(iter(data.train_dataloader())).items()}

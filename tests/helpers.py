@@ -157,7 +157,6 @@ def fit_and_save(cfg: DictConfig, steps: int, path: Path):
     tokenizer = build_tokenizer_from(cfg.text)
     dm = build_datamodule(cfg.data, tokenizer)
     model = build_model(cfg, dm.num_classes, tokenizer)
-    dm.fields = model.batch_fields()
     trainer = L.Trainer(max_steps=steps, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", devices=1,

@@ -111,7 +111,6 @@ def fit_two_epochs(tokenizer, callbacks) -> tuple[MultiObjective, dict]:
     L.seed_everything(0)
     model = tiny_model(tokenizer)
     dm = digits_module(tokenizer, batch_size=16)
-    dm.fields = model.batch_fields()
     trainer = L.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=4,
                         num_sanity_val_steps=0, callbacks=callbacks, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,

@@ -181,8 +181,8 @@ def test_fsdp2_fine_tuning_tracks_ddp(tmp_path):
 def test_unlabelled_training_images_stop_the_run_with_a_clear_error():
     """Cross-entropy would silently ignore label -100: a batch holding one is refused."""
     L.seed_everything(0)
-    dm = digits_module(ByteTokenizer(16), batch_size=8, fields={"view1", "label"})
-    dm.labels_on = False  # every record without a label
+    dm = digits_module(ByteTokenizer(16), batch_size=8, fields={"view1", "label"},
+                       labels=False, train_view=RecipeView)  # every record without a label
     model = FineTuning(tiny_classifier(), Recipe(warmup_epochs=0))
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,

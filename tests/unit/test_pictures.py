@@ -58,7 +58,6 @@ def fit_with(callbacks, tokenizer, names):
              for name in names}
     model = MultiObjective(tiny_backbone(), heads)
     dm = digits_module(tokenizer, batch_size=8)
-    dm.fields = model.batch_fields()
     trainer = L.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=0,
                         callbacks=callbacks, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,

@@ -219,7 +219,6 @@ def test_a_dense_objective_beats_random_init_on_the_scenes():
     tokenizer = build_tokenizer_from(cfg.text)
     data = build_datamodule(cfg.data, tokenizer)
     model = build_model(cfg, data.num_classes, tokenizer)
-    data.fields = model.batch_fields()
     random_init = segmentation_probe(model.backbone, options).miou
     L.Trainer(max_steps=300, limit_val_batches=0, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",

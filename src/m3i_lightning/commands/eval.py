@@ -91,21 +91,24 @@ def load_trained(cfg: DictConfig) -> tuple[TrainedModel, dict[str, str]]:
     return load_exported(cfg.backbone_dir), {"backbone_dir": str(cfg.backbone_dir)}
 
 
-def data_config(cfg: DictConfig, trained: DictConfig | None, overrides) -> DictConfig:
-    """The data to evaluate on: that of the training run (stored in its checkpoint) unless the
-    command names another with ``data=``; ``data.<key>=`` overrides apply either way. An
-    exported folder stores no data: the command's own config then."""
+def data_config(cfg: DictConfig, trained: DictConfig | None, overrides,
+                img_size: int) -> DictConfig:
+    """The data to evaluate on, at the model's ``img_size``: that of the training run (stored
+    in its checkpoint) unless the command names another with ``data=``; ``data.<key>=``
+    overrides apply either way. An exported folder stores no data: the command's own config
+    then."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(list(overrides))
-    if trained is None or any(o.key_or_group == "data" for o in parsed):
-        return cfg.data
-    data = OmegaConf.create(OmegaConf.to_container(trained.data, resolve=True))
-    for override in parsed:
-        if override.key_or_group.startswith("data.") and not override.is_delete():
-            OmegaConf.update(data, override.key_or_group.removeprefix("data."),
-                             override.value(), merge=True, force_add=True)
-    return data
+    chosen = trained is None or any(o.key_or_group == "data" for o in parsed)
+    data = OmegaConf.create(OmegaConf.to_container(cfg.data if chosen else trained.data,
+                                                   resolve=True))
+    if not chosen:
+        for override in parsed:
+            if override.key_or_group.startswith("data.") and not override.is_delete():
+                OmegaConf.update(data, override.key_or_group.removeprefix("data."),
+                                 override.value(), merge=True, force_add=True)
+    return OmegaConf.merge(data, {"img_size": img_size})
 
 
 EVAL_STRATEGIES = ("auto", "ddp")
@@ -137,18 +140,19 @@ def evaluate_command(cfg: DictConfig, out_dir: Path, overrides=()) -> dict[str, 
     fabric = launch(cfg)
     model, source = load_trained(cfg)
     protocols = selected_protocols(cfg.protocols, model.image_text is not None)
-    cfg.data = data_config(cfg, model.config, overrides)
+    # the command's config with the data it evaluates on (the given one stays as it is)
+    data = data_config(cfg, model.config, overrides, model.backbone.img_size[0])
+    evaluated = OmegaConf.create({**OmegaConf.to_container(cfg), "data": data})
     model.backbone.to(fabric.device)
     if model.image_text is not None:
         model.image_text.to(fabric.device)
-    cfg.data.img_size = model.backbone.img_size[0]
     datamodule = None
     if any(p in CLASSIFICATION for p in protocols):
-        datamodule = build_datamodule(cfg.data, model.tokenizer)
+        datamodule = build_datamodule(data, model.tokenizer)
         datamodule.setup("validate")
-    evaluation = run_cfg_protocols(model, datamodule, cfg, out_dir, protocols)
+    evaluation = run_cfg_protocols(model, datamodule, evaluated, out_dir, protocols)
     if fabric.is_global_zero:
-        print(f"results: {report(evaluation, cfg, out_dir, source)}")
+        print(f"results: {report(evaluation, evaluated, out_dir, source)}")
     return evaluation.results
 
 

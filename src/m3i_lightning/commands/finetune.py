@@ -6,6 +6,7 @@ with a recipe of ``conf/finetune/``; writes best and last checkpoints and ``fine
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -23,7 +24,7 @@ from m3i_lightning.conf import CONF_DIR
 from m3i_lightning.config.factory import build_datamodule
 from m3i_lightning.config.finetune_source import finetuning_backbone, load_source, transfer
 from m3i_lightning.config.loggers import run_loggers
-from m3i_lightning.config.trainer import per_device_batch, trainer_kwargs
+from m3i_lightning.config.trainer import per_device_batch, process_count, trainer_kwargs
 from m3i_lightning.core.errors import ConfigError, one_line_errors
 from m3i_lightning.core.shares import split_loader
 from m3i_lightning.finetune.augment import RecipeView
@@ -38,14 +39,14 @@ TRAIN_FIELDS = {"view1", "label"}
 
 
 class FineTuningData(L.LightningDataModule):
-    """A pre-training data module serving fine-tuning batches: its training images through
-    the recipe's :class:`~m3i_lightning.finetune.augment.RecipeView`, with labels, and its
-    held-out split as every rank's equal share (:mod:`m3i_lightning.core.shares`)."""
+    """A pre-training data module serving fine-tuning batches: its training images (through
+    the recipe's :class:`~m3i_lightning.finetune.augment.RecipeView`, which ``data`` is built
+    with), with labels, and its held-out split as every rank's equal share
+    (:mod:`m3i_lightning.core.shares`)."""
 
-    def __init__(self, data, view: RecipeView) -> None:
+    def __init__(self, data) -> None:
         super().__init__()
         self.data = data
-        self.data.view = view
 
     def setup(self, stage: str) -> None:
         if hasattr(self.data, "setup"):
@@ -120,12 +121,16 @@ def finetune(cfg: DictConfig, out: Path, pretrained: tuple[Backbone, str] | None
         raise ConfigError(f"fine-tuning runs with strategy= one of {STRATEGIES}, not "
                           f"'{cfg.strategy.name}'")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    data = build_datamodule(cfg.data, None, TRAIN_FIELDS)
+    r = cfg.finetune
+    recipe_view = functools.partial(
+        RecipeView, crop_scale=r.crop_scale, hflip=r.hflip, auto_augment=r.auto_augment,
+        reprob=r.reprob, remode=r.remode, interpolation=r.interpolation)
+    data = build_datamodule(cfg.data, None, TRAIN_FIELDS,
+                            batch_size=per_device_batch(r.batch_size, process_count(cfg)),
+                            train_view=recipe_view)
     if "label" not in data.provides:
         raise ConfigError(f"fine-tuning needs labels: data '{cfg.data.name}' provides none")
-    r = cfg.finetune
-    datamodule = FineTuningData(data, RecipeView(
-        data.view, r.crop_scale, r.hflip, r.auto_augment, r.reprob, r.remode, r.interpolation))
+    datamodule = FineTuningData(data)
     classifier, source = build_classifier(cfg, data.num_classes, pretrained)
     checkpoints = out / "checkpoints"
     best = ModelCheckpoint(checkpoints, filename="best", monitor="val/top1", mode="max",
@@ -136,7 +141,6 @@ def finetune(cfg: DictConfig, out: Path, pretrained: tuple[Backbone, str] | None
                         logger=run_loggers(cfg, out),
                         callbacks=[best, LastCheckpoint(checkpoints), StoreFineTuningConfig(cfg),
                                    LearningRateMonitor("step")])
-    data.batch_size = per_device_batch(r.batch_size, trainer.world_size)
     model = FineTuning(classifier, recipe_from(cfg, r.batch_size))
     trainer.fit(model, datamodule=datamodule)
     last = trainer.validate(model, datamodule=datamodule, verbose=False)[0]

@@ -25,10 +25,16 @@ from m3i_lightning.config.factory import (
     build_datamodule,
     build_model,
     build_tokenizer_from,
+    check_run_data,
 )
 from m3i_lightning.config.loggers import run_loggers
 from m3i_lightning.config.restore import image_text_objective
-from m3i_lightning.config.trainer import build_trainer, console_callbacks, per_device_batch
+from m3i_lightning.config.trainer import (
+    build_trainer,
+    console_callbacks,
+    per_device_batch,
+    process_count,
+)
 from m3i_lightning.core.errors import ConfigError, M3IError, full_trace_wanted, one_line_errors
 from m3i_lightning.data.skips import SkipReport
 from m3i_lightning.evaluation.protocols import check_eval_options, selected_protocols
@@ -51,9 +57,9 @@ def pretrain(cfg: DictConfig) -> dict:
     check_eval_options(cfg.knn, cfg.probe)
     selected_protocols(cfg.protocols, image_text_objective(cfg) is not None)
     tokenizer = build_tokenizer_from(cfg.text)
-    datamodule = build_datamodule(cfg.data, tokenizer)
+    datamodule = build_datamodule(cfg.data, tokenizer, batch_size=per_process_batch(cfg))
     model = build_model(cfg, datamodule.num_classes, tokenizer)
-    model.check_data(datamodule.provides)
+    check_run_data(model, datamodule, cfg)
     check_run_folder(out, cfg.resume, cfg.get("overwrite", False))
     ckpt_path = resume_path(cfg.resume, out)
     trainer = build_trainer(
@@ -66,8 +72,6 @@ def pretrain(cfg: DictConfig) -> dict:
                    ExactResume(), LearningRateMonitor("step"), SkipReport()],
     )
     check_launch(trainer, HydraConfig.get().mode == RunMode.MULTIRUN)
-    if cfg.get("global_batch_size"):
-        datamodule.batch_size = per_device_batch(cfg.global_batch_size, trainer.world_size)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if trainer.global_step == 0:
         untrained(trainer, datamodule, out)
@@ -76,6 +80,14 @@ def pretrain(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         print(f"run folder: {out}")
     return results
+
+
+def per_process_batch(cfg: DictConfig) -> int | None:
+    """Each process's share of ``global_batch_size`` (a recipe's total batch); None without
+    one: ``data.batch_size`` is then the per-process batch."""
+    if not cfg.get("global_batch_size"):
+        return None
+    return per_device_batch(cfg.global_batch_size, process_count(cfg))
 
 
 def check_choices(args: list[str]) -> None:

@@ -7,7 +7,9 @@ re-creates exactly the modules it was trained with.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -37,10 +39,50 @@ def accepted_options(factory) -> set[str]:
     return names - {"self", "kwargs"}
 
 
-def call_checked(factory, what: str, options: Mapping, context: Mapping):
+# An option as a Python caller names it in a message: ``Owner(option=value, ...)`` (another
+# object's constructor call) or ``option=value`` (a parameter of the callee itself).
+_OPTION = r"(\w+)=('[^']*'|\[[^\]]*\]|[^\s,;:()\[\]]+)"
+_SPELLED = re.compile(rf"(?<![\w.])(?:(\w+)\(((?:{_OPTION}(?:, )?)+)\)|{_OPTION})")
+_CONFIG_VALUES = {"True": "true", "False": "false", "None": "null"}
+
+
+def config_spelling(message: str, keys: Mapping[str, str]) -> str:
+    """``message`` with each option a Python caller names written as the command line sets it:
+    ``keys`` maps a parameter (``mask_ratio``) to its key path (``mask.ratio``) and a class
+    (``MaskedFeature``) to the path of its options (``objective.mim_feat``), so that
+    ``mask_ratio=1.0`` reads ``mask.ratio=1.0`` and ``MaskedFeature(target_blocks=3)`` reads
+    ``objective.mim_feat.target_blocks=3``; values lose their quotes (``True``: ``true``)."""
+
+    def value(text: str) -> str:
+        return _CONFIG_VALUES.get(text, text.strip("'"))
+
+    def respell(match: re.Match) -> str:
+        owner, options, name = match[1], match[2], match[5]
+        if owner is not None and owner in keys:
+            return " ".join(f"{keys[owner]}.{option}={value(given)}"
+                            for option, given in re.findall(_OPTION, options))
+        if name is not None and name in keys:
+            return f"{keys[name]}={value(match[6])}"
+        return match[0]
+
+    return _SPELLED.sub(respell, message)
+
+
+@contextmanager
+def config_errors(keys: Mapping[str, str]) -> Iterator[None]:
+    """A :class:`ConfigError` raised inside, re-worded into the config's key paths
+    (:func:`config_spelling`)."""
+    try:
+        yield
+    except ConfigError as err:
+        raise type(err)(config_spelling(str(err), keys)) from None
+
+
+def call_checked(factory, what: str, options: Mapping, context: Mapping, path: str):
     """Call ``factory(**options, **context)`` after checking every option is a parameter, so a
-    typo in the config names itself instead of failing deep inside a constructor. An option
-    left null takes the context's value when there is one (e.g. ``target_dim``)."""
+    typo in the config names itself instead of failing deep inside a constructor; its errors
+    name the options by their key paths under ``path`` (:func:`config_errors`). An option left
+    null takes the context's value when there is one (e.g. ``target_dim``)."""
     accepted = accepted_options(factory)
     unknown = sorted(set(options) - accepted)
     if unknown:
@@ -48,10 +90,12 @@ def call_checked(factory, what: str, options: Mapping, context: Mapping):
         raise ConfigError(f"{what}: unknown option(s) {unknown}; valid options: {valid}")
     given = {k: v for k, v in options.items() if not (k in context and v is None)}
     extra = {k: v for k, v in context.items() if k in accepted and k not in given}
-    try:
-        return factory(**given, **extra)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"{what}: {err}") from None
+    keys = {option: f"{path}.{option}" for option in accepted - set(extra)}
+    with config_errors({**keys, factory.__name__: path}):
+        try:
+            return factory(**given, **extra)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{what}: {err}") from None
 
 
 def student_backbone(cfg: DictConfig) -> Backbone:
@@ -74,11 +118,16 @@ def student_backbone(cfg: DictConfig) -> Backbone:
 
 
 def trains_class_token(cfg: DictConfig) -> bool:
-    """Whether an objective of the run reads the global feature (an unknown name counts as
-    one: building the objectives reports it)."""
-    return any(name not in OBJECTIVES
-               or OBJECTIVES[name].trains_global_feature(_plain(options or {}))
-               for name, options in (cfg.get("objective") or {}).items())
+    """Whether an objective of the run, with the options it will be built with, reads the
+    global feature (an unknown name counts as one: building the objectives reports it)."""
+    sizes = _plain(cfg.get("heads") or {})
+    for name, options in _plain(cfg.get("objective") or {}).items():
+        if name not in OBJECTIVES:
+            return True
+        options = given_options(options, sizes.get(name))
+        if objective_class(name, options).trains_global_feature(**options):
+            return True
+    return False
 
 
 def local_crop_count(cfg: DictConfig) -> int:
@@ -119,6 +168,12 @@ def objective_class(name: str, options: dict) -> type[Objective]:
     return family.variants[variant]
 
 
+def given_options(options: Mapping | None, sizes: Mapping | None) -> dict:
+    """An objective's options as it is built with them: the scale's head sizes, then every
+    option the config sets (a null one leaves the class default)."""
+    return {**(sizes or {}), **{k: v for k, v in (options or {}).items() if v is not None}}
+
+
 def build_objectives(cfg: Mapping, context: Mapping,
                      sizes: Mapping | None = None) -> dict[str, Objective]:
     """The selected objectives (``cfg``: name → options). An option left null takes the class
@@ -130,10 +185,10 @@ def build_objectives(cfg: Mapping, context: Mapping,
     sizes = _plain(sizes or {})
     objectives = {}
     for name, options in selected.items():
-        options = {**(sizes.get(name) or {}),
-                   **{k: v for k, v in (options or {}).items() if v is not None}}
+        options = given_options(options, sizes.get(name))
         factory = objective_class(name, options)
-        objectives[name] = call_checked(factory, f"objective '{name}'", options, context)
+        objectives[name] = call_checked(factory, f"objective '{name}'", options, context,
+                                        f"objective.{name}")
     return objectives
 
 
@@ -149,15 +204,21 @@ def objective_context(backbone: Backbone, num_classes: int, tokenizer,
     return context
 
 
-def build_datamodule(cfg: Mapping, tokenizer, fields: set[str] | None = None):
+def build_datamodule(cfg: Mapping, tokenizer, fields: set[str] | None = None,
+                     batch_size: int | None = None, train_view=None):
     """The data module named by ``module`` (or ``name``, when ``name`` is not the dataset's own
-    option, as it is for ``data=hf``); every other key is a constructor option."""
+    option, as it is for ``data=hf``); every other key is a constructor option. ``batch_size``:
+    the per-process share of a global batch, in place of ``data.batch_size``; ``fields`` and
+    ``train_view``: see :class:`~m3i_lightning.data.module.ViewDataModule`."""
     options = _plain(cfg)
     name = options.pop("module") if "module" in options else options.pop("name")
     if name not in DATA_MODULES:
         raise ConfigError(f"unknown data '{name}'; choose from {sorted(DATA_MODULES)}")
+    if batch_size is not None:
+        options["batch_size"] = batch_size
     return call_checked(DATA_MODULES[name], f"data '{name}'", options,
-                        {"tokenizer": tokenizer, "fields": fields})
+                        {"tokenizer": tokenizer, "fields": fields, "train_view": train_view},
+                        "data")
 
 
 def build_teacher(cfg: DictConfig) -> FrozenTeacher | None:
@@ -198,6 +259,27 @@ def finite_check_interval(cfg: DictConfig) -> int:
     return cfg.trainer.log_every_n_steps if torch.cuda.is_available() else 1
 
 
+# Where each engine parameter is set in the config: build_model reads them there (the last two
+# derived from their keys; a key absent or null leaves the engine's default), and the engine's
+# errors are re-worded with them.
+ENGINE_KEYS = {"input_mode": "input", "mask": "mask.kind", "mask_ratio": "mask.ratio",
+               "teacher_momentum": "teacher.momentum",
+               "teacher_final_momentum": "teacher.final_momentum", "mix": "mix",
+               "activation_checkpointing": "activation_checkpointing", "compile": "compile",
+               "local_crops": "data.local_crops.count",
+               "check_finite_every": "check_finite_every"}
+# The objects beside the engine whose options its errors name, by their keys' paths.
+BUILT_KEYS = {"Backbone": "backbone", "FrozenTeacher": "teacher"}
+
+
+def engine_keys(objectives: Mapping[str, Objective]) -> dict[str, str]:
+    """What the engine's errors name, by key path: its parameters, the backbone's and the
+    teacher's options, and each objective's (``objective.<name>``)."""
+    heads = {type(objective).__name__: f"objective.{name}"
+             for name, objective in objectives.items()}
+    return {**ENGINE_KEYS, **BUILT_KEYS, **heads}
+
+
 def build_model(cfg: DictConfig, num_classes: int, tokenizer) -> MultiObjective:
     """The backbone and the selected objectives as one MultiObjective."""
     backbone = student_backbone(cfg)
@@ -205,11 +287,19 @@ def build_model(cfg: DictConfig, num_classes: int, tokenizer) -> MultiObjective:
     objectives = build_objectives(cfg.objective,
                                   objective_context(backbone, num_classes, tokenizer, teacher),
                                   cfg.get("heads"))
-    return MultiObjective(
-        backbone, objectives, input_mode=cfg.input, mask=cfg.mask.kind,
-        mask_ratio=cfg.mask.ratio, teacher_momentum=cfg.teacher.momentum,
-        teacher_final_momentum=cfg.teacher.final_momentum, teacher=teacher,
-        optim=call_checked(OptimConfig, "optim", _plain(cfg.optim), {}),
-        check_finite_every=finite_check_interval(cfg), mix=cfg.mix,
-        local_crops=local_crop_count(cfg),
-        activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
+    engine = {param: OmegaConf.select(cfg, key) for param, key in ENGINE_KEYS.items()}
+    engine = {param: value for param, value in engine.items() if value is not None}
+    engine.update(local_crops=local_crop_count(cfg),
+                  check_finite_every=finite_check_interval(cfg))
+    optim = call_checked(OptimConfig, "optim", _plain(cfg.optim), {}, "optim")
+    with config_errors(engine_keys(objectives)):
+        return MultiObjective(backbone, objectives, teacher=teacher, optim=optim, **engine)
+
+
+def check_run_data(model: MultiObjective, datamodule, cfg: DictConfig) -> None:
+    """The model's checks of its data (:meth:`MultiObjective.check_data` and
+    ``check_batch_size``) before any Trainer exists, in the config's words."""
+    keys = {} if cfg.get("global_batch_size") else {"batch_size": "data.batch_size"}
+    with config_errors(keys):
+        model.check_data(datamodule.provides)
+        model.check_batch_size(datamodule.batch_size)

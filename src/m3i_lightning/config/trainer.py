@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from lightning.fabric import Fabric
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
@@ -38,6 +39,18 @@ def console_callbacks(cfg: DictConfig) -> list[L.Callback]:
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(progress_bar())
     return callbacks
+
+
+def process_count(cfg: DictConfig) -> int:
+    """The processes the Trainer of ``cfg.trainer`` runs (nodes × devices per node), counted by
+    Lightning's own rules before any Trainer exists, so the data is built with its
+    per-process batch."""
+    trainer = cfg.trainer
+    try:
+        return Fabric(accelerator=trainer.accelerator, devices=trainer.devices,
+                      num_nodes=trainer.num_nodes).world_size
+    except (MisconfigurationException, ValueError, TypeError) as err:
+        raise ConfigError(f"trainer options: {err}") from None
 
 
 def per_device_batch(global_batch_size: int, world_size: int) -> int:

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from m3i_lightning.components.text import ByteTokenizer
 from m3i_lightning.data.dataset import ViewDataset, check_loader_options, make_loader
 from m3i_lightning.data.device_views import DeviceViews
+from m3i_lightning.data.module import TrainFields
 from m3i_lightning.data.views import CropSet, LocalCrops
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -49,9 +50,10 @@ class DigitsSource:
         return self.images[index], label if self.labels_on else None, caption
 
 
-class EmbeddedDigits(DeviceViews, L.LightningDataModule):
+class EmbeddedDigits(TrainFields, DeviceViews, L.LightningDataModule):
     """Digits split deterministically into train / val; ``labels`` / ``captions`` can be
-    switched off to pre-train as if the data had none."""
+    switched off to pre-train as if the data had none; ``train_view`` as for
+    :class:`~m3i_lightning.data.module.ViewDataModule`."""
 
     def __init__(self, img_size: int = 32, source_size: int = 32, batch_size: int = 128,
                  num_workers: int = 2, val_fraction: float = 0.2, split_seed: int = 0,
@@ -60,7 +62,7 @@ class EmbeddedDigits(DeviceViews, L.LightningDataModule):
                  fields: set[str] | None = None, seed: int = 0,
                  local_crops: dict | None = None, augment: str = "none",
                  repeated_aug: int = 1, augment_on: str = "workers",
-                 interpolation: str = "bilinear") -> None:
+                 interpolation: str = "bilinear", train_view=None) -> None:
         super().__init__()
         check_loader_options(batch_size, num_workers, list(crop_scale), val_fraction,
                              repeated_aug)
@@ -68,14 +70,15 @@ class EmbeddedDigits(DeviceViews, L.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.repeated_aug = repeated_aug
         self.val_fraction, self.split_seed = val_fraction, split_seed
-        self.view = CropSet(img_size, crop_scale, flip, LocalCrops(**local_crops or {}), augment,
-                            augment_on, interpolation=interpolation)
+        crops = CropSet(img_size, crop_scale, flip, LocalCrops(**local_crops or {}), augment,
+                        augment_on, interpolation=interpolation)
+        self.view = crops if train_view is None else train_view(crops)
         self.labels_on, self.captions_on = labels, captions
         self.tokenizer = tokenizer or ByteTokenizer()
-        self.provides = {*self.view.names, "geometry"}
+        self.provides = {*crops.names, "geometry"}
         self.provides |= {"label"} if labels else set()
         self.provides |= {"text"} if captions else set()
-        self.fields = set(fields) if fields is not None else set(self.provides)
+        self.requested_fields = set(fields) if fields is not None else None
         self.num_classes = len(DIGIT_NAMES)
         self.class_names = list(DIGIT_NAMES)
 

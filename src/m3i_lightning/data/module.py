@@ -2,22 +2,24 @@
 
 Like :class:`~m3i_lightning.data.embedded.EmbeddedDigits`, a data module announces
 ``provides`` / ``num_classes`` / ``class_names`` when it is built (the model is sized from them
-before training starts), accepts ``fields`` (what the model needs), and serves
-``train_dataloader()`` and ``eval_dataloader(split)`` for kNN / probes.
+before training starts), builds the ``fields`` the trained model reads (:class:`TrainFields`),
+and serves ``train_dataloader()`` and ``eval_dataloader(split)`` for kNN / probes.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from m3i_lightning.core.distributed import world
 from m3i_lightning.core.errors import ConfigError
 from m3i_lightning.data.dataset import check_loader_options, make_loader
-from m3i_lightning.data.device_views import DeviceViews
+from m3i_lightning.data.device_views import DeviceViews, choose_decoder
 from m3i_lightning.data.images import decode_image
 from m3i_lightning.data.skips import BadSample
 from m3i_lightning.data.views import CropSet, LocalCrops
@@ -25,38 +27,61 @@ from m3i_lightning.data.views import CropSet, LocalCrops
 log = logging.getLogger(__name__)
 
 
-class ViewDataModule(DeviceViews, L.LightningDataModule):
-    """Base of the image folder, shard and Hugging Face data modules."""
+class TrainFields:
+    """The batch keys a data module's training loader builds (``fields``): those it was built
+    with, else those the module it trains reads (its ``batch_fields()``, asked when the
+    loader is built, so a plain ``Trainer().fit(model, datamodule)`` builds nothing extra),
+    else everything it ``provides``."""
+
+    requested_fields: set[str] | None
+    provides: set[str]
+
+    @property
+    def fields(self) -> set[str]:
+        if self.requested_fields is not None:
+            return self.requested_fields
+        trained = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        if hasattr(trained, "batch_fields"):
+            return trained.batch_fields()
+        return set(self.provides)
+
+
+class ViewDataModule(TrainFields, DeviceViews, L.LightningDataModule):
+    """Base of the image folder, shard and Hugging Face data modules. ``train_view`` builds
+    the training view from the data's crops (fine-tuning's recipe augmentation); None: the
+    crops themselves."""
 
     def __init__(self, img_size: int, batch_size: int, num_workers: int,
                  crop_scale: Sequence[float], flip: bool, tokenizer, fields: set[str] | None,
                  seed: int, val_fraction: float = 0.0, local_crops: Mapping | None = None,
                  augment: str = "none", repeated_aug: int = 1, augment_on: str = "workers",
-                 decode_size: int | None = None, interpolation: str = "bilinear") -> None:
+                 decode_size: int | None = None, interpolation: str = "bilinear",
+                 train_view: Callable[[CropSet], Any] | None = None) -> None:
         super().__init__()
         check_loader_options(batch_size, num_workers, list(crop_scale), val_fraction,
                              repeated_aug)
-        self.view = CropSet(img_size, tuple(crop_scale), flip, LocalCrops(**local_crops or {}),
-                            augment, augment_on, decode_size, interpolation)
+        crops = CropSet(img_size, tuple(crop_scale), flip, LocalCrops(**local_crops or {}),
+                        augment, augment_on, decode_size, interpolation)
+        self.view = crops if train_view is None else train_view(crops)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.repeated_aug = repeated_aug
         self.tokenizer = tokenizer
-        self.fields = set(fields) if fields is not None else None
-        self.provides = {*self.view.names, "geometry"}
+        self.requested_fields = set(fields) if fields is not None else None
+        self.provides = {*crops.names, "geometry"}
         self.num_classes, self.class_names = 0, []
 
     def announce(self, labels: Sequence[str] | None, captions: bool) -> None:
-        """Set what the data provides (``labels``: the class names, None when unlabelled) and,
-        unless the caller chose ``fields``, build all of it."""
+        """Set what the data provides (``labels``: the class names, None when unlabelled)."""
         if labels:
             self.provides.add("label")
             self.num_classes, self.class_names = len(labels), list(labels)
         if captions:
             self.provides.add("text")
-        if self.fields is None:
-            self.fields = set(self.provides)
 
     def loader(self, dataset: Dataset, train: bool, num_workers: int | None = None) -> DataLoader:
+        if train and self.view.on_device:
+            self.view.device_decodes, why = choose_decoder(self.render_device())
+            log.info("data.augment_on=device: %s", why)
         workers = self.num_workers if num_workers is None else num_workers
         return make_loader(dataset, self.batch_size, workers, self.tokenizer, shuffle=train,
                            drop_last=train, seed=self.seed, repeated_aug=self.repeated_aug)
@@ -69,6 +94,12 @@ class ViewDataModule(DeviceViews, L.LightningDataModule):
             return []
         rank, world_size, _, _ = self.placement()
         return [self.eval_dataloader(split, rank, world_size) for split in ("train", "val")]
+
+    def render_device(self) -> torch.device:
+        """Where the views of a batch are rendered: the trainer's device (the CPU without a
+        trainer)."""
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device(
+            "cpu")
 
     def placement(self) -> tuple[int, int, int, int]:
         """(rank, world size, current epoch, global step) of the training run, so a stream

@@ -267,10 +267,10 @@ class WebDatasetData(ViewDataModule):
                  local_crops: dict | None = None,
                  augment: str = "none", repeated_aug: int = 1,
                  augment_on: str = "workers", decode_size: int | None = 320,
-                 interpolation: str = "bilinear") -> None:
+                 interpolation: str = "bilinear", train_view=None) -> None:
         super().__init__(img_size, batch_size, num_workers, crop_scale, flip, tokenizer, fields,
                          seed, val_fraction, local_crops, augment, repeated_aug, augment_on,
-                         decode_size, interpolation)
+                         decode_size, interpolation, train_view)
         if not urls:
             raise ConfigError("data=webdataset needs data.urls=<shard pattern>, e.g. "
                               "'shards/{000000..000127}.tar'")

@@ -17,15 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from m3i_lightning.backbone import Backbone, Encoded
-from m3i_lightning.components.masking import MASKS, build_mask
+from m3i_lightning.components.masking import build_mask
 from m3i_lightning.components.optim import OptimConfig, build_optimizer, follow_weight_decay
 from m3i_lightning.core.errors import ConfigError, NonFiniteLossError
 from m3i_lightning.core.views import local_view_names
-from m3i_lightning.engine import sharding
-from m3i_lightning.engine.mixing import check_mixable, encode_mixed, partner_rows
-from m3i_lightning.engine.plan import INPUT_MODES, Input, Plan, Reading, build_plan
+from m3i_lightning.engine import checks, sharding
+from m3i_lightning.engine.mixing import encode_mixed, partner_rows
+from m3i_lightning.engine.plan import Input, Plan, Reading, build_plan
 from m3i_lightning.engine.teacher import EMATeacher, TargetEncoder, ema_
-from m3i_lightning.objectives import OBJECTIVES
 from m3i_lightning.objectives.base import Objective, Targets
 
 Readings = dict[str, list[tuple[dict, Encoded, Targets]]]
@@ -53,15 +52,11 @@ class Engine(L.LightningModule):
         (DINO / MSN multi-crop, batch keys ``local1`` ...). ``teacher`` is a given target encoder (a
         :class:`~m3i_lightning.engine.teacher.FrozenTeacher`); without one, an EMA of the backbone
         is built when an objective needs a teacher. Every bad value is a ConfigError here."""
-        if input_mode not in INPUT_MODES:
-            raise ConfigError(f"unknown input mode '{input_mode}'; choose one of {INPUT_MODES}")
-        if mix and input_mode != "shared":
-            raise ConfigError("mix=true mixes two images into the one shared input: it needs "
-                              "input=shared")
+        checks.check_input(input_mode, mix)
         objectives = self.objectives()
-        _check_backbone(backbone, objectives, mix)
-        _check_masked_tokens(backbone, objectives, mix)
-        _check_batch_augment(objectives)
+        checks.check_backbone(backbone, objectives, mix)
+        checks.check_masked_tokens(backbone, objectives, mix)
+        checks.check_batch_augment(objectives)
         self.backbone = backbone
         self.input_mode, self.mix = input_mode, mix
         self.plan: Plan = build_plan(objectives, input_mode, mix, local_view_names(local_crops))
@@ -72,11 +67,14 @@ class Engine(L.LightningModule):
         if self.plan.teacher_views:
             self.teacher = teacher or EMATeacher(backbone, teacher_momentum,
                                                  teacher_final_momentum)
-            _check_teacher_width(self.teacher, objectives)
-        self.teacher_blocks = _teacher_blocks(self.teacher, objectives)
+            checks.check_teacher_width(self.teacher, objectives)
+            checks.check_teacher_blocks(self.teacher, objectives)
+        # how many last block outputs the teacher keeps: the most any objective reads (each
+        # takes its own last K of them)
+        self.teacher_blocks = max((o.teacher_blocks for o in objectives.values()), default=0)
         guided = self.mask_generator is not None and self.mask_generator.guided
         if guided:
-            _check_guided_mask(self.plan, self.teacher, backbone)
+            checks.check_guided_mask(self.plan, self.teacher, backbone)
         # what the teacher's one pass keeps beside its tokens
         self.teacher_options = {key: value for key, value in (
             ("top_blocks", self.teacher_blocks), ("class_attention", guided)) if value}
@@ -90,21 +88,11 @@ class Engine(L.LightningModule):
 
     def check_data(self, provides: set[str]) -> None:
         """Fail before training when an objective needs something the data lacks."""
-        for name, obj in self.objectives().items():
-            missing = obj.requires - set(provides)
-            if missing:
-                raise ConfigError(
-                    f"objective '{name}' needs {sorted(missing)} but the data provides only "
-                    f"{sorted(provides)}")
+        checks.check_data(self.objectives(), provides)
 
     def check_batch_size(self, batch_size: int) -> None:
-        """Contrastive losses and BatchNorm heads mean nothing on one sample per process."""
-        for name, obj in self.objectives().items():
-            if batch_size < obj.min_batch_size:
-                raise ConfigError(
-                    f"objective '{name}' needs a per-process batch of at least "
-                    f"{obj.min_batch_size} (negatives / BatchNorm across the batch), got "
-                    f"{batch_size}: raise data.batch_size (or global_batch_size)")
+        """Fail before training when an objective needs a larger per-process batch."""
+        checks.check_batch_size(self.objectives(), batch_size)
 
     def on_fit_start(self) -> None:
         """Every process starts from one seed, so that all build identical weights; from here on
@@ -115,12 +103,12 @@ class Engine(L.LightningModule):
             torch.manual_seed(torch.initial_seed() + self.global_rank)
 
     def setup(self, stage: str) -> None:
-        """Check the data, then ask it for only the fields the objectives read (before any
-        loader exists), so a plain ``Trainer().fit(model, datamodule)`` builds nothing extra."""
+        """Check the data before any loader exists. (The data module asks :meth:`batch_fields`
+        of the module it trains, so a plain ``Trainer().fit(model, datamodule)`` builds
+        nothing extra.)"""
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "provides"):
             self.check_data(datamodule.provides)
-            datamodule.fields = self.batch_fields()
         if stage == "fit" and isinstance(getattr(datamodule, "batch_size", None), int):
             self.check_batch_size(datamodule.batch_size)
 
@@ -209,15 +197,16 @@ class Engine(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Detached global features of whole images. Lightning runs validation only when a
         module defines this step; the metrics themselves live in callbacks
-        (:class:`~m3i_lightning.evaluation.monitors.ProbeMonitor`), so the engine stays metric-free."""
+        (:class:`~m3i_lightning.evaluation.monitors.ProbeMonitor`), so the engine stays
+        metric-free."""
         return self.backbone(batch["image"]).global_feature.detach()
 
     @sharding.step_method
     @torch.no_grad()
     def global_features(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         """The student's and the teacher's (None without one) global features of ``images``,
-        for the health monitors (:mod:`m3i_lightning.evaluation.health`); a step method, so a sharded
-        engine gathers its weights for it."""
+        for the health monitors (:mod:`m3i_lightning.evaluation.health`); a step method, so a
+        sharded engine gathers its weights for it."""
         student = self.backbone(images).global_feature
         return student, None if self.teacher is None else self.teacher(images).global_feature
 
@@ -262,7 +251,8 @@ class Engine(L.LightningModule):
 
     def configure_model(self) -> None:
         """Lightning's hook once the processes exist: activation checkpointing, compiled blocks
-        and, under ``ModelParallelStrategy``, FSDP2 sharding (:mod:`m3i_lightning.engine.sharding`)."""
+        and, under ``ModelParallelStrategy``, FSDP2 sharding
+        (:mod:`m3i_lightning.engine.sharding`)."""
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
         sharding.configure(self, mesh, **self.scaling)
 
@@ -368,141 +358,10 @@ def _partner_view(batch: dict, teacher: dict[str, Encoded], student: dict[str, E
 
 def _mask_generator(plan: Plan, objectives: Mapping[str, Objective], grid: tuple[int, int],
                     kind: str, ratio: float):
-    """The mask of the masked inputs, None when nothing is masked; a ratio that hides no
-    patch (or every patch) is refused here rather than as a NaN loss later."""
-    if kind not in MASKS:
-        raise ConfigError(f"unknown mask kind '{kind}' (mask.kind); choose one of "
-                          f"{sorted(MASKS)}")
-    if not 0.0 <= ratio < 1.0:
-        raise ConfigError(f"mask ratio (mask.ratio) must be in [0, 1), got {ratio}")
+    """The mask of the masked inputs, None when nothing is masked."""
+    checks.check_mask(kind, ratio)
     if not plan.masked:
         return None
     generator = build_mask(kind, grid, ratio)
-    if generator.num_masked == 0 or generator.num_visible == 0:
-        masked = sorted(n for n, o in objectives.items() if o.masked_input) or ["mix"]
-        raise ConfigError(f"mask ratio (mask.ratio) {ratio} hides {generator.num_masked} of "
-                          f"{generator.num_patches} patches, but {masked} need masked and "
-                          "visible patches: choose a ratio in (0, 1), e.g. 0.75")
-    if plan.mixed:
-        try:
-            check_mixable(generator)
-        except ValueError as err:
-            raise ConfigError(f"{err} (mask.ratio)") from None
+    checks.check_mask_grid(generator, ratio, objectives, plan.mixed)
     return generator
-
-
-def _check_backbone(backbone: Backbone, objectives: Mapping[str, Objective], mix: bool) -> None:
-    """A family without masked input or dense tokens (ResNet) serves the global objectives
-    only: name the others, and the mix, before anything is built on it."""
-
-    def unserved(objective: Objective | type[Objective]) -> bool:
-        return ((objective.masked_input and not backbone.supports_masking)
-                or (objective.reads_tokens() and not backbone.supports_dense))
-
-    needs = sorted(n for n, o in objectives.items() if unserved(o))
-    needs += ["mix"] if mix and not backbone.supports_masking else []
-    if needs:
-        lacks = [what for what, has in (("masked input", backbone.supports_masking),
-                                        ("dense tokens", backbone.supports_dense)) if not has]
-        usable = sorted(n for n, o in OBJECTIVES.items() if not unserved(o))
-        raise ConfigError(
-            f"backbone '{backbone.arch}' ({backbone.family} family) gives no "
-            f"{' and no '.join(lacks)}, which {needs} need: select only objectives among "
-            f"{usable} (and mix=false), or a vit, swin or convnext backbone")
-
-
-def _check_masked_tokens(backbone: Backbone, objectives: Mapping[str, Objective],
-                         mix: bool) -> None:
-    """An objective reading the encoder's outputs at the masked cells (data2vec's linear
-    head) needs them encoded, as a mask token, and encoded for its own image: a mix puts the
-    partner image's patches in those cells."""
-    reading = sorted(n for n, o in objectives.items() if o.reads_masked_tokens)
-    if not reading:
-        return
-    if not backbone.masks_by_token:
-        raise ConfigError(
-            f"objective(s) {reading} read the encoder's outputs at the masked cells "
-            f"(predictor=linear), but backbone '{backbone.arch}' ({backbone.family} family) "
-            "drops the masked patches: set backbone.mask_token=true (a ViT encoding them as a "
-            "mask token), or use predictor=transformer")
-    if mix:
-        raise ConfigError(
-            f"objective(s) {reading} read the encoder's outputs at each image's masked cells "
-            "(predictor=linear), where mix=true encodes the partner image's patches: use "
-            "mix=false or predictor=transformer")
-
-
-def _check_batch_augment(objectives: Mapping[str, Objective]) -> None:
-    """A batch augmentation (cls's Mixup / CutMix) mixes the images of the batch before they
-    are encoded, once for all objectives: with others beside it they would read mixed images
-    (and targets of mixed views), so it runs only alone."""
-    augmenting = sorted(n for n, o in objectives.items() if o.augments_batch)
-    if augmenting and len(objectives) > 1:
-        raise ConfigError(
-            f"objective(s) {augmenting} mix the images of each batch (mixup / cutmix), which "
-            f"the other objectives {sorted(set(objectives) - set(augmenting))} would read too: "
-            "train it alone (objective=[cls]) or set its mixup and cutmix to 0")
-
-
-def _check_teacher_width(teacher: TargetEncoder, objectives: Mapping[str, Objective]) -> None:
-    """A teacher of another width fits only heads sized for it (``target_dim``)."""
-    width = teacher.embed_dim
-    wrong = sorted(n for n, o in objectives.items() if o.uses_teacher and o.target_width != width)
-    if wrong:
-        raise ConfigError(
-            f"the teacher's features are {width} wide but objective(s) {wrong} read "
-            f"{sorted({objectives[n].target_width for n in wrong})}-wide targets: set their "
-            "target_dim to the teacher's width where the objective takes one, or use a "
-            "teacher as wide as the student")
-
-
-def _teacher_blocks(teacher: TargetEncoder | None, objectives: Mapping[str, Objective]) -> int:
-    """How many last block outputs the teacher keeps in its one pass: the most any objective
-    reads (each takes its own last K of them), refused where the teacher cannot give them."""
-    wanting = {n: o.teacher_blocks for n, o in objectives.items() if o.teacher_blocks}
-    if not wanting:
-        return 0
-    count = max(wanting.values())
-    if getattr(teacher, "project", False):
-        raise ConfigError(f"objective(s) {sorted(wanting)} read the teacher's last block "
-                          "outputs (target_blocks), which its projection (teacher.project) "
-                          "does not map: use target_blocks=0 or teacher.project=false")
-    encoder = teacher.encoder
-    if not encoder.supports_top_blocks:
-        raise ConfigError(f"objective(s) {sorted(wanting)} read the teacher's last block "
-                          f"outputs (target_blocks), which a {encoder.family} teacher does not "
-                          "give: use a vit teacher or target_blocks=0")
-    depth = len(encoder.blocks())
-    if count > depth:
-        raise ConfigError(f"objective(s) {sorted(wanting)} average the teacher's last "
-                          f"{count} blocks (target_blocks) but '{encoder.arch}' has {depth}: "
-                          f"choose target_blocks <= {depth}")
-    return count
-
-
-def _check_guided_mask(plan: Plan, teacher: TargetEncoder | None, backbone: Backbone) -> None:
-    """An attention-guided mask (mask.kind=attention) follows the teacher's class-token
-    attention of the very images it masks, on the student's patch grid: any ViT teacher with
-    a class token (EMA or frozen) whose pass covers every masked view."""
-    if plan.mixed:
-        raise ConfigError("mask.kind=attention draws each image's mask from its own teacher "
-                          "attention; M3I's mix (mix=true) draws the two images' masks "
-                          "together: use mask.kind=random or block with the mix")
-    masked_views = sorted({i.view for i in plan.inputs if i.masked})
-    unseen = [view for view in masked_views if view not in plan.teacher_views]
-    if unseen:
-        raise ConfigError(f"mask.kind=attention follows the teacher's attention of each masked "
-                          f"view, but the teacher encodes only {list(plan.teacher_views)} and "
-                          f"the student masks {unseen}: select an objective whose target is "
-                          "the teacher's encoding of the masked view (mim_feat), or another "
-                          "mask.kind")
-    encoder = teacher.encoder
-    if not encoder.supports_class_attention:
-        raise ConfigError(f"mask.kind=attention follows the teacher's class-token attention; "
-                          f"the teacher '{encoder.arch}' ({encoder.family} family) has no class "
-                          "token: use a ViT teacher with one (class_token=true), or another "
-                          "mask.kind")
-    if tuple(encoder.grid_size) != tuple(backbone.grid_size):
-        raise ConfigError(f"mask.kind=attention maps the teacher's patches onto the student's, "
-                          f"but the teacher's grid is {encoder.grid_size} and the student's "
-                          f"{backbone.grid_size}: give the teacher the student's patch grid")

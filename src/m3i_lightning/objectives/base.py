@@ -90,8 +90,9 @@ class Objective(nn.Module):
     default_variant: ClassVar[str | None] = None
 
     @classmethod
-    def trains_global_feature(cls, options: dict) -> bool:
-        """Whether the loss with these config ``options`` reads the global feature."""
+    def trains_global_feature(cls, **options) -> bool:
+        """Whether the loss of ``Cls(**options)`` reads the global feature, known before the
+        backbone is built (it pools by the class token only when some objective trains it)."""
         return cls.reads_global_feature
 
     def __init_subclass__(cls, register: bool = True, **kwargs) -> None:

@@ -53,27 +53,27 @@ class MaskedFeature(Objective):
     uses_teacher = True
 
     @classmethod
-    def trains_global_feature(cls, options: dict) -> bool:
-        return options.get("loss_tokens") == "all"  # MILAN's loss predicts the class token
+    def trains_global_feature(cls, *, loss_tokens: str = "masked", **options) -> bool:
+        return loss_tokens == "all"  # MILAN's loss predicts the class token
 
     def __init__(self, loss: str = "mse", beta: float = 1.0, predictor: str = "transformer",
                  predictor_dim: int = 768, predictor_depth: int = 4, predictor_heads: int = 16,
                  target_dim: int | None = None, target_blocks: int = 0,
                  target_norm: str = "layer", loss_tokens: str = "masked", **kwargs) -> None:
         super().__init__(**kwargs)
-        check_options({"objective.mim_feat.target_blocks": (
-            target_blocks, lambda k: isinstance(k, int) and k >= 0, "an integer >= 0"),
-            "objective.mim_feat.predictor": (
-            predictor, lambda p: p in PREDICTORS, f"one of {list(PREDICTORS)}"),
-            "objective.mim_feat.target_norm": (
-            target_norm, lambda n: n in TARGET_NORMS, f"one of {list(TARGET_NORMS)}"),
-            "objective.mim_feat.loss_tokens": (
-            loss_tokens, lambda t: t in LOSS_TOKENS, f"one of {list(LOSS_TOKENS)}")})
+        check_options({
+            "target_blocks": (target_blocks, lambda k: isinstance(k, int) and k >= 0,
+                              "an integer >= 0"),
+            "predictor": (predictor, lambda p: p in PREDICTORS, f"one of {list(PREDICTORS)}"),
+            "target_norm": (target_norm, lambda n: n in TARGET_NORMS,
+                            f"one of {list(TARGET_NORMS)}"),
+            "loss_tokens": (loss_tokens, lambda t: t in LOSS_TOKENS,
+                            f"one of {list(LOSS_TOKENS)}")})
         if loss_tokens == "all" and (predictor == "linear" or target_blocks):
-            raise ConfigError("objective.mim_feat.loss_tokens=all predicts the class token and "
-                              "the visible patches through the transformer predictor from the "
-                              "teacher's output tokens: it needs predictor=transformer or "
-                              "prompting and target_blocks=0")
+            raise ConfigError("loss_tokens='all' predicts the class token and the visible "
+                              "patches through the transformer predictor from the teacher's "
+                              "output tokens: it needs predictor='transformer' or "
+                              "predictor='prompting', and target_blocks=0")
         self.target_norm, self.loss_tokens = target_norm, loss_tokens
         self.teacher_blocks = target_blocks
         self.target_width = target_dim or self.embed_dim

@@ -17,9 +17,9 @@ from m3i_lightning.objectives.base import Objective, Targets
 
 
 class RelativePredictor(nn.Module):
-    """A :class:`~m3i_lightning.components.predictor.TokenPredictor` whose queries are the target view's
-    patches: the sin-cos embedding of their coordinates in the input grid, plus a learned
-    projection of the target's relative log-scale and flip (SiameseIM adds relative position
+    """A :class:`~m3i_lightning.components.predictor.TokenPredictor` whose queries are the
+    target view's patches: the sin-cos embedding of their coordinates in the input grid, plus a
+    learned projection of the target's relative log-scale and flip (SiameseIM adds relative position
     and scale to its mask-token queries).
 
     The projection starts at zero, so at the identity crop the queries are exactly the input

@@ -9,6 +9,7 @@ from torch import Tensor
 from m3i_lightning.components.losses import autocast_off, feature_correlation, unigrad_loss
 from m3i_lightning.core.distributed import mean_over_ranks
 from m3i_lightning.core.encoded import Encoded
+from m3i_lightning.core.errors import ConfigError
 from m3i_lightning.objectives.relative_query import RelativeQueryObjective
 
 
@@ -19,9 +20,9 @@ class SiameseFeature(RelativeQueryObjective):
     predictor must both match the views (semantic alignment, as instance discrimination does)
     and fill in content it never saw (spatial sensitivity, as masked image modelling does).
 
-    The loss is the dense UniGrad loss (:func:`~m3i_lightning.components.losses.unigrad_loss`): a Gaussian
-    pull to the stop-gradient target plus ``neg_weight`` (0.02) times a decorrelation term on
-    the predictions. Its correlation matrix F of the targets is averaged over ranks;
+    The loss is the dense UniGrad loss (:func:`~m3i_lightning.components.losses.unigrad_loss`):
+    a Gaussian pull to the stop-gradient target plus ``neg_weight`` (0.02) times a decorrelation
+    term on the predictions. Its correlation matrix F of the targets is averaged over ranks;
     ``correlation_momentum`` ρ keeps a moving average F ← ρF + (1−ρ)F_batch as UniGrad does for
     global features, while 0 (the default) uses each batch's own F, as SiameseIM does: B·N
     dense targets per step already estimate it well. The loss is computed in float32.
@@ -46,8 +47,8 @@ class SiameseFeature(RelativeQueryObjective):
     uses_teacher = True
 
     @classmethod
-    def trains_global_feature(cls, options: dict) -> bool:
-        return options.get("class_token") is not False  # null: the class default, true
+    def trains_global_feature(cls, *, class_token: bool = True, **options) -> bool:
+        return class_token
 
     def __init__(self, neg_weight: float = 0.02, correlation_momentum: float = 0.0,
                  target_projection: bool = True, projector_depth: int = 2,
@@ -55,7 +56,7 @@ class SiameseFeature(RelativeQueryObjective):
         super().__init__(**kwargs)
         self.class_token = class_token
         if not 0.0 <= correlation_momentum < 1.0:
-            raise ValueError(f"correlation_momentum must be in [0, 1), got {correlation_momentum}")
+            raise ConfigError(f"correlation_momentum={correlation_momentum} must be in [0, 1)")
         self.neg_weight, self.correlation_momentum = neg_weight, correlation_momentum
         width = self.predictor_shape[0] if target_projection else self.embed_dim
         self.predictor = self.relative_predictor(width, projector_depth=projector_depth,
