@@ -178,21 +178,46 @@ def test_zero_steps_write_the_initial_checkpoint_and_metrics(tmp_path):
     assert "kNN top-1" in done.stdout
 
 
+MIM_FEAT = "objective=[mim_feat]"
 ENGINE_VALUES = {
-    ("mask.ratio=0", "objective=[mim_feat]"): "mask ratio (mask.ratio) 0 hides 0 of",
-    ("mask.ratio=1", "objective=[mim_feat]"): "mask ratio (mask.ratio) must be in [0, 1)",
-    ("mask.ratio=1.5", "objective=[mim_feat]"): "must be in [0, 1), got 1.5",
-    ("mask.ratio=-0.5", "objective=[mim_feat]"): "must be in [0, 1), got -0.5",
-    ("mask.kind=nope", "objective=[mim_feat]"): "unknown mask kind 'nope' (mask.kind)",
-    ("data.batch_size=1", "objective=[inst_disc]"): "'inst_disc' needs a per-process batch",
+    ("mask.ratio=0", MIM_FEAT): "error: mask.ratio=0 hides 0 of 16 patches",
+    ("mask.ratio=1", MIM_FEAT): "error: mask.ratio=1 must be in [0, 1)",
+    ("mask.ratio=1.5", MIM_FEAT): "error: mask.ratio=1.5 must be in [0, 1)",
+    ("mask.ratio=-0.5", MIM_FEAT): "error: mask.ratio=-0.5 must be in [0, 1)",
+    ("mask.ratio=0.25", "mix=true", MIM_FEAT): "error: mask.ratio=0.25 with mix=true: mixing",
+    ("mask.kind=nope", MIM_FEAT):
+        "error: mask.kind=nope must be one of ['attention', 'block', 'random']",
+    ("mask.kind=attention", "mix=true", MIM_FEAT):
+        "error: mask.kind=attention draws each image's mask from its own teacher attention; "
+        "M3I's mix (mix=true) draws the two images' masks together: use mask.kind=random or "
+        "mask.kind=block with the mix",
+    ("input=sideways",): "error: input=sideways must be one of ['shared', 'native']",
+    ("mix=true", "input=native", MIM_FEAT):
+        "error: mix=true mixes two images into the one shared input: it needs input=shared",
+    (MIM_FEAT, "objective.mim_feat.predictor=linear", "+backbone.mask_token=true", "mix=true"):
+        "error: objective.mim_feat.predictor=linear reads the encoder's outputs at each "
+        "image's masked cells, where mix=true encodes the partner image's patches: use "
+        "mix=false or objective.mim_feat.predictor=transformer",
+    (MIM_FEAT, "objective.mim_feat.target_blocks=3"):
+        "error: objective.mim_feat.target_blocks=3 averages that many of the teacher's last "
+        "blocks, but 'vit_tiny_patch16_224' has 1: choose at most 1",
+    (MIM_FEAT, "objective.mim_feat.target_blocks=-1"):
+        "error: objective.mim_feat.target_blocks=-1 must be an integer >= 0",
+    ("objective=[sim_feat]", "objective.sim_feat.correlation_momentum=1.5"):
+        "error: objective.sim_feat.correlation_momentum=1.5 must be in [0, 1)",
+    ("data.batch_size=1", "objective=[inst_disc]"):
+        "error: objective 'inst_disc' needs a per-process batch of at least 2 (negatives / "
+        "BatchNorm across the batch), got data.batch_size=1",
     ("data.batch_size=1", "objective=[clip]"): "'clip' needs a per-process batch of at least 2",
     ("+optim.bogus=1",): "optim: unknown option(s) ['bogus']",
 }
 
 
 def test_engine_values_that_cannot_work_are_one_line(tmp_path, capsys, monkeypatch):
-    """What the engine refuses at build or at setup (mask, batch of one for contrastive and
-    BatchNorm heads, unknown optimiser keys) reaches the user as one line naming the option."""
+    """What the engine and the objectives refuse at build or at setup (mask, input, mix,
+    data2vec's targets, a batch of one for contrastive and BatchNorm heads, unknown optimiser
+    keys) reaches the user as one line naming the options by their key paths, as set on the
+    command line (the Python API names the parameters: tests/unit/test_engine.py)."""
     for args, expected in ENGINE_VALUES.items():
         line = train_fails(capsys, monkeypatch, tmp_path / "engine", *args)
         assert expected in line, (args, line)
