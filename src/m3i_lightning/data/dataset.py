@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from m3i_lightning.core.errors import ConfigError, M3IError, check_options
-from m3i_lightning.data.device_views import device_fields
+from m3i_lightning.data.device_views import LISTED_KEYS, device_fields
+from m3i_lightning.data.images import EncodedImage
 from m3i_lightning.data.sampling import ResumableLoader, ResumableSampler
 from m3i_lightning.data.skips import BadSample
 from m3i_lightning.data.views import CropSet
@@ -22,11 +23,13 @@ class ViewDataset(Dataset):
     """Builds only the requested ``fields`` of each sample: ``view1``, ``view2`` (and the
     local crops ``local1`` ...) with their ``*_geometry``, ``label`` and ``caption``
     (tokenised later, per batch, by :class:`Collate`). With ``data.augment_on=device`` the
-    views are not built here: the sample carries the uint8 image and each view's parameters
-    (:func:`~m3i_lightning.data.device_views.device_fields`).
+    views are not built here: the sample carries the image (uint8, or a JPEG's bytes) and each
+    view's parameters (:func:`~m3i_lightning.data.device_views.device_fields`).
 
-    ``source[i]`` returns ``(image float [3,H,W] in [0,1], label int | None, caption str | None)``
-    or raises :class:`BadSample`; a bad sample is replaced by a random other one, which carries
+    ``source[i]`` returns ``(image, label int | None, caption str | None)`` or raises
+    :class:`BadSample`; the image is an :class:`~m3i_lightning.data.images.EncodedImage` (a
+    file, decoded here once for all its views) or a float [3,H,W] tensor in [0,1]. A sample
+    that cannot be read or decoded is replaced by a random other one, which carries
     the reason in ``skipped`` so the batch size stays fixed (ranks must agree on it). In
     training, the random draws of a sample come from the seed its key carries (see
     :meth:`__getitem__`), so a run is reproducible with any worker count and resumes exactly.
@@ -48,7 +51,7 @@ class ViewDataset(Dataset):
         skipped = []
         for _ in range(MAX_REPLACEMENTS):
             try:
-                record = self.source[index]
+                sample = self.build(*self.source[index], rng=rng)
                 break
             except BadSample as bad:
                 skipped.append(str(bad))
@@ -56,15 +59,15 @@ class ViewDataset(Dataset):
         else:
             raise M3IError(f"{MAX_REPLACEMENTS} samples in a row could not be used, so most of "
                            f"the data is broken; the last: {skipped[-1]}")
-        sample = self.build(*record, rng=rng)
         if skipped:
             sample["skipped"] = skipped
         return sample
 
     def build(self, image, label: int | None, caption: str | None,
               rng: random.Random | None = None) -> dict:
-        """The requested fields of one decoded record; streamed datasets share it (their
-        crops draw from the worker's torch generator when no ``rng`` is given)."""
+        """The requested fields of one record; streamed datasets share it (their crops draw
+        from the worker's torch generator when no ``rng`` is given). Raises
+        :class:`BadSample` when the image cannot be decoded."""
         sample: dict = {}
         if not self.train:
             sample["image"] = self.view.center(image)
@@ -73,7 +76,11 @@ class ViewDataset(Dataset):
             names = [name for name in self.view.names if name in self.fields]
             if self.view.on_device:
                 sample.update(device_fields(self.view, names, image, rng))
-            else:
+            elif isinstance(image, EncodedImage) and isinstance(self.view, CropSet):
+                sample.update(self.view.render(names, image, rng))
+            else:  # a float image, or a view that crops one (fine-tuning's timm recipe)
+                if isinstance(image, EncodedImage):
+                    image = image.tensor()
                 for name in names:
                     sample[name], sample[f"{name}_geometry"] = self.view(name, image, rng)
         if "label" in self.fields or not self.train:
@@ -86,7 +93,8 @@ class ViewDataset(Dataset):
 class Collate:
     """Stacks samples and tokenises captions in the worker, so the training process only
     receives tensors; an empty caption gets ``text_valid = False``. Reasons of samples skipped
-    in the worker travel as ``batch["skipped"]`` (a list of strings, absent when none)."""
+    in the worker travel as ``batch["skipped"]`` (a list of strings, absent when none), JPEG
+    files for the device as lists (:data:`~m3i_lightning.data.device_views.LISTED_KEYS`)."""
 
     def __init__(self, tokenizer: Callable | None = None) -> None:
         self.tokenizer = tokenizer
@@ -94,7 +102,9 @@ class Collate:
     def __call__(self, samples: list[dict]) -> dict:
         captions = [s.pop("caption") for s in samples] if "caption" in samples[0] else None
         skipped = [reason for s in samples for reason in s.pop("skipped", ())]
+        listed = {key: [s.pop(key) for s in samples] for key in LISTED_KEYS if key in samples[0]}
         batch = default_collate(samples)
+        batch.update(listed)
         if captions is not None:
             tokens = self.tokenizer(captions)
             batch["text"], batch["text_mask"] = tokens["input_ids"], tokens["attention_mask"]

@@ -1,64 +1,104 @@
 """Training views rendered on the accelerator (``data.augment_on=device``).
 
-A loader worker then only decodes: it ships the uint8 image (4× smaller than float views, and
-one image for all the views of a sample) and each view's random parameters, drawn from the
-sample's own stream exactly as the worker path draws its crops, so a run stays a function of
-its seed and resumes step-exact. Inside the step (the data module's ``on_after_batch_transfer``,
-after the pinned batch is copied without blocking) the crops, flips and colour augmentations
-of the whole batch run as a few batched tensor operations.
+A loader worker then only reads, and decodes where the device cannot: it ships each view's
+random parameters, drawn from the sample's own stream exactly as the worker path draws its
+crops (so a run stays a function of its seed and resumes step-exact), with the image as
+
+- the JPEG file's bytes, when the device decodes JPEGs (nvJPEG, through
+  ``torchvision.io.decode_jpeg(device="cuda")``): the CPU reads files and parses headers;
+- else a uint8 image, decoded at the largest DCT scale that keeps ``data.decode_size``
+  pixels each way and resized whole to ``decode_size`` (4× smaller than float views, and one
+  image for all the views of a sample). Formats nvJPEG cannot read (PNG, CMYK JPEGs, …) take
+  this way on a GPU too.
+
+:func:`choose_decoder` picks where JPEGs decode when training starts and says why in one log
+line. Inside the step (the data module's ``on_after_batch_transfer``, after the pinned batch
+is copied without blocking) the crops, flips and colour augmentations of the whole batch run
+as a few batched tensor operations.
 
 Crops are torchvision's ``roi_align`` (bilinear, averaging ⌈crop / view⌉² samples per output
 pixel when shrinking, a box-filter antialias); flip, grayscale, solarisation and normalisation
-are torchvision's functional ops on the batch, kept per sample with ``torch.where``. Colour
-jitter and blur take one factor or σ per sample, which torchvision's ops do not (they take one
-number per call): they are written here as the same formulas with the factor broadcast
-(blend with black / the mean grey / the grey image; torchvision's HSV conversion for the hue;
-a separable Gaussian of each sample's σ as a grouped convolution). On CUDA the views are
+are torchvision's functional ops on the batch, kept per sample with ``torch.where``; jitter and
+blur are :mod:`m3i_lightning.data.colour`'s per-sample formulas. On CUDA the views are
 returned ``channels_last``, the layout cuDNN's convolutions (the patch embedding, the ConvNet
 families) run fastest on; on CPU they stay contiguous.
 """
 
 from __future__ import annotations
 
+import io
 import random
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
 from torch import Tensor
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
-from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
-from m3i_lightning.data.views import CropSet, Photometric, RandomView, blur_kernel
+from m3i_lightning.core.errors import ConfigError, M3IError
+from m3i_lightning.data.colour import recolour_batch
+from m3i_lightning.data.images import EncodedImage
+from m3i_lightning.data.views import CropSet, RandomView, blur_kernel
 
-SOURCE_KEY = "source_image"
-IDENTITY_FACTORS = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation, hue
+SOURCE_KEY = "source_image"  # uint8 [B, 3, D, D]: images the workers decoded
+ENCODED_KEY = "source_files"  # per sample: JPEG bytes, or a uint8 [3, D, D] image decoded
+NAMES_KEY = "source_names"  # in a worker; with the samples' names, for a skip report
+LISTED_KEYS = (ENCODED_KEY, NAMES_KEY)  # kept as lists by the collate function
 
 
-def device_fields(crops: CropSet, names: Sequence[str], image: Tensor,
+def device_fields(crops: CropSet, names: Sequence[str], image: Tensor | EncodedImage,
                   rng: random.Random) -> dict:
-    """The worker's half: the uint8 source image and, per view ``name``, its geometry
-    (``{name}_geometry``, as the worker path gives it) and colour parameters
-    (``{name}_colour``, only when the view has colour augmentations)."""
+    """The worker's half: per view ``name`` its geometry (``{name}_geometry``, as the worker
+    path gives it) and colour parameters (``{name}_colour``, only when the view has colour
+    augmentations), and the image: ``source_files`` / ``source_names`` when the device
+    decodes JPEGs (``crops.device_decodes``), else the uint8 ``source_image``."""
     if not names:
         return {}
-    sample: dict = {SOURCE_KEY: crops.source(image)}
+    height, width = image.size if isinstance(image, EncodedImage) else image.shape[-2:]
+    sample: dict = {}
     for name in names:
-        geometry, colour = crops.view_for(name).draw_for_device(image, rng)
-        sample[f"{name}_geometry"] = geometry
+        view = crops.view_for(name)
+        sample[f"{name}_geometry"] = view.draw(height, width, rng)[2]
+        colour = view.draw_colour(rng)
         if colour is not None:
             sample[f"{name}_colour"] = colour
+    if isinstance(image, EncodedImage) and crops.device_decodes:
+        sample[ENCODED_KEY] = image.read() if image.is_complete_jpeg() else crops.source(image)
+        sample[NAMES_KEY] = image.name
+    else:
+        sample[SOURCE_KEY] = crops.source(image)
     return sample
+
+
+def choose_decoder(device: torch.device) -> tuple[bool, str]:
+    """Whether JPEGs are decoded on ``device`` (nvJPEG) rather than in the loader workers,
+    and why: only a CUDA device whose torchvision decodes a probe JPEG there does."""
+    workers = "the loader workers decode images at reduced DCT scale and ship uint8 images"
+    if device.type != "cuda":
+        return False, f"views render on {device.type}, so {workers}"
+    probe = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 120, 150)).save(probe, "JPEG")
+    try:
+        decode_jpeg(torch.frombuffer(bytearray(probe.getvalue()), dtype=torch.uint8),
+                    device=device)
+    except (RuntimeError, ValueError) as err:
+        return False, f"torchvision cannot decode JPEGs on {device} ({err}), so {workers}"
+    return True, (f"nvJPEG decodes JPEGs on {device}: the loader workers read files and ship "
+                  "their bytes (other formats: decoded in the workers at reduced DCT scale)")
 
 
 def render_batch(batch: dict, crops: CropSet) -> dict:
     """The device's half: every view the batch has parameters for, rendered from its source
     image; the source and colour parameters are dropped. A batch without a source image
     (the worker path, evaluation) is returned as it is."""
-    if SOURCE_KEY not in batch:
+    if SOURCE_KEY in batch:
+        images = TF.to_dtype(batch.pop(SOURCE_KEY), torch.float32, scale=True)
+    elif ENCODED_KEY in batch:
+        images = decode_sources(batch, crops.decode_size)
+    else:
         return batch
-    images = TF.to_dtype(batch.pop(SOURCE_KEY), torch.float32, scale=True)
     for name in crops.names:
         if f"{name}_geometry" in batch:
             views = render_view(images, batch[f"{name}_geometry"], crops.view_for(name),
@@ -69,6 +109,70 @@ def render_batch(batch: dict, crops: CropSet) -> dict:
     return batch
 
 
+def decode_sources(batch: dict, size: int | None) -> Tensor:
+    """The batch's images as float [B, 3, size, size] in [0, 1] on its device: JPEG bytes
+    decoded there (together, else one by one when some fails), each resized whole to
+    ``size``. A JPEG that does not decode is a skipped sample (``batch["skipped"]``): the
+    sample is replaced by the batch's first good one, all its fields with it."""
+    entries, names = batch.pop(ENCODED_KEY), batch.pop(NAMES_KEY)
+    device = next(value.device for key, value in batch.items() if key.endswith("_geometry"))
+    jpegs = [i for i, entry in enumerate(entries) if isinstance(entry, bytes)]
+    images: list[Tensor | None] = list(entries)
+    for i, image in zip(jpegs, decode_jpegs([entries[i] for i in jpegs], device), strict=True):
+        images[i] = image
+    good = next((i for i, image in enumerate(images) if image is not None), None)
+    if good is None:
+        raise M3IError(f"no image of a batch of {len(images)} could be decoded on {device}, "
+                       f"e.g. {names[0]}")
+    for i in (i for i, image in enumerate(images) if image is None):
+        replace_sample(batch, i, good)
+        images[i] = images[good]
+        batch.setdefault("skipped", []).append(
+            f"unreadable image: {names[i]}: nvJPEG could not decode it")
+    resized = [resize_whole(image.to(device), size) for image in images]
+    if len({image.shape for image in resized}) > 1:
+        raise ConfigError("data.decode_size=null ships images as they are, but this batch's "
+                          "differ in size: set data.decode_size")
+    return torch.stack(resized)
+
+
+def decode_jpegs(files: list[bytes], device: torch.device) -> list[Tensor | None]:
+    """uint8 [3, H, W] of each JPEG decoded on ``device`` (None: it did not decode)."""
+    data = [torch.frombuffer(bytearray(file), dtype=torch.uint8) for file in files]
+    if not data:
+        return []
+    try:
+        return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        decoded: list[Tensor | None] = []
+        for one in data:
+            try:
+                decoded.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                decoded.append(None)
+        return decoded
+
+
+def resize_whole(image: Tensor, size: int | None) -> Tensor:
+    """uint8 [3, H, W] → float [3, size, size] in [0, 1] (antialiased bilinear, as the
+    workers resize)."""
+    image = TF.to_dtype(image, torch.float32, scale=True)
+    if size is None or image.shape[-2:] == (size, size):
+        return image
+    return TF.resize(image, [size, size], antialias=True).clamp(0, 1)
+
+
+def replace_sample(batch: dict, target: int, source: int) -> None:
+    """Every per-sample field of sample ``target`` set to sample ``source``'s."""
+    for key, value in batch.items():
+        if isinstance(value, dict):
+            replace_sample(value, target, source)
+        elif isinstance(value, Tensor) and value.dim() > 0:
+            value[target] = value[source]
+        elif isinstance(value, list) and key != "skipped":
+            value[target] = value[source]
+
+
 def render_view(images: Tensor, geometry: Tensor, view: RandomView,
                 colour: dict | None) -> Tensor:
     """``images`` float [B, 3, H, W] in [0, 1], ``geometry`` [B, 5] → normalised views
@@ -77,7 +181,7 @@ def render_view(images: Tensor, geometry: Tensor, view: RandomView,
     flipped = geometry[:, 4].bool()[:, None, None, None]
     views = torch.where(flipped, TF.horizontal_flip(views), views)
     if colour is not None:
-        views = recolour(views, colour, view.colours)
+        views = recolour_batch(views, colour, blur_kernel(views.shape[-1]))
     return view.normalize(views)
 
 
@@ -90,75 +194,6 @@ def crop(images: Tensor, geometry: Tensor, size: int) -> Tensor:
     index = torch.arange(len(images), device=images.device, dtype=images.dtype)
     boxes = torch.stack([index, left, top, left + box_w, top + box_h], dim=-1)
     return roi_align(images, boxes, size, sampling_ratio=-1, aligned=True).clamp(0, 1)
-
-
-def recolour(views: Tensor, colour: dict, photometric: Photometric) -> Tensor:
-    """Colour jitter, grayscale, blur and solarisation, each where the sample drew it."""
-    def chosen(key: str) -> Tensor:
-        return colour[key].bool()[:, None, None, None]
-
-    views = jitter(views, colour)
-    views = torch.where(chosen("grayscale"), TF.rgb_to_grayscale(views, 3), views)
-    blurred = blur(views, colour["sigma"], blur_kernel(views.shape[-1]))
-    views = torch.where(chosen("blur"), blurred, views)
-    solarized = TF.solarize(views, photometric.SOLARIZE_THRESHOLD)
-    return torch.where(chosen("solarize"), solarized, views)
-
-
-def jitter(views: Tensor, colour: dict) -> Tensor:
-    """ColorJitter with each sample's factors and order: at every position of the order, each
-    adjustment runs with the sample's factor where the sample puts it there and the identity
-    factor elsewhere; samples that drew no jitter get identity factors throughout."""
-    identity = torch.tensor(IDENTITY_FACTORS, device=views.device, dtype=views.dtype)
-    factors = torch.where(colour["jitter"].bool()[:, None], colour["factors"].to(views.dtype),
-                          identity)
-    for position in range(4):
-        for op, adjust in enumerate(ADJUSTMENTS):
-            here = colour["order"][:, position] == op
-            factor = torch.where(here, factors[:, op], identity[op])
-            views = adjust(views, factor[:, None, None, None])
-    return views
-
-
-def blend(image: Tensor, other: Tensor, ratio: Tensor) -> Tensor:
-    return (ratio * image + (1 - ratio) * other).clamp(0, 1)
-
-
-def adjust_brightness(views: Tensor, factor: Tensor) -> Tensor:
-    return blend(views, torch.zeros_like(views), factor)
-
-
-def adjust_contrast(views: Tensor, factor: Tensor) -> Tensor:
-    grey = TF.rgb_to_grayscale(views).mean(dim=(-3, -2, -1), keepdim=True)
-    return blend(views, grey, factor)
-
-
-def adjust_saturation(views: Tensor, factor: Tensor) -> Tensor:
-    return blend(views, TF.rgb_to_grayscale(views), factor)
-
-
-def adjust_hue(views: Tensor, factor: Tensor) -> Tensor:
-    hue, saturation, value = _rgb_to_hsv(views).unbind(dim=-3)
-    hue = (hue + factor[:, 0]).remainder(1.0)
-    return _hsv_to_rgb(torch.stack([hue, saturation, value], dim=-3))
-
-
-ADJUSTMENTS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-
-
-def blur(views: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
-    """Gaussian blur of each view with its own σ [B]: a separable kernel per sample (weights
-    ∝ exp(−d² / 2σ²) over the integer offsets d, as torchvision's), reflect padding."""
-    b, c, h, w = views.shape
-    offsets = torch.arange(kernel_size, device=views.device, dtype=views.dtype)
-    offsets = offsets - (kernel_size - 1) / 2
-    kernels = torch.softmax(-offsets.pow(2) / (2 * sigma.to(views.dtype)[:, None] ** 2), -1)
-    kernels = kernels[:, None].expand(b, c, kernel_size).reshape(b * c, kernel_size)
-    pad = kernel_size // 2
-    x = F.pad(views.reshape(1, b * c, h, w), (pad, pad, pad, pad), mode="reflect")
-    x = F.conv2d(x, kernels[:, None, :, None], groups=b * c)
-    x = F.conv2d(x, kernels[:, None, None, :], groups=b * c)
-    return x.reshape(b, c, h, w)
 
 
 class DeviceViews:

@@ -6,9 +6,10 @@ glob) or a local folder ``load_dataset`` understands. Map-style datasets are ind
 ``streaming=true`` reads an ``IterableDataset`` split per rank with ``split_dataset_by_node``
 (and per worker by ``datasets`` itself) through :class:`~m3i_lightning.data.stream.ViewStream`.
 
-The image column is read undecoded and decoded by :func:`~m3i_lightning.data.images.decode_image`
-in the workers, so every data module converts images to RGB the same way and a broken image is
-a skipped sample instead of an exception inside ``datasets``.
+The image column is read undecoded and decoded in the workers as an
+:class:`~m3i_lightning.data.images.EncodedImage` (at the reduced scale the views allow), so every
+data module converts images to RGB the same way and a broken image is a skipped sample instead
+of an exception inside ``datasets``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from m3i_lightning.core.errors import ConfigError
 from m3i_lightning.data.dataset import ViewDataset
-from m3i_lightning.data.images import decode_image
+from m3i_lightning.data.images import EncodedImage
 from m3i_lightning.data.module import ViewDataModule, require_usable
 from m3i_lightning.data.skips import BadSample
 from m3i_lightning.data.stream import Reader, ViewStream, held_out
@@ -67,7 +68,8 @@ def load_hf(name: str, split: str, streaming: bool) -> tuple:
 
 def prepare_columns(dataset, image_columns: Sequence[str], optional: Sequence[str | None] = ()):
     """Check the columns exist and read the image columns undecoded (images, and the masks of
-    :mod:`m3i_lightning.evaluation.segmentation`), so the workers decode them with the project's rules."""
+    :mod:`m3i_lightning.evaluation.segmentation`), so the workers decode them with the
+    project's rules."""
     from datasets import Image
 
     columns = dataset.column_names
@@ -139,7 +141,7 @@ class HFSource:
         if isinstance(record, BadSample):
             raise record
         data, label, caption, name = record
-        return decode_image(data, name), label, caption
+        return EncodedImage(data, name), label, caption
 
 
 class HFStream:

@@ -21,7 +21,7 @@ import torch
 
 from m3i_lightning.core.errors import ConfigError, EmptySplitError
 from m3i_lightning.data.dataset import ViewDataset
-from m3i_lightning.data.images import decode_image, is_image_name
+from m3i_lightning.data.images import EncodedImage, is_image_name
 from m3i_lightning.data.module import ViewDataModule, require_usable
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,8 @@ def read_metadata(path: Path, text_column: str | None) -> dict[str, str | None]:
 
 
 class FolderSource:
-    """(image, label, caption) of listed files, decoded on access (in a DataLoader worker)."""
+    """(image, label, caption) of listed files; the image is read and decoded by the view
+    that needs it (in a DataLoader worker), at the scale it needs."""
 
     def __init__(self, listing: Listing) -> None:
         self.listing = listing
@@ -148,7 +149,8 @@ class FolderSource:
         return len(self.listing.files)
 
     def __getitem__(self, i: int):
-        return decode_image(self.listing.files[i]), self.listing.labels[i], self.listing.captions[i]
+        listing = self.listing
+        return EncodedImage(listing.files[i]), listing.labels[i], listing.captions[i]
 
 
 class ImageFolderData(ViewDataModule):

@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from m3i_lightning.core.errors import M3IError
 from m3i_lightning.data.dataset import ViewDataset
-from m3i_lightning.data.images import decode_image
+from m3i_lightning.data.images import EncodedImage
 from m3i_lightning.data.skips import BadSample
 from m3i_lightning.data.views import CropSet
 
@@ -131,11 +131,10 @@ class ViewStream(IterableDataset):
         if label is None and not self.samples.train:
             return None  # evaluation (kNN, probes) needs the label
         try:
-            image = decode_image(data, name)
+            return self.samples.build(EncodedImage(data, name), label, caption)
         except BadSample as bad:
             pending.append(str(bad))
             return None
-        return self.samples.build(image, label, caption)
 
 
 def shuffled(items: Iterable, size: int, rng: random.Random) -> Iterator:

@@ -3,6 +3,14 @@
 Inter-view objectives must know the relative transform between the two views, so each crop
 returns its geometry: (top, left, height, width) as fractions of the source image, and a flip
 flag. With it a decoder query can be placed at the location of the other view it predicts.
+
+Two renderings draw from the same distributions. An image already in memory as a float tensor
+(the embedded digits) goes through the reference recipe: torchvision's ``resized_crop`` and
+v2 transforms (:meth:`RandomView.__call__`). An image file (:class:`~m3i_lightning.data.images.
+EncodedImage`) goes the short way (:meth:`CropSet.render`): every view of the sample is drawn
+first, the file is decoded once at the largest DCT scale all of them allow, each view is
+cropped and resized in one 8-bit resampling, and only the view turns float, for the colour
+augmentations (:mod:`m3i_lightning.data.colour`) and the normalisation.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ from torch import Tensor
 
 from m3i_lightning.core.seeding import seeded_globals
 from m3i_lightning.core.views import GLOBAL_VIEWS, local_view_names
+from m3i_lightning.data.colour import SOLARIZE_THRESHOLD, recolour
+from m3i_lightning.data.images import DecodedImage, EncodedImage, dct_scale
 
 IDENTITY_GEOMETRY = (0.0, 0.0, 1.0, 1.0, 0.0)
 # ``data.augment_on``: where the crops and colour augmentations of training views run. ``device``:
@@ -69,7 +79,7 @@ class Photometric:
     erasing: float = 0.0  # random erasing after normalisation: none in these pipelines
 
     BLUR_SIGMA = (0.1, 2.0)
-    SOLARIZE_THRESHOLD = 0.5
+    SOLARIZE_THRESHOLD = SOLARIZE_THRESHOLD
 
     def transform(self, size: int, mean: tuple[float, ...]) -> T.Transform:
         return T.Compose([
@@ -81,10 +91,11 @@ class Photometric:
         ])
 
     def draw(self, rng: random.Random) -> dict[str, Tensor]:
-        """This view's colour parameters from the sample's stream, for rendering on the device
-        (:mod:`m3i_lightning.data.device_views`), from the distributions torchvision's
-        transforms draw from: each jitter factor uniform in [max(0, 1 − x), 1 + x] (hue in
-        [−h, h]), the four adjustments in a random order, σ uniform in ``BLUR_SIGMA``."""
+        """This view's colour parameters from the sample's stream, for the formulas of
+        :mod:`m3i_lightning.data.colour` (on the device or in a loader worker), from the
+        distributions torchvision's transforms draw from: each jitter factor uniform in
+        [max(0, 1 − x), 1 + x] (hue in [−h, h]), the four adjustments in a random order, σ
+        uniform in ``BLUR_SIGMA``."""
         *gains, hue = self.jitter
         factors = [rng.uniform(max(0.0, 1 - g), 1 + g) for g in gains] + [rng.uniform(-hue, hue)]
         return {"jitter": torch.tensor(rng.random() < self.jitter_p),
@@ -163,7 +174,7 @@ class RandomView:
                  std: tuple[float, ...] = (0.5, 0.5, 0.5),
                  photometric: ViewAugment | None = None, interpolation: str = "bilinear") -> None:
         self.size, self.scale, self.ratio, self.flip = size, tuple(scale), tuple(ratio), flip
-        self.interpolation = INTERPOLATIONS[interpolation]
+        self.interpolation, self.mode = INTERPOLATIONS[interpolation], interpolation
         self.mean, self.std = list(mean), list(std)
         self.colours = photometric
         self.photometric = photometric.transform(size, tuple(mean)) if photometric else None
@@ -182,7 +193,8 @@ class RandomView:
         return (top, left, ch, cw), flipped, geometry
 
     def __call__(self, image: Tensor, rng: random.Random) -> tuple[Tensor, Tensor]:
-        """``image``: float [3, H, W] in [0, 1] → (view [3, size, size], geometry [5])."""
+        """The reference recipe: ``image`` float [3, H, W] in [0, 1] → (view [3, size, size],
+        geometry [5])."""
         _, h, w = image.shape
         (top, left, ch, cw), flipped, geometry = self.draw(h, w, rng)
         # clamped: a bicubic kernel overshoots [0, 1] at edges, where PIL's 8-bit result clips
@@ -190,30 +202,58 @@ class RandomView:
                                self.interpolation, antialias=True).clamp(0, 1)
         if flipped:
             view = TF.horizontal_flip(view)
-        geometry = torch.tensor([top / h, left / w, ch / h, cw / w, float(flipped)])
         if self.photometric is None:
             return self.normalize(view), geometry
-        # torchvision and timm draw from the global generators: seeded from the sample's own
-        # stream, a view stays a function of its seed (any worker, and after a resume)
+        return self.augment(view, rng), geometry
+
+    def augment(self, view: Tensor, rng: random.Random) -> Tensor:
+        """The augmentation's torchvision / timm transform, normalisation and random erasing.
+        They draw from the global generators: seeded from ``rng``, the sample's own stream, a
+        view stays a function of its seed (any worker, and after a resume)."""
         with seeded_globals(rng):
             view = self.normalize(self.photometric(view))
             if self.erasing is not None:
                 view = self.erasing(view)
-        return view, geometry
+        return view
 
-    def draw_for_device(self, image: Tensor, rng: random.Random) -> tuple[Tensor, dict | None]:
-        """What the device needs to render this view of ``image`` [3, H, W]: its geometry [5]
-        (the crop box is its first four values) and its colour parameters (None without)."""
-        _, h, w = image.shape
-        geometry = self.draw(h, w, rng)[2]
-        return geometry, self.colours.draw(rng) if self.colours else None
+    def draw_colour(self, rng: random.Random) -> dict[str, Tensor] | random.Random | None:
+        """This view's colour draw from the sample's stream, after its crop's: the parameters
+        of :class:`Photometric` augmentations (:meth:`Photometric.draw`), a stream of its own
+        for the others' transforms (:meth:`augment`), None without augmentations."""
+        if isinstance(self.colours, Photometric):
+            return self.colours.draw(rng)
+        return random.Random(rng.getrandbits(64)) if self.colours else None
 
-    def center(self, image: Tensor) -> Tensor:
-        """The whole image, resized: the evaluation view."""
+    def render(self, image: DecodedImage, box: tuple[int, int, int, int], flipped: bool,
+               colour: dict[str, Tensor] | random.Random | None) -> Tensor:
+        """This view of ``image`` for the crop ``box`` (top, left, height, width in
+        full-resolution pixels), the flip and the colour draw of :meth:`draw` /
+        :meth:`draw_colour`: one 8-bit resampling crops and resizes
+        (:meth:`~m3i_lightning.data.images.DecodedImage.crop`), then the view turns float for
+        its colours and the normalisation."""
+        view = image.crop(box, self.size, self.mode)
+        if flipped:
+            view = view.flip(-1)
+        view = view.float().div_(255.0)
+        if isinstance(colour, dict):
+            view = recolour(view[None], colour, blur_kernel(self.size))[0]
+        elif colour is not None:
+            return self.augment(view, colour)
+        return self.normalize(view)
+
+    def center(self, image: Tensor | EncodedImage) -> Tensor:
+        """The whole image, resized: the evaluation view (an image file decoded at the
+        largest DCT scale that keeps ``size`` pixels each way)."""
+        if isinstance(image, EncodedImage):
+            height, width = image.size
+            pixels = image.decode(dct_scale([(height, width, self.size)])).whole(self.size)
+            return self.normalize(pixels.float().div_(255.0))
         return self.normalize(TF.resize(image, [self.size, self.size], antialias=True))
 
     def normalize(self, view: Tensor) -> Tensor:
         return TF.normalize(view, self.mean, self.std)
+
+
 
 
 @dataclass(frozen=True)
@@ -257,6 +297,9 @@ class CropSet:
         if decode_size is not None and decode_size < 1:
             raise ValueError(f"data.decode_size must be null or >= 1, got {decode_size}")
         self.on_device, self.decode_size = augment_on == "device", decode_size
+        # on the device path, whether the device decodes JPEGs (nvJPEG) and the workers ship
+        # file bytes; the data module chooses (m3i_lightning.data.device_views.choose_decoder)
+        self.device_decodes = False
         colours = AUGMENTATIONS[augment]
         if self.on_device and any(not isinstance(a, Photometric) for a in colours.values()):
             raise ValueError(f"data.augment={augment} runs in the loader workers only: the "
@@ -278,15 +321,41 @@ class CropSet:
     def __call__(self, name: str, image: Tensor, rng: random.Random) -> tuple[Tensor, Tensor]:
         return self.view_for(name)(image, rng)
 
-    def source(self, image: Tensor) -> Tensor:
-        """``image`` float [3, H, W] as the uint8 image a device batch carries: resized whole to
-        ``decode_size`` × ``decode_size`` when set, so images of any size stack into one batch.
-        Crop boxes are fractions of the image, so a crop shows the same content at either size
-        (only its resolution changes)."""
+    def render(self, names: list[str], image: EncodedImage, rng: random.Random) -> dict:
+        """The views ``names`` of an image file and their geometry: every view's crop, flip
+        and colours drawn first (in that order, view by view), then one decode at the largest
+        DCT scale at which every crop keeps its view's resolution
+        (:func:`~m3i_lightning.data.images.dct_scale`), then each view rendered from it
+        (:meth:`RandomView.render`)."""
+        height, width = image.size
+        drawn = []
+        for name in names:
+            view = self.view_for(name)
+            box, flipped, geometry = view.draw(height, width, rng)
+            drawn.append((name, view, box, flipped, geometry, view.draw_colour(rng)))
+        decoded = image.decode(dct_scale(
+            (box[2], box[3], view.size) for _, view, box, *_ in drawn))
+        sample = {}
+        for name, view, box, flipped, geometry, colour in drawn:
+            sample[name] = view.render(decoded, box, flipped, colour)
+            sample[f"{name}_geometry"] = geometry
+        return sample
+
+    def source(self, image: Tensor | EncodedImage) -> Tensor:
+        """``image`` (float [3, H, W], or a file decoded at the largest DCT scale that keeps
+        ``decode_size`` pixels each way) as the uint8 image a device batch carries: resized
+        whole to ``decode_size`` × ``decode_size`` when set, so images of any size stack into
+        one batch. Crop boxes are fractions of the image, so a crop shows the same content at
+        either size (only its resolution changes)."""
+        if isinstance(image, EncodedImage):
+            height, width = image.size
+            side = self.decode_size
+            decoded = image.decode(dct_scale([(height, width, side)] if side else []))
+            return decoded.pixels if side is None else decoded.whole(side)
         image = TF.to_dtype(image.clamp(0, 1), torch.uint8, scale=True)
         if self.decode_size is None:
             return image
         return TF.resize(image, [self.decode_size, self.decode_size], antialias=True)
 
-    def center(self, image: Tensor) -> Tensor:
+    def center(self, image: Tensor | EncodedImage) -> Tensor:
         return self.views["view1"].center(image)
