@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_files import hf_dataset, one_class_shards, word_tokenizer
 from helpers import CLIP_TINY, compose_config, digits_module, fit_and_save, tiny_backbone
 
 from m3i_lightning.backbone import Backbone
@@ -52,3 +53,21 @@ def clip_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("clip_run") / "last.ckpt"
     fit_and_save(compose_config(*CLIP_TINY, "data.batch_size=64", "optim.lr=2e-3"), 300, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory) -> Path:
+    """A Hugging Face dataset on disk, save_to_disk and parquet (data_files.hf_dataset)."""
+    return hf_dataset(tmp_path_factory.mktemp("hf"))
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer_folder(tmp_path_factory) -> Path:
+    """A local word-level AutoTokenizer folder (data_files.word_tokenizer)."""
+    return word_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """8 webdataset shards of 4 one-class images (data_files.one_class_shards)."""
+    return one_class_shards(tmp_path_factory.mktemp("wds"))

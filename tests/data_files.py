@@ -80,6 +80,57 @@ def labelled_folder(root: Path, n: int, classes: int = 2, captions: bool = True)
     return root
 
 
+HF_ROWS = 24
+
+
+def hf_dataset(root: Path) -> Path:
+    """:data:`HF_ROWS` rows: a ClassLabel (one row unlabelled: -1), captions (some missing or
+    empty), one image that is not an image; written with save_to_disk (``root/disk``) and as
+    2 parquet files (``root/part*.parquet``)."""
+    import datasets
+
+    rows = {"image": [{"bytes": image_bytes(i), "path": None} for i in range(HF_ROWS)],
+            "caption": [None if i % 5 == 0 else "" if i % 7 == 0 else f"photo {i}"
+                        for i in range(HF_ROWS)],
+            "label": [-1 if i == 3 else i % 3 for i in range(HF_ROWS)],
+            "index": list(range(HF_ROWS))}
+    rows["image"][4] = {"bytes": b"broken", "path": None}
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["a", "b", "c"]),
+                                  "index": datasets.Value("int64")})
+    table = datasets.Dataset.from_dict(rows, features=features)
+    table.save_to_disk(str(root / "disk"))
+    for part in range(2):
+        table.shard(2, part, contiguous=True).to_parquet(str(root / f"part{part}.parquet"))
+    return root
+
+
+def word_tokenizer(folder: Path) -> Path:
+    """A word-level AutoTokenizer for the captions of :func:`hf_dataset`, saved to ``folder``:
+    what text.tokenizer=PATH loads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "photo", *map(str, range(HF_ROWS))]
+    model = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    model.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=model, pad_token="[PAD]", unk_token="[UNK]",
+                            bos_token="[BOS]", eos_token="[EOS]").save_pretrained(folder)
+    return folder
+
+
+SHARD_PATTERN = "{000000..000007}.tar"  # the 8 shards of one_class_shards
+
+
+def one_class_shards(root: Path) -> Path:
+    """32 images, each its own class (so a label names its sample), in 8 shards of 4
+    (:data:`SHARD_PATTERN`); returns the shard folder."""
+    labelled_folder(root / "src", 32, classes=32)
+    done = make_shards(root / "src", root / "shards", 4)
+    assert "wrote 32 samples in 8 shards" in done.stdout
+    return root / "shards"
+
+
 def make_shards(src: Path, out: Path, shard_size: int) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "scripts" / "make_shards.py"), str(src),
                            str(out), "--shard-size", str(shard_size)], capture_output=True,
@@ -94,24 +145,3 @@ def pretrain(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
                         f"hydra.run.dir={run_dir}"])
     return subprocess.run(command, shell=True, capture_output=True, text=True, env=env,
                           cwd=REPO, timeout=600)
-
-
-def shard_labels_as_rank(rank: int, world: int, urls: str, port: int, out: str,
-                         num_workers: int, epochs: int) -> None:
-    """One rank of a gloo process group: the labels (here unique per sample) of every batch the
-    webdataset loader gives this rank, per epoch, written to ``out/<rank>.json``."""
-    import torch.distributed as dist
-
-    from m3i_lightning.data import WebDatasetData
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        dm = WebDatasetData(urls, img_size=8, batch_size=4, num_workers=num_workers,
-                            val_fraction=0.0, shuffle_buffer=3, fields={"view1", "label"})
-        loader = dm.train_dataloader()
-        seen = [[label for batch in loader for label in batch["label"].tolist()]
-                for _ in range(epochs)]
-        Path(out, f"{rank}.json").write_text(json.dumps({"epochs": seen, "len": len(loader)}))
-    finally:
-        dist.destroy_process_group()

@@ -71,16 +71,15 @@ TINY_HEADS = {
     "inst_disc": dict(hidden_dim=32, out_dim=16),
     "sim_global": dict(hidden_dim=32, out_dim=16, num_prototypes=16),
 }
-FOUNDATION_HEADS = ("cls", "clip", "mim_feat")
 
 
 def tiny_objective(name: str, tokenizer, backbone: Backbone | None = None, **overrides):
-    """Objective ``name`` with tiny heads: standalone with ``backbone``, else sized for
-    :data:`TINY_VIT` and ready to be put in a MultiObjective."""
+    """Objective ``name`` with the tiny heads of :data:`TINY_HEADS` (``overrides`` win):
+    standalone with ``backbone``, else sized for :data:`TINY_VIT` and ready to be put in a
+    MultiObjective."""
     from m3i_lightning.config.factory import objective_class
 
-    tiny = TINY_HEADS[name] if name in FOUNDATION_HEADS else {}
-    options = {**tiny, **overrides}
+    options = {**TINY_HEADS[name], **overrides}
     if name == "clip":
         options["tokenizer"] = tokenizer
     if backbone is not None:
@@ -139,6 +138,9 @@ def compose_config(*overrides: str, name: str = "config", tiny: bool = True) -> 
         return compose(name, overrides=[*(TINY_CONFIG if tiny else []), *overrides])
 
 
+# The command line of a tiny fine-tuning run (python -m m3i_lightning.finetune).
+TINY_FINETUNE = [*TINY_CONFIG, "trainer.enable_progress_bar=false"]
+
 CLIP_TINY = ["objective=[clip]", "objective.clip.text_width=32", "objective.clip.proj_dim=32",
              "objective.clip.text_layers=1", "objective.clip.text_heads=2",
              "text.context_length=32"]  # 32 bytes keep the digit's name in every caption
@@ -194,6 +196,16 @@ def fit_fixed_batch(objective, batch: dict, steps: int = 30, lr: float = 1e-3):
         losses.append(loss.item())
         objective.update_teacher(step, steps)
     return losses, start, feature_spread(objective.backbone, batch["view1"])
+
+
+def clustered_features(classes: int, dim: int, rows: int,
+                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` features around ``classes`` random centres (3 apart on average, off the
+    origin) and their labels: separable, not trivially."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 3 * torch.randn(classes, dim, generator=g)
+    labels = torch.randint(classes, (rows,), generator=g)
+    return centres[labels] + torch.randn(rows, dim, generator=g) + 5, labels
 
 
 # --- process groups -------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ def test_bad_values_fail_with_one_clear_message(case, tmp_path):
 
 def test_all_fourteen_objectives_in_one_run(tmp_path):
     """Every row of the unified table selected together: one run, each term logged."""
-    from runs import TINY_RUN, assert_each_term_logged, run
+    from helpers import TINY_RUN, assert_each_term_logged, run
 
     from m3i_lightning.objectives import OBJECTIVES
 
@@ -139,7 +139,7 @@ def test_a_short_run_logs_its_last_step_and_prints_no_misleading_lines(tmp_path,
     """3 steps at the default log_every_n_steps=10: the last step's total and every term are in
     metrics.csv; the console shows each term and where the run stops, and none of Lightning's
     lines that mislead here; the exported weights are as readable as the umask allows."""
-    from runs import run
+    from helpers import run
 
     monkeypatch.setenv("COLUMNS", "250")  # room for every term on the progress bar
     args = [a for a in TINY if not a.startswith("trainer.log_every")]

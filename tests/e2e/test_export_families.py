@@ -12,8 +12,7 @@ import sys
 import lightning as L
 import pytest
 import torch
-from helpers import CONF_DIR, TIMM_ONLY, TINY_FAMILIES, family_backbone, run
-from hydra import compose, initialize_config_dir
+from helpers import TIMM_ONLY, TINY_FAMILIES, compose_config, family_backbone, run
 
 from m3i_lightning.config import artifacts as export
 from m3i_lightning.config.factory import build_datamodule, build_model, build_tokenizer_from
@@ -66,9 +65,8 @@ def test_each_family_exports_to_plain_timm_and_back(tmp_path):
 
 
 def composed(*overrides: str):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=["data.source_size=16", "data.num_workers=0",
-                                             "data.batch_size=8", *overrides])
+    return compose_config("data.source_size=16", "data.num_workers=0", "data.batch_size=8",
+                          *overrides, tiny=False)
 
 
 def fit_two_steps(cfg):

@@ -5,22 +5,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import re
 import shutil
-import socket
-import subprocess
-import sys
 import tarfile
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from data_files import (
-    labelled_folder,
-    make_shards,
-    pretrain,
-    shard_labels_as_rank,
+    SHARD_PATTERN,
     write,
 )
 
@@ -30,18 +21,6 @@ from m3i_lightning.data import WebDatasetData
 from m3i_lightning.data.shards import ShardSource, expand_urls
 from m3i_lightning.data.stream import Reader, ViewStream
 from m3i_lightning.data.views import CropSet
-
-PATTERN = "{000000..000007}.tar"
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """32 images, each its own class (so a label names its sample), in 8 shards of 4."""
-    root = tmp_path_factory.mktemp("wds")
-    labelled_folder(root / "src", 32, classes=32)
-    done = make_shards(root / "src", root / "shards", 4)
-    assert "wrote 32 samples in 8 shards" in done.stdout
-    return root / "shards"
 
 
 def module(urls, **kwargs) -> WebDatasetData:
@@ -57,14 +36,14 @@ def test_brace_patterns():
 
 
 def test_glob_pattern(shards):
-    assert expand_urls(str(shards / "*.tar")) == expand_urls(str(shards / PATTERN))
+    assert expand_urls(str(shards / "*.tar")) == expand_urls(str(shards / SHARD_PATTERN))
 
 
 def test_make_shards_writes_sizes_classes_and_captions(shards):
     assert json.loads((shards / "sizes.json").read_text()) == {
         f"{i:06d}.tar": 4 for i in range(8)}
     assert len(json.loads((shards / "classes.json").read_text())) == 32
-    dm = module(shards / PATTERN)
+    dm = module(shards / SHARD_PATTERN)
     assert dm.num_samples == 32 and dm.num_classes == 32
     assert dm.provides == {"view1", "view2", "geometry", "label", "text"}
     loader = dm.train_dataloader()
@@ -73,25 +52,6 @@ def test_make_shards_writes_sizes_classes_and_captions(shards):
     labels = sorted(label for b in batches for label in b["label"].tolist())
     assert labels == list(range(32))  # one epoch: every sample once
     assert all(b["text_valid"].all() and b["view2"].shape == (4, 3, 8, 8) for b in batches)
-
-
-def test_two_ranks_read_disjoint_samples_and_together_all(shards, tmp_path):
-    """2 processes in a gloo group, 2 DataLoader workers each: 4 readers of 8 shards, two
-    epochs."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # fork: the ranks start with everything imported; gloo and CPU tensors are fork-safe
-    mp.start_processes(shard_labels_as_rank, nprocs=2, start_method="fork",
-                       args=(2, str(shards / PATTERN), port, str(tmp_path), 2, 2))
-    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
-    assert [r["len"] for r in ranks] == [4, 4]  # equal steps on both ranks
-    for epoch in range(2):
-        first, second = (r["epochs"][epoch] for r in ranks)
-        assert len(first) == len(second) == 16
-        assert not set(first) & set(second)
-        assert sorted(first + second) == list(range(32))
-    assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1]  # reshuffled each epoch
 
 
 def test_fewer_shards_than_readers_split_by_sample(shards):
@@ -105,7 +65,7 @@ def test_fewer_shards_than_readers_split_by_sample(shards):
 
 
 def test_resampled_streams_have_a_fixed_length_and_differ_on_resume(shards):
-    source = ShardSource(expand_urls(str(shards / PATTERN)), 32, 0.0, "train", resampled=True)
+    source = ShardSource(expand_urls(str(shards / SHARD_PATTERN)), 32, 0.0, "train", resampled=True)
 
     def labels(seed: str) -> list[int]:
         stream = ViewStream(source, CropSet(8, (0.2, 1.0)), {"view1", "label"}, batch_size=4,
@@ -161,45 +121,3 @@ def test_shards_without_usable_samples_or_sizes_fail_at_start_up(tmp_path):
         module(str(tmp_path) + "/{000000..000001}.tar")
 
 
-def test_pretrain_on_shards(tmp_path):
-    """The acceptance run on shards with captions (some missing) and labels."""
-    labelled_folder(tmp_path / "src", 24, classes=3)
-    rows = (tmp_path / "src" / "metadata.jsonl").read_text().splitlines()
-    (tmp_path / "src" / "metadata.jsonl").write_text("\n".join(rows[::2]) + "\n")
-    make_shards(tmp_path / "src", tmp_path / "shards", 8)
-    done = pretrain(tmp_path / "run", "data=webdataset",
-                    f"\"data.urls='{tmp_path}/shards/{{000000..000002}}.tar'\"",
-                    "data.val_fraction=0.3", "data.shuffle_buffer=8", "trainer.max_steps=2")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert re.search(r"kNN top-1 .*\|\s+[\d.]+% \|", done.stdout), done.stdout
-    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
-
-
-def test_empty_held_out_split_warns_once_and_eval_refuses_in_one_line(tmp_path):
-    """The Tour's shard command with no held-out sample: training finishes, the end-of-run
-    evaluation is skipped with one warning naming the options that supply the held-out split,
-    and the run exits 0; the eval command on the same data fails with one error line."""
-    labelled_folder(tmp_path / "src", 16, classes=2)
-    make_shards(tmp_path / "src", tmp_path / "shards", 4)
-    data = ["data=webdataset", f"\"data.urls='{tmp_path}/shards/{{000000..000003}}.tar'\"",
-            "data.val_fraction=0"]
-    done = pretrain(tmp_path / "run", *data, "'objective=[clip,mim_feat]'", "trainer.max_steps=3")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr
-    output = done.stdout + done.stderr
-    warnings = [line for line in output.splitlines() if "evaluation skipped" in line]
-    assert len(warnings) == 1, output[-3000:]
-    assert "data.val_urls" in warnings[0] and "data.val_fraction (now 0:" in warnings[0]
-    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
-    assert not (tmp_path / "run" / "eval.json").exists()
-
-    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    command = " ".join([sys.executable, "-m", "m3i_lightning.eval", f"checkpoint={checkpoint}",
-                        *data, "data.num_workers=0", f"hydra.run.dir={tmp_path / 'eval'}"])
-    done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert done.returncode == 2, done.stderr[-3000:]
-    errors = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(errors) == 1 and errors[0].startswith("error: the val split has no labelled")
-    assert "data.val_urls" in errors[0]
-    assert not (tmp_path / "eval" / "eval.json").exists()

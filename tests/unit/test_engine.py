@@ -3,15 +3,12 @@ named errors."""
 
 from __future__ import annotations
 
-import ast
 import math
-import subprocess
-import sys
 
 import lightning as L
 import pytest
 import torch
-from helpers import CONF_DIR, TINY_VIT, digits_module, tiny_backbone, tiny_objective
+from helpers import compose_config, digits_module, tiny_backbone, tiny_multi, tiny_objective
 
 from m3i_lightning.core.errors import ConfigError, NonFiniteLossError
 from m3i_lightning.engine.module import MultiObjective
@@ -19,12 +16,6 @@ from m3i_lightning.engine.plan import Input, Reading
 from m3i_lightning.objectives.base import Objective
 
 COMPOSED = ["mim_feat", "clip", "cls"]
-
-
-def multi(tokenizer, names=COMPOSED, **engine) -> MultiObjective:
-    torch.manual_seed(0)
-    return MultiObjective(tiny_backbone(), {n: tiny_objective(n, tokenizer) for n in names},
-                          **engine)
 
 
 def record_calls(module: torch.nn.Module) -> list[tuple[tuple, dict]]:
@@ -60,7 +51,7 @@ def is_masked(call) -> bool:
 
 
 def test_shared_mode_encodes_once(tokenizer, batch):
-    model = multi(tokenizer, input_mode="shared")
+    model = tiny_multi(tokenizer, COMPOSED, input_mode="shared")
     student, teacher = record_calls(model.backbone), record_calls(model.teacher.encoder)
     seen = record_encoded(model)
     terms, _ = model.forward_terms(batch)
@@ -77,7 +68,7 @@ def test_shared_mode_encodes_once(tokenizer, batch):
 
 
 def test_native_mode_encodes_each_distinct_input_once(tokenizer, batch):
-    model = multi(tokenizer, input_mode="native")
+    model = tiny_multi(tokenizer, COMPOSED, input_mode="native")
     student, teacher = record_calls(model.backbone), record_calls(model.teacher.encoder)
     seen = record_encoded(model)
     model.forward_terms(batch)
@@ -93,7 +84,7 @@ def test_native_mode_encodes_each_distinct_input_once(tokenizer, batch):
 
 
 def test_no_teacher_without_a_teacher_objective(tokenizer, batch):
-    model = multi(tokenizer, names=["clip", "cls"])
+    model = tiny_multi(tokenizer, ["clip", "cls"])
     assert model.teacher is None and model.mask_generator is None
     student = record_calls(model.backbone)
     model.forward_terms(batch)
@@ -139,7 +130,7 @@ class InterViewProbe(ViewTwoProbe, register=False):
 def test_routes_and_batch_fields_per_mode(tokenizer):
     torch.manual_seed(0)
     for mode in ("shared", "native"):
-        model = multi(tokenizer, input_mode=mode)
+        model = tiny_multi(tokenizer, COMPOSED, input_mode=mode)
         assert model.batch_fields() == {"view1", "label", "text"}
 
     def probe_model(mode, probe):
@@ -166,15 +157,15 @@ def test_routes_and_batch_fields_per_mode(tokenizer):
         assert model.batch_fields() == {"view1", "view2", "geometry", "label"}
 
     # any masked objective masks the one shared input
-    masked = multi(tokenizer, input_mode="shared")
+    masked = tiny_multi(tokenizer, COMPOSED, input_mode="shared")
     assert {r.input.masked for p in masked.plan.objectives.values() for r in p.readings} == {True}
-    native = multi(tokenizer, input_mode="native")
+    native = tiny_multi(tokenizer, COMPOSED, input_mode="native")
     assert {n: p.readings[0].input.masked for n, p in native.plan.objectives.items()} == {
         "mim_feat": True, "clip": False, "cls": False}
 
 
 def test_check_data_names_the_objective(tokenizer):
-    model = multi(tokenizer)
+    model = tiny_multi(tokenizer, COMPOSED)
     model.check_data({"view1", "view2", "geometry", "label", "text"})
     with pytest.raises(ConfigError, match=r"'cls' needs \['label'\]"):
         model.check_data({"view1", "view2", "geometry", "text"})
@@ -195,7 +186,7 @@ def test_fit_checks_the_data_first(tokenizer):
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_non_finite_loss_names_the_objective(tokenizer, batch, monkeypatch, bad):
-    model = multi(tokenizer)
+    model = tiny_multi(tokenizer, COMPOSED)
     clip = model.heads["clip"]
     real_loss = clip.loss
 
@@ -260,20 +251,6 @@ def test_finite_check_interval(monkeypatch):
     assert finite_check_interval(cfg) == 7
 
 
-def test_heads_load_no_engine_module():
-    """An objective head (and the bare losses) import without the training engine."""
-    code = ("import sys, m3i_lightning.objectives.base, m3i_lightning.objectives, "
-            "m3i_lightning.components.losses; print(sorted(m for m in sys.modules "
-            "if m.startswith('m3i_lightning')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
-    loaded = set(ast.literal_eval(out))
-    engine = {"m3i_lightning.engine.module", "m3i_lightning.engine.plan", "m3i_lightning.config.factory",
-              "m3i_lightning.runtime.strategies", "m3i_lightning.engine.mixing", "m3i_lightning.components.masking",
-              "m3i_lightning.engine.teacher", "m3i_lightning.components.optim"}
-    assert "m3i_lightning.objectives.base" in loaded and not loaded & engine
-
-
 def test_standalone_objective_is_a_one_head_engine_that_pickles(tokenizer, tmp_path):
     """``Cls(backbone=b)`` is a MultiObjective with that one head: a class defined where it
     lives, which pickles, deep-copies and round-trips through torch.save."""
@@ -300,13 +277,13 @@ def test_standalone_objective_is_a_one_head_engine_that_pickles(tokenizer, tmp_p
 @pytest.mark.parametrize("ratio", [0.0, 0.01, 1.0, 1.5, -0.5])
 def test_mask_ratios_that_cannot_work_are_refused_when_built(tokenizer, ratio):
     with pytest.raises(ConfigError, match=rf"^mask_ratio={ratio} "):
-        multi(tokenizer, mask_ratio=ratio)
+        tiny_multi(tokenizer, COMPOSED, mask_ratio=ratio)
 
 
 def test_unknown_mask_kind_names_the_choices(tokenizer):
     with pytest.raises(ConfigError,
                        match=r"^mask='nope' must be one of \['attention', 'block', 'random'\]"):
-        multi(tokenizer, mask="nope")
+        tiny_multi(tokenizer, COMPOSED, mask="nope")
 
 
 def test_a_teacher_of_another_width_needs_heads_sized_for_it(tokenizer):
@@ -323,7 +300,7 @@ def test_a_teacher_of_another_width_needs_heads_sized_for_it(tokenizer):
 
 @pytest.mark.parametrize("name", ["clip", "inst_disc", "mim_global", "sim_global"])
 def test_objectives_that_compare_samples_refuse_a_batch_of_one(tokenizer, name):
-    model = multi(tokenizer, names=[name])
+    model = tiny_multi(tokenizer, [name])
     model.check_batch_size(2)
     with pytest.raises(ConfigError, match=rf"'{name}' needs a per-process batch of at least 2 "
                        r".*got batch_size=1$"):
@@ -358,8 +335,6 @@ def test_a_fifteenth_objective_is_one_class_file_and_one_yaml(tmp_path, monkeypa
     """No registry is edited: defining the class registers it, its YAML selects it."""
     import importlib
 
-    from hydra import compose, initialize_config_dir
-
     from m3i_lightning.config.factory import build_model
     from m3i_lightning.objectives import OBJECTIVES
 
@@ -373,11 +348,8 @@ def test_a_fifteenth_objective_is_one_class_file_and_one_yaml(tmp_path, monkeypa
     importlib.import_module("global_regression")
     try:
         assert "global_regression" in OBJECTIVES
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=[
-                *[f"backbone.{k}={v}" for k, v in TINY_VIT.items()],
-                f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-                "objective=[global_regression,cls]"])
+        cfg = compose_config(f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+                             "objective=[global_regression,cls]")
         model = build_model(cfg, num_classes=10, tokenizer=None)
         terms, _ = model.forward_terms(batch)
         assert set(terms) == {"global_regression", "cls"} and model.teacher is not None

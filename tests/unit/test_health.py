@@ -62,7 +62,7 @@ def test_a_collapsed_representation_warns_and_a_fresh_one_does_not(recwarn):
 
 
 def test_teacher_cosine_starts_at_one_for_an_ema_copy(tokenizer):
-    from conftest import tiny_objective
+    from helpers import tiny_objective
 
     from m3i_lightning.engine.module import MultiObjective
 

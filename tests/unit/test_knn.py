@@ -4,18 +4,12 @@ sharded bank give the 1-process result."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import digits_module, tiny_backbone
 from sklearn.neighbors import NearestNeighbors
 
-from m3i_lightning.components.text import ByteTokenizer
-from m3i_lightning.core.shares import EqualShare, split_loader
-from m3i_lightning.evaluation.knn import extract_features, knn_predict, nearest
+from m3i_lightning.core.shares import EqualShare
+from m3i_lightning.evaluation.knn import knn_predict, nearest
 
 K, TEMPERATURE, CLASSES = 10, 0.07, 5
 
@@ -55,38 +49,3 @@ def test_equal_shares_cover_the_split_once_in_order():
     assert [item["valid"] for item in items].count(False) == 2
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    try:
-        torch.manual_seed(0)
-        backbone = tiny_backbone()
-        dm = digits_module(ByteTokenizer(16), batch_size=32)
-        train = extract_features(backbone, split_loader(dm, "train"), gather=True)
-        val = extract_features(backbone, split_loader(dm, "val"), gather=True)
-        mine = slice(rank * len(train[0]) // world, (rank + 1) * len(train[0]) // world)
-        scores = knn_predict(train[0][mine], train[1][mine], val[0], 10, K, TEMPERATURE,
-                             chunk_size=64, sharded_bank=True)
-        torch.save({"train": train, "val": val, "predicted": scores.argmax(-1)},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_process_extraction_and_sharded_knn_equal_one_process(tmp_path):
-    """Each rank extracts its share of both splits (gathered in order) and holds half of the
-    bank; every rank's predictions are the one-process dense kNN's."""
-    torch.manual_seed(0)
-    backbone = tiny_backbone()
-    dm = digits_module(ByteTokenizer(16), batch_size=32)
-    train = extract_features(backbone, dm.eval_dataloader("train"))
-    val = extract_features(backbone, dm.eval_dataloader("val"))
-    expected = knn_predict(*train, val[0], 10, K, TEMPERATURE).argmax(-1)
-    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2)
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        for split, reference in (("train", train), ("val", val)):
-            torch.testing.assert_close(got[split][0], reference[0], rtol=1e-5, atol=1e-6)
-            assert torch.equal(got[split][1], reference[1])
-        assert torch.equal(got["predicted"], expected)

@@ -6,24 +6,19 @@ two real processes, and a CLI run of the three together."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from helpers import (
-    assert_each_term_logged,
+    TINY_HEADS,
     digits_module,
     feature_spread,
-    run,
     tiny_backbone,
     tiny_objective,
 )
 
 from m3i_lightning import losses
-from m3i_lightning.backbone import Encoded
 from m3i_lightning.components.heads import GlobalBatchNorm1d
 from m3i_lightning.components.optim import OptimConfig, build_optimizer
 from m3i_lightning.core.errors import ConfigError
@@ -38,18 +33,13 @@ from m3i_lightning.objectives import (
 
 VARIANTS = ("moco", "byol", "barlow")
 
-TINY = {
-    "inst_disc": dict(hidden_dim=32, out_dim=16),
-    "dense_id": dict(hidden_dim=32, out_dim=16, queue_size=32),
-    "sim_global": dict(hidden_dim=32, out_dim=16, num_prototypes=16),
-}
 CASES = [("inst_disc", {"variant": v}) for v in VARIANTS] + [("dense_id", {}), ("sim_global", {})]
 CASE_IDS = [f"inst_disc-{v}" for v in VARIANTS] + ["dense_id", "sim_global"]
 
 
 def build(name: str, input_mode: str = "shared", **options) -> MultiObjective:
     torch.manual_seed(0)
-    head = tiny_objective(name, None, **{**TINY[name], **options})
+    head = tiny_objective(name, None, **options)
     return MultiObjective(tiny_backbone(), {name: head}, input_mode=input_mode)
 
 
@@ -252,7 +242,7 @@ def test_registered_under_their_config_names():
 
 
 def test_each_variant_declares_its_encoder_passes():
-    moco, byol, barlow = (tiny_objective("inst_disc", None, variant=v, **TINY["inst_disc"])
+    moco, byol, barlow = (tiny_objective("inst_disc", None, variant=v)
                           for v in VARIANTS)
     assert moco.uses_teacher and moco.symmetric and not moco.student_target
     assert byol.uses_teacher and byol.symmetric and not byol.student_target
@@ -393,7 +383,7 @@ def test_no_collapse_over_a_short_run(name, options, batch):
     history = fit(model, batch, steps=40, lr=5e-3)
     start, end = history[0][f"{name}/std"], history[-1][f"{name}/std"]
     # spread over the sphere, a head's std is about 1/sqrt(dim)
-    assert end > 0.2 * start and end > 0.15 / math.sqrt(TINY[name]["out_dim"]), (start, end)
+    assert end > 0.2 * start and end > 0.15 / math.sqrt(TINY_HEADS[name]["out_dim"]), (start, end)
     features_end = feature_spread(model.backbone, batch["view1"])
     assert features_end > 0.4 * features_start and features_end > 0.03
     if name == "sim_global":
@@ -401,70 +391,6 @@ def test_no_collapse_over_a_short_run(name, options, batch):
 
 
 # -------------------------------------------------------------------- two real processes
-
-def _inputs(global_batch: int, tokens: int = 4, dim: int = 32) -> dict[str, torch.Tensor]:
-    """Float64, as the heads run here: two ranks sum in another order than one process, and in
-    float32 the default tolerances would be about as tight as that reordering."""
-    torch.manual_seed(1)
-    return {name: torch.randn(global_batch, *shape, dtype=torch.float64)
-            for name, shape in [("student_tokens", (tokens, dim)), ("student_global", (dim,)),
-                                ("target_tokens", (tokens, dim)), ("target_global", (dim,))]}
-
-
-def _run(name: str, options: dict, inputs: dict, rows: slice):
-    """Loss, head parameter gradients and input gradients of one objective on ``rows``."""
-    torch.manual_seed(0)
-    objective = tiny_objective(name, None, **{**TINY[name], **options}).double().train()
-    trained = ("student", "target") if objective.student_target else ("student",)
-    x = {k: v[rows].clone().requires_grad_(k.startswith(trained)) for k, v in inputs.items()}
-    student = Encoded(x["student_tokens"], x["student_global"])
-    target = Encoded(x["target_tokens"], x["target_global"])
-    if objective.student_target:
-        targets = Targets("view2", "view1", student=target)
-    else:
-        targets = Targets("view2", "view1", teacher=target)
-    loss, _ = objective.loss({}, student, targets)
-    loss.backward()
-    grads = {n: p.grad for n, p in objective.named_parameters() if p.grad is not None}
-    inputs_grad = {k: v.grad for k, v in x.items() if v.grad is not None}
-    return loss.detach(), grads, inputs_grad, dict(objective.named_buffers())
-
-
-def _distributed_worker(rank: int, world_size: int, init_file: str) -> None:
-    torch.set_num_threads(1)
-    global_batch = 8
-    inputs = _inputs(global_batch)
-    reference = [_run(n, o, inputs, slice(None)) for n, o in CASES]  # before any process group
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size)
-    try:
-        local = global_batch // world_size
-        rows = slice(rank * local, (rank + 1) * local)
-        for (name, options), (loss_1, grads_1, inputs_1, buffers_1) in zip(
-                CASES, reference, strict=True):
-            what = f"{name} {options}"
-            loss, grads, input_grads, buffers = _run(name, options, inputs, rows)
-            dist.all_reduce(loss)
-            torch.testing.assert_close(loss / world_size, loss_1, msg=what)
-            assert grads.keys() == grads_1.keys(), what
-            for n, g in grads.items():  # DDP averages gradients over ranks
-                dist.all_reduce(g)
-                torch.testing.assert_close(g / world_size, grads_1[n], msg=f"{what} {n}")
-            for k, g in input_grads.items():  # every rank's loss reaches the local inputs
-                torch.testing.assert_close(g / world_size, inputs_1[k][rows], msg=f"{what} {k}")
-            for n, b in buffers.items():
-                if "queue" in n:  # the queues hold the whole global batch's keys
-                    torch.testing.assert_close(b, buffers_1[n], msg=f"{what} {n}")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
-    """Gloo, 2 ranks: loss (mean over ranks), DDP-averaged head gradients, the gradients that
-    reach each rank's inputs, and the queues equal one process on the global batch, for every
-    variant: MoCo keys gathered without gradient, global-batch BatchNorm in the heads, Barlow /
-    MSN statistics over the global batch, DenseCL queues fed with every rank's keys."""
-    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2)
 
 
 def test_global_batchnorm_is_batchnorm_in_one_process():
@@ -477,13 +403,3 @@ def test_global_batchnorm_is_batchnorm_in_one_process():
 
 # ------------------------------------------------------------------------------- the CLI
 
-@pytest.mark.parametrize(("variant", "input_mode"),
-                         [("moco", "native"), ("byol", "shared"), ("barlow", "shared")])
-def test_cli_runs_the_three_objectives_together(variant, input_mode, tmp_path):
-    run_dir = tmp_path / "run"
-    run("objective=[inst_disc,dense_id,sim_global]", f"objective.inst_disc.variant={variant}",
-        f"input={input_mode}", "trainer.max_steps=3", "trainer.log_every_n_steps=1",
-        "backbone.depth=1", "backbone.embed_dim=32", "backbone.num_heads=2",
-        "data.batch_size=32", "data.num_workers=0", "export=false", f"hydra.run.dir={run_dir}")
-    assert_each_term_logged(run_dir, ("inst_disc", "dense_id", "sim_global"), steps=3)
-    assert Path(run_dir / "checkpoints" / "last.ckpt").is_file()

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_each_term_logged, fit_fixed_batch, run, tiny_backbone
+from helpers import fit_fixed_batch, tiny_backbone
 
 from m3i_lightning import MultiObjective
 from m3i_lightning.components.geometry import relative_geometry
@@ -280,14 +280,3 @@ def test_sim_feat_does_not_collapse(batch):
 # --- command line ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["shared", "native"])
-def test_inter_objectives_run_together_from_the_command_line(mode, tmp_path):
-    run_dir = tmp_path / "run"
-    tiny = ["backbone.img_size=16", "backbone.embed_dim=32", "backbone.depth=1",
-            "backbone.num_heads=2", "data.batch_size=32", "data.num_workers=0",
-            "data.source_size=16", "data.labels=false", "data.captions=false",
-            "trainer.max_steps=3", "trainer.log_every_n_steps=1", "trainer.accelerator=cpu",
-            "trainer.devices=1", "export=false", f"input={mode}", f"hydra.run.dir={run_dir}"]
-    tiny += [f"objective.{name}.{k}={v}" for name in INTER for k, v in TINY.items()]
-    run("objective=[" + ",".join(INTER) + "]", *tiny)
-    assert_each_term_logged(run_dir, INTER, steps=3)

@@ -9,8 +9,7 @@ import math
 import pytest
 import timm
 import torch
-from helpers import CONF_DIR, TINY_VIT, assert_each_term_logged, fit_fixed_batch, run, tiny_backbone
-from hydra import compose, initialize_config_dir
+from helpers import TINY_VIT, compose_config, fit_fixed_batch, tiny_backbone
 
 from m3i_lightning import MultiObjective
 from m3i_lightning.components.losses import dino_loss, mae_loss
@@ -199,8 +198,7 @@ def test_frozen_teacher_from_config_gives_its_width_to_the_objectives(tmp_path, 
                  "teacher.kind=frozen", f"teacher.checkpoint={weights}",
                  "teacher.arch=vit_tiny_patch16_224",
                  "teacher.model_args={" + ",".join(f"{k}:{v}" for k, v in wide.items()) + "}"]
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose_config(*overrides, tiny=False)
     model = build_model(cfg, num_classes=10, tokenizer=tokenizer)
     assert isinstance(model.teacher, FrozenTeacher) and model.teacher.embed_dim == 48
     assert model.heads["dense_distill"].head.out_features == 48
@@ -232,8 +230,7 @@ def test_projected_teacher_is_the_clip_towers_head_on_its_normed_tokens(tmp_path
     with pytest.raises(ValueError, match="built without a head: give num_classes"):
         FrozenTeacher(load_encoder("vit_base_patch16_clip_224", weights, **CLIP_TOWER),
                       project=True)
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["teacher.project=true"])
+    cfg = compose_config("teacher.project=true", tiny=False)
     with pytest.raises(ConfigError, match="needs teacher.kind=frozen"):
         build_model(cfg, num_classes=10, tokenizer=tokenizer)
 
@@ -273,13 +270,3 @@ def test_teacher_objectives_do_not_collapse(name, batch):
 # --- command line ----------------------------------------------------------------------------
 
 
-def test_all_intra_objectives_run_together_from_the_command_line(tmp_path):
-    run_dir = tmp_path / "run"
-    tiny = ["backbone.img_size=16", "backbone.embed_dim=32", "backbone.depth=1",
-            "backbone.num_heads=2", "data.batch_size=16", "data.num_workers=0",
-            "data.source_size=16", "data.labels=false", "data.captions=false",
-            "trainer.max_steps=3", "trainer.log_every_n_steps=1", "trainer.accelerator=cpu",
-            "trainer.devices=1", "export=false", f"hydra.run.dir={run_dir}"]
-    objectives = "objective=[" + ",".join(INTRA) + "]"
-    run(objectives, *tiny)
-    assert_each_term_logged(run_dir, INTRA, steps=3)

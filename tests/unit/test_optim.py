@@ -44,7 +44,7 @@ def test_base_lr_follows_the_linear_scaling_rule():
 
 
 def test_the_engine_counts_the_batch_over_processes_and_accumulation(tokenizer):
-    from conftest import tiny_backbone, tiny_objective
+    from helpers import tiny_backbone, tiny_objective
 
     from m3i_lightning.engine.module import MultiObjective
 

@@ -4,11 +4,9 @@ the modules the recipe builds, not from the YAML."""
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
-from helpers import CONF_DIR
-from hydra import compose, initialize_config_dir
+from helpers import CONF_DIR, compose_config
 
 from m3i_lightning.backbone import Backbone
 from m3i_lightning.components.masking import AttentionMask, BlockMask, RandomMask
@@ -88,9 +86,7 @@ PAPERS = {
 
 
 def composed(recipe: str, *overrides: str):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[f"experiment={recipe}", "data.num_workers=0",
-                                            *overrides])
+    return compose_config(f"experiment={recipe}", "data.num_workers=0", *overrides, tiny=False)
 
 
 def built(cfg):
@@ -288,19 +284,3 @@ def check_head(head, expected: dict) -> None:  # noqa: C901 - one branch per sta
             assert getattr(head, key) == value, key
 
 
-@pytest.mark.parametrize("recipe", sorted(PAPERS))
-def test_recipe_trains_two_steps_on_the_embedded_data(recipe, frozen_teachers):
-    """Each recipe on the embedded digits, as its comment runs it (the CPU ViT and its scale;
-    here a batch of 8), for two optimizer steps: every term finite."""
-    cfg = composed(recipe, "backbone=vit_cpu", "data.batch_size=8", "data.source_size=16",
-                   *paper_overrides(recipe, frozen_teachers, "vit_cpu"))
-    data, model = built(cfg)
-    trainer = L.Trainer(max_steps=2, max_epochs=cfg.trainer.max_epochs, logger=False,
-                        enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, accelerator="cpu",
-                        devices=1)
-    trainer.fit(model, datamodule=data)
-    assert trainer.global_step == 2
-    for name in cfg.objective:
-        assert torch.isfinite(trainer.callback_metrics[f"train/loss/{name}"]), name

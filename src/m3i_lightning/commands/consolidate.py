@@ -1,15 +1,18 @@
-"""``python -m m3i_lightning.consolidate checkpoint=SRC out=DST``: a sharded checkpoint
-(``checkpoint.sharded=true``) as one consolidated file, the checkpoint every other command
-reads, on one process without GPUs. Evaluation and export also read a sharded folder directly;
-the file is for moving a model elsewhere, or tools that expect one file."""
+"""``m3i-consolidate checkpoint=SRC out=DST`` (``python -m m3i_lightning.consolidate``): a
+sharded checkpoint (``checkpoint.sharded=true``) as one consolidated file, the checkpoint every
+other command reads, on one process without GPUs. Evaluation and export also read a sharded
+folder directly; the file is for moving a model elsewhere, or tools that expect one file. A
+Hydra app like the other commands (conf/consolidate.yaml); it writes the file and nothing
+else."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import hydra
+from omegaconf import DictConfig
 
+from m3i_lightning.commands.command_line import run_with_arguments
 from m3i_lightning.core.errors import ConfigError, one_line_errors
 from m3i_lightning.runtime.checkpointing import AtomicCheckpointIO, read_checkpoint
 
@@ -22,12 +25,17 @@ def consolidate(source, destination) -> Path:
     return destination
 
 
+@hydra.main(config_path="../conf", config_name="consolidate", version_base="1.3")
 @one_line_errors
-def main(argv: list[str] | None = None) -> None:
-    args = OmegaConf.from_cli(sys.argv[1:] if argv is None else argv)
-    if not args.get("checkpoint") or not args.get("out"):
+def consolidate_app(cfg: DictConfig) -> None:
+    if not cfg.checkpoint or not cfg.out:
         raise ConfigError("usage: python -m m3i_lightning.consolidate checkpoint=SRC out=DST")
-    print(f"consolidated into {consolidate(args.checkpoint, args.out)}")
+    print(f"consolidated into {consolidate(cfg.checkpoint, cfg.out)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The consolidate command on the command line's overrides, or on ``argv`` from Python."""
+    run_with_arguments(consolidate_app, argv)
 
 
 if __name__ == "__main__":
