@@ -270,7 +270,8 @@ def run(*args: str, cwd: Path | None = None, prelude: str | None = None,
         command = [sys.executable, "-m", module, *args]
         if prelude is not None:
             script = Path(scripts, "pretrain.py")
-            script.write_text(f"{prelude}\nfrom m3i_lightning.commands.pretrain import main\nmain()\n")
+            script.write_text(
+                f"{prelude}\nfrom m3i_lightning.commands.pretrain import main\nmain()\n")
             command = [sys.executable, str(script), *args]
         done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
                               timeout=600, start_new_session=True)

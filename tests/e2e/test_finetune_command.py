@@ -50,8 +50,8 @@ def test_a_checkpoint_of_another_architecture_is_one_error_line_naming_both(tmp_
     config["objective"] = {"cls": {}}
     state = {f"backbone.{k}": v for k, v in source.state_dict().items()}
     torch.save({"m3i_config": config, "state_dict": state}, tmp_path / "depth1.ckpt")
-    done = run(*TINY_FINETUNE, f"checkpoint={tmp_path / 'depth1.ckpt'}", f"hydra.run.dir={tmp_path}",
-               module="m3i_lightning.finetune", check=False)
+    done = run(*TINY_FINETUNE, f"checkpoint={tmp_path / 'depth1.ckpt'}",
+               f"hydra.run.dir={tmp_path}", module="m3i_lightning.finetune", check=False)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()

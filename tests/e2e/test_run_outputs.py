@@ -35,8 +35,9 @@ def test_a_training_run_ends_with_the_eval_table_pictures_and_exported_clip(tmp_
     pictures = {p.name for p in (run_dir / "pictures").iterdir()}
     assert pictures == {"curves.png", "mim_pixel_epoch001.png", "mim_pixel_epoch002.png",
                         "mim_pixel_final.png"}
+    # 4 images of 4 panels: input, masked input, prediction, target
     with Image.open(run_dir / "pictures" / "mim_pixel_final.png") as image:
-        assert image.size == grid_size(4, 4, 16)  # 4 images of 4 panels: input, masked input, prediction, target
+        assert image.size == grid_size(4, 4, 16)
 
     with open(run_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

@@ -246,7 +246,8 @@ def test_resnet_refuses_masked_input():
 def test_the_engine_names_what_resnet_cannot_serve():
     backbone = family_backbone("resnet")
     with pytest.raises(ConfigError) as err:
-        MultiObjective(backbone, tiny_heads(["mim_feat", "dense_id", "mim_global", "cls"], backbone))
+        MultiObjective(backbone,
+                       tiny_heads(["mim_feat", "dense_id", "mim_global", "cls"], backbone))
     message = str(err.value)
     assert "['dense_id', 'mim_feat', 'mim_global'] need" in message
     assert "masked input and no dense tokens" in message

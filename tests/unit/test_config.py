@@ -47,7 +47,8 @@ def engine_defaults() -> dict:
             if p.default is not inspect.Parameter.empty}
 
 
-@pytest.mark.parametrize("path", sorted((CONF_DIR / "objective").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted((CONF_DIR / "objective").glob("*.yaml")),
+                         ids=lambda p: p.stem)
 def test_objective_yaml_keys_are_options_and_leave_values_to_the_class(path):
     node = load(path)
     assert set(node) <= objective_options(path.stem), path
@@ -60,7 +61,8 @@ def test_every_objective_has_a_yaml_and_every_yaml_an_objective():
     assert {p.stem for p in (CONF_DIR / "objective").glob("*.yaml")} == set(OBJECTIVES)
 
 
-@pytest.mark.parametrize("path", sorted((CONF_DIR / "backbone").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted((CONF_DIR / "backbone").glob("*.yaml")),
+                         ids=lambda p: p.stem)
 def test_backbone_yaml_keys_are_arguments_of_the_family_timm_class(path):
     """Every key is an argument of the timm class the architecture's family builds
     (VisionTransformer, SwinTransformer, ConvNeXt, ResNet), or the backbone's own img_size."""

@@ -34,7 +34,8 @@ def test_save_to_disk_map_style(hf_folder):
 def test_parquet_streaming_split_by_node(hf_folder):
     """Two ranks' parts of the streamed parquet files (label = row index, so a label names its
     row): disjoint, and together every row with a readable image."""
-    dm = hf_module(hf_folder / "*.parquet", streaming=True, label_column="index", num_classes=HF_ROWS)
+    dm = hf_module(hf_folder / "*.parquet", streaming=True, label_column="index",
+                   num_classes=HF_ROWS)
     assert dm.num_samples == HF_ROWS  # from the parquet footers
     parts = [[sample["label"] for sample in ViewStream(
         HFStream(dm.train, dm.columns, 0.0, "train"), CropSet(8, (0.2, 1.0)), {"view1", "label"},
@@ -45,7 +46,8 @@ def test_parquet_streaming_split_by_node(hf_folder):
     assert len(loader) == HF_ROWS // 4 == len(list(loader))
 
 
-def test_local_tokenizer_truncates_to_the_context_length(hf_folder, word_tokenizer_folder, tmp_path):
+def test_local_tokenizer_truncates_to_the_context_length(hf_folder, word_tokenizer_folder,
+                                                         tmp_path):
     tokenizer = HFTokenizer(str(word_tokenizer_folder), context_length=3)
     dm = hf_module(hf_folder / "disk", batch_size=HF_ROWS, tokenizer=tokenizer)
     (batch,) = list(dm.train_dataloader())

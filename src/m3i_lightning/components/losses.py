@@ -259,10 +259,11 @@ def mae_loss(pred: Tensor, target_patches: Tensor, mask: Tensor | None = None,
     """MAE's reconstruction loss (He et al., 2022): the mean over the masked patches of each
     patch's mean squared error, the target patches standardised first (``norm_pix_loss``).
 
-    ``pred``, ``target_patches``: [B, N, p·p·C] (targets as :func:`~m3i_lightning.components.pixels.patchify`
-    gives them, before normalisation). ``mask``: [B, N], 1 = masked: only those patches count.
-    Without ``mask`` every given patch counts, so pass all N patches (auto-encoder) or the
-    masked ones only, gathered ([B, M, p·p·C], the same loss).
+    ``pred``, ``target_patches``: [B, N, p·p·C] (targets as
+    :func:`~m3i_lightning.components.pixels.patchify` gives them, before normalisation).
+    ``mask``: [B, N], 1 = masked: only those patches count. Without ``mask`` every given patch
+    counts, so pass all N patches (auto-encoder) or the masked ones only, gathered
+    ([B, M, p·p·C], the same loss).
     """
     target = normalize_patches(target_patches) if norm_pix else target_patches
     per_patch = (pred - target).pow(2).mean(dim=-1)

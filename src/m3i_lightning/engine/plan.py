@@ -1,8 +1,8 @@
 """The engine's plan, computed once when it is built: which inputs the student encodes, which
 views the teacher encodes, and what each objective reads and how its readings are reduced.
 
-A training step only follows the plan (:meth:`m3i_lightning.engine.module.Engine.readings`), so every
-routing decision of the three input modes lives here:
+A training step only follows the plan (:meth:`m3i_lightning.engine.module.Engine.readings`),
+so every routing decision of the three input modes lives here:
 
 - ``native``: each objective reads its reference method's input; a symmetric one (MoCo v3,
   BYOL) reads both view orders and sums them, as the references do. With local crops

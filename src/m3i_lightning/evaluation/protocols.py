@@ -114,8 +114,9 @@ def evaluate(model: TrainedModel, datamodule, knn: Mapping, probe: Mapping,
 
     Under a process group every rank calls it (a collective) with the whole model and extracts
     its share of each split: the training features stay sharded (kNN bank searched shard by
-    shard, probe trained DDP-style, see :func:`~m3i_lightning.evaluation.probe.fit_linear_probe`), the
-    queries are gathered; every rank returns the one-process result."""
+    shard, probe trained DDP-style, see
+    :func:`~m3i_lightning.evaluation.probe.fit_linear_probe`), the queries are gathered; every
+    rank returns the one-process result."""
     train = _features(model, datamodule, "train", gather=False)
     val = _features(model, datamodule, "val", gather=True)
     num_classes = datamodule.num_classes

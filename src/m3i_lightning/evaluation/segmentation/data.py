@@ -1,6 +1,7 @@
 """Images with per-pixel class masks, for the segmentation probe: the embedded digit scenes
-(:mod:`~m3i_lightning.evaluation.segmentation.scenes`), an image and mask folder pair, or a Hugging Face
-dataset with an image and an annotation column (ADE20k's ``scene_parse_150`` form).
+(:mod:`~m3i_lightning.evaluation.segmentation.scenes`), an image and mask folder pair, or a
+Hugging Face dataset with an image and an annotation column (ADE20k's ``scene_parse_150``
+form).
 
     DIR/train/images/<name>.<ext>   DIR/train/masks/<name>.png   a mask: one channel of class
     DIR/val/images/...              DIR/val/masks/...            ids (PNG mode L, P or I;16)

@@ -1,8 +1,9 @@
 """The linear segmentation probe: how much a frozen backbone's patch tokens know about what
 each pixel shows (DINOv2's linear protocol, a cheap stand-in for ADE20k).
 
-Each patch token goes through one linear classifier (:class:`~m3i_lightning.evaluation.probe.LinearProbe`:
-standardised by the training tokens, so no BatchNorm); the grid of class logits is upsampled
+Each patch token goes through one linear classifier
+(:class:`~m3i_lightning.evaluation.probe.LinearProbe`: standardised by the training tokens, so
+no BatchNorm); the grid of class logits is upsampled
 bilinearly to the mask and trained with pixel cross-entropy, ignoring ``ignore_index``. Tokens
 come from the backbone's usual forward (:class:`~m3i_lightning.backbone.base.Encoded`, the last
 stage's grid for every family; a ResNet's final feature map) and are extracted once, so the
