@@ -3,7 +3,7 @@ under one budget, next to the same architecture left at random init, over severa
 one table of kNN, linear-probe and (optionally) fine-tuning top-1 on the held-out split as
 mean ± std over the seeds.
 
-    python scripts/compare_objectives.py                        # the README table
+    python scripts/compare_objectives.py                        # the table of docs/results.md
     python scripts/compare_objectives.py --rows all --seeds 0   # every row of the unified table
     python scripts/compare_objectives.py --only M3I random      # rows starting with these names
     python scripts/compare_objectives.py --finetune-epochs 0    # no fine-tuning column
