@@ -596,8 +596,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="few repeats, the CPU model only: a smoke run")
     parser.add_argument("--data", nargs=argparse.REMAINDER, metavar="OPTION",
-                        help="the loader benchmark instead (scripts/bench_data.py), given the "
-                             "options that follow: --path, --workers, --batches, --json")
+                        help="the loader benchmark instead (scripts/bench_data.py: the 224 px "
+                             "pipeline against torchvision's, then the loader against the "
+                             "step), given the options that follow: --path, --images, "
+                             "--rounds, --gpu-rate, --workers, --batches, --json")
     parser.add_argument("--eval", nargs=argparse.REMAINDER, metavar="OPTION",
                         help="the kNN memory benchmark instead (scripts/bench_eval.py), given "
                              "the options that follow: --bank, --dim, --queries, "

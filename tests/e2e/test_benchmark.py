@@ -108,12 +108,21 @@ def test_eval_option_runs_the_knn_memory_benchmark_with_the_options_after_it(ben
 
 
 def test_data_section_reports_both_augmentation_paths(benchmark, tmp_path):
-    """``--data`` at the tiny size on CPU: loader images/s of each ``data.augment_on`` path,
-    the device rendering, the training step, and the ratios, all positive and finite."""
+    """``--data`` at the tiny size on CPU: the 224 px pipelines against torchvision's (images/s,
+    ratio and threads for BYOL's and MAE's views on every path), loader images/s of each
+    ``data.augment_on`` path, the device rendering, the training step, and the ratios, all
+    positive and finite."""
     out = tmp_path / "data.json"
-    benchmark.main(["--data", "--workers", "0", "--batches", "1", "--json", str(out),
-                    *TINY, "data.batch_size=4"])
+    benchmark.main(["--data", "--images", "4", "--rounds", "1", "--workers", "0", "--batches",
+                    "1", "--json", str(out), *TINY, "data.batch_size=4"])
     rows = {row["name"]: row["value"] for row in json.loads(out.read_text())}
+    for recipe in ("BYOL 2 views", "MAE 1 view"):
+        for path in ("torchvision ImageFolder + v2 (PIL)", "m3i workers",
+                     "m3i device, CPU share: read + ship JPEG bytes",
+                     "m3i device, CPU share: reduced-scale decode"):
+            for measure in ("images/s per thread", "ratio to torchvision", "threads for 2500"):
+                assert any(name.startswith(f"{recipe}: {path}") and measure in name
+                           for name in rows), (recipe, path, measure)
     for path in ("workers", "device"):
         assert any(name.startswith(f"{path}: loader images/s, one worker") for name in rows)
         assert any(name.startswith(f"{path}: loader (0 workers) / training step")
