@@ -132,4 +132,3 @@ class FrozenTeacher(TargetEncoder):
 
     def update(self, student: nn.Module, step: int, total_steps: int) -> float:
         return self.momentum_at(step, total_steps)
-
