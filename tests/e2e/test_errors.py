@@ -181,9 +181,10 @@ def test_zero_steps_write_the_initial_checkpoint_and_metrics(tmp_path):
 MIM_FEAT = "objective=[mim_feat]"
 ENGINE_VALUES = {
     ("mask.ratio=0", MIM_FEAT): "error: mask.ratio=0 hides 0 of 16 patches",
-    ("mask.ratio=1", MIM_FEAT): "error: mask.ratio=1 must be in [0, 1)",
-    ("mask.ratio=1.5", MIM_FEAT): "error: mask.ratio=1.5 must be in [0, 1)",
-    ("mask.ratio=-0.5", MIM_FEAT): "error: mask.ratio=-0.5 must be in [0, 1)",
+    ("mask.ratio=1", MIM_FEAT): "error: mask.ratio=1 must be a number in [0, 1)",
+    ("mask.ratio=1.5", MIM_FEAT): "error: mask.ratio=1.5 must be a number in [0, 1)",
+    ("mask.ratio=-0.5", MIM_FEAT): "error: mask.ratio=-0.5 must be a number in [0, 1)",
+    ("mask.ratio=abc", MIM_FEAT): "error: mask.ratio=abc must be a number in [0, 1)",
     ("mask.ratio=0.25", "mix=true", MIM_FEAT): "error: mask.ratio=0.25 with mix=true: mixing",
     ("mask.kind=nope", MIM_FEAT):
         "error: mask.kind=nope must be one of ['attention', 'block', 'random']",

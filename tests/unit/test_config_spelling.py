@@ -28,8 +28,8 @@ def test_python_options_become_key_paths_and_nothing_else_changes():
 
 
 @pytest.mark.parametrize(("engine", "overrides", "python", "command_line"), [
-    (dict(mask_ratio=1.0), ["mask.ratio=1.0"], "mask_ratio=1.0 must be in [0, 1)",
-     "mask.ratio=1.0 must be in [0, 1)"),
+    (dict(mask_ratio=1.0), ["mask.ratio=1.0"], "mask_ratio=1.0 must be a number in [0, 1)",
+     "mask.ratio=1.0 must be a number in [0, 1)"),
     (dict(mask="nope"), ["mask.kind=nope"], "mask='nope' must be one of",
      "mask.kind=nope must be one of"),
     (dict(mix=True, input_mode="native"), ["mix=true", "input=native"],

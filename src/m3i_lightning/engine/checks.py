@@ -38,8 +38,8 @@ def check_input(input_mode: str, mix: bool) -> None:
 def check_mask(kind: str, ratio: float) -> None:
     if kind not in MASKS:
         raise ConfigError(f"mask={kind!r} must be one of {sorted(MASKS)}")
-    if not 0.0 <= ratio < 1.0:
-        raise ConfigError(f"mask_ratio={ratio} must be in [0, 1)")
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"mask_ratio={ratio!r} must be a number in [0, 1)")
 
 
 def check_mask_grid(generator: MaskGenerator, ratio: float, objectives: Mapping[str, Objective],
