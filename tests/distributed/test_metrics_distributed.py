@@ -18,8 +18,9 @@ MEMORY_CUT, QUERY_CUT = 17, 9
 
 
 def features():
-    """Memory rows then query rows, drawn around the same centres."""
-    x, y = clustered_features(NUM_CLASSES, 8, MEMORY + QUERIES)
+    """Memory rows then query rows, drawn around the same centres, in 2 dimensions so that
+    the classes overlap."""
+    x, y = clustered_features(NUM_CLASSES, 2, MEMORY + QUERIES)
     return x[:MEMORY], y[:MEMORY], x[MEMORY:], y[MEMORY:]
 
 
@@ -43,7 +44,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 def test_metrics_under_two_process_ddp_equal_the_single_process_result(tmp_path):
     expected = metrics(*features())
-    assert 0 < expected[0] < 1  # kNN neither always right nor always wrong
+    assert (0 < expected).all() and (expected < 1).all()  # neither always right nor wrong
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2)
     for rank in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt"), expected)
