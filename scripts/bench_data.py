@@ -327,6 +327,16 @@ def render_images_per_s(data, batch: dict, device: torch.device, repeats: int = 
     return len(batch["view1_geometry"]) / statistics.median(seconds)
 
 
+def train_loader(module, device: torch.device):
+    """The module's training loader, JPEGs decoded where a trainer on ``device`` would have
+    the data module decode them (the device path on a CUDA device with nvJPEG: there)."""
+    from m3i_lightning.data.device_views import choose_decoder
+
+    loader = module.train_dataloader()
+    module.view.device_decodes = module.view.on_device and choose_decoder(device)[0]
+    return loader
+
+
 def loader_rows(folder: Path, cfg, tokenizer, fields: set[str], workers: int,
                 device: torch.device) -> tuple[list[dict], dict[str, float]]:
     """Rows of both ``augment_on`` paths' loaders (and of the device rendering), and the
@@ -337,9 +347,13 @@ def loader_rows(folder: Path, cfg, tokenizer, fields: set[str], workers: int,
         def data(count: int, on: str = augment_on):
             return imagefolder_data(folder, cfg, tokenizer, fields, count, on)
 
-        one = one_worker_images_per_s(data(0).train_dataloader())
-        several = loader_images_per_s(data(workers).train_dataloader())
-        built = "decode + 2 views" if augment_on == "workers" else "decode + uint8 + parameters"
+        one_worker = data(0)
+        one = one_worker_images_per_s(train_loader(one_worker, device))
+        several = loader_images_per_s(train_loader(data(workers), device))
+        built = {"workers": "decode + 2 views", "device": "decode + uint8 + parameters"}[
+            augment_on]
+        if one_worker.view.device_decodes:
+            built = "read + JPEG bytes + parameters"
         rows += [{"name": f"{augment_on}: loader images/s, one worker ({built})", "value": one,
                   "unit": "img/s"},
                  {"name": f"{augment_on}: loader images/s, {workers} workers (epoch incl. "
@@ -347,7 +361,8 @@ def loader_rows(folder: Path, cfg, tokenizer, fields: set[str], workers: int,
         feeds[augment_on] = several
         if augment_on == "device":
             module = data(0)
-            render = render_images_per_s(module, next(iter(module.train_dataloader())), device)
+            render = render_images_per_s(module, next(iter(train_loader(module, device))),
+                                         device)
             rows.append({"name": f"device: rendering images/s on {device.type} (2 views)",
                          "value": render, "unit": "img/s"})
             feeds[augment_on] = 1 / (1 / several + 1 / render)

@@ -1,4 +1,9 @@
-"""Image files of any mode to the RGB float tensors the views crop, or a :class:`BadSample`.
+"""Image files of any mode to the RGB pixels the views crop, or a :class:`BadSample`.
+
+An :class:`EncodedImage` is a file read but not decoded: the views of a sample choose the scale.
+A JPEG decodes at the largest DCT scale (1/2, 1/4 or 1/8 of each side: libjpeg's scaled inverse
+DCT, for a fraction of the work) at which every crop keeps its view's resolution
+(:func:`dct_scale`), and the views are cut from that 8-bit image (:class:`DecodedImage`).
 
 Real collections hold grayscale scans, RGBA / palette PNGs with transparency, CMYK JPEGs and
 16-bit medical or astronomy images. Each is mapped to what a viewer would show, so the model

@@ -254,8 +254,6 @@ class RandomView:
         return TF.normalize(view, self.mean, self.std)
 
 
-
-
 @dataclass(frozen=True)
 class LocalCrops:
     """DINO / MSN multi-crop: ``count`` small crops of ``size`` px from the ``scale`` range of
