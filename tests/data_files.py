@@ -3,6 +3,7 @@ files, captions in metadata files, and the command line the acceptance runs use.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -125,9 +126,13 @@ SHARD_PATTERN = "{000000..000007}.tar"  # the 8 shards of one_class_shards
 def one_class_shards(root: Path) -> Path:
     """32 images, each its own class (so a label names its sample), in 8 shards of 4
     (:data:`SHARD_PATTERN`); returns the shard folder."""
+    import make_shards as script  # scripts/ is on the tests' path: no interpreter to start
+
     labelled_folder(root / "src", 32, classes=32)
-    done = make_shards(root / "src", root / "shards", 4)
-    assert "wrote 32 samples in 8 shards" in done.stdout
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert script.main([str(root / "src"), str(root / "shards"), "--shard-size", "4"]) == 0
+    assert "wrote 32 samples in 8 shards" in printed.getvalue()
     return root / "shards"
 
 
