@@ -59,14 +59,10 @@ def adjust_hue(views: Tensor, factor: Factor) -> Tensor:
     is_blue = 1 - is_red - is_green
     sixths = ((is_red * (green - blue) + is_green * (blue - red) + is_blue * (red - green))
               * inverse + 2 * is_green + 4 * is_blue)
-    shift = 6 * factor[..., 0, :, :] if isinstance(factor, Tensor) else 6 * factor
-    sixths = sixths + shift
-    channels = []
-    for offset in HUE_OFFSETS:
-        k = sixths + offset
-        k = k - 6 * torch.floor(k / 6)
-        channels.append(high - chroma * torch.minimum(k, 4 - k).clamp(0, 1))
-    return torch.stack(channels, dim=-3)
+    offsets = torch.tensor(HUE_OFFSETS, device=views.device, dtype=views.dtype)[:, None, None]
+    k = sixths.unsqueeze(-3) + 6 * factor + offsets  # factor [B, 1, 1, 1] or one number
+    k = k - 6 * torch.floor(k / 6)
+    return high.unsqueeze(-3) - chroma.unsqueeze(-3) * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
 ADJUSTMENTS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)

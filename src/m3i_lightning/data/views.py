@@ -234,7 +234,8 @@ class RandomView:
         view = image.crop(box, self.size, self.mode)
         if flipped:
             view = view.flip(-1)
-        view = view.float().div_(255.0)
+        # planar from here (the decoded pixels are interleaved): the colours read channels
+        view = view.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
         if isinstance(colour, dict):
             view = recolour(view[None], colour, blur_kernel(self.size))[0]
         elif colour is not None:
