@@ -26,6 +26,15 @@ def test_every_subpackage_has_a_tier_and_every_tier_a_subpackage():
     assert subpackages == set(TIERS)
 
 
+def test_the_conf_package_is_yaml_and_its_folder_only():
+    """conf/ sits in the config tier for its YAML; its one name of code is CONF_DIR."""
+    tree = ast.parse((SRC / PACKAGE / "conf" / "__init__.py").read_text())
+    names = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets}
+    assert names == {"CONF_DIR"}
+    assert not [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)]
+    assert [p.name for p in (SRC / PACKAGE / "conf").rglob("*.py")] == ["__init__.py"]
+
+
 def planted_copy(tmp_path: Path, module: str, line: str) -> Path:
     """A copy of the package with ``line`` inside a new function at the end of ``module``
     (a path relative to the package); returns the copy's source folder."""
