@@ -91,7 +91,7 @@ def sharded_row(strategy: str, config: str, args, flops: int | None) -> dict:
         f"data.num_workers={args.workers}", "data.augment_on=device", "trainer.devices=1",
         "trainer.precision=bf16-mixed", f"trainer.max_steps={steps}",
         "+trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
-        "+trainer.enable_model_summary=false", "export=false"])
+        "trainer.enable_model_summary=false", "export=false"])
     tokenizer = build_tokenizer_from(cfg.text)
     data = build_datamodule(cfg.data, tokenizer)
     model = build_model(cfg, data.num_classes, tokenizer)

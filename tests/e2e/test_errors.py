@@ -195,7 +195,7 @@ ENGINE_VALUES = {
     ("input=sideways",): "error: input=sideways must be one of ['shared', 'native']",
     ("mix=true", "input=native", MIM_FEAT):
         "error: mix=true mixes two images into the one shared input: it needs input=shared",
-    (MIM_FEAT, "objective.mim_feat.predictor=linear", "+backbone.mask_token=true", "mix=true"):
+    (MIM_FEAT, "objective.mim_feat.predictor=linear", "backbone.mask_token=true", "mix=true"):
         "error: objective.mim_feat.predictor=linear reads the encoder's outputs at each "
         "image's masked cells, where mix=true encodes the partner image's patches: use "
         "mix=false or objective.mim_feat.predictor=transformer",
@@ -210,7 +210,7 @@ ENGINE_VALUES = {
         "error: objective 'inst_disc' needs a per-process batch of at least 2 (negatives / "
         "BatchNorm across the batch), got data.batch_size=1",
     ("data.batch_size=1", "objective=[clip]"): "'clip' needs a per-process batch of at least 2",
-    ("+optim.bogus=1",): "optim: unknown option(s) ['bogus']",
+    ("+optim.bogus=1",): "unknown key optim.bogus (did you mean optim.betas?); the keys under optim",
 }
 
 

@@ -65,13 +65,14 @@ def test_every_objective_has_a_yaml_and_every_yaml_an_objective():
                          ids=lambda p: p.stem)
 def test_backbone_yaml_keys_are_arguments_of_the_family_timm_class(path):
     """Every key is an argument of the timm class the architecture's family builds
-    (VisionTransformer, SwinTransformer, ConvNeXt, ResNet), or the backbone's own img_size."""
+    (VisionTransformer, SwinTransformer, ConvNeXt, ResNet), or one of the family's own
+    (img_size, a ViT's mask_token, position_embedding, init, freeze_patch_embed)."""
     node = load(path)
     arch = node.pop("arch")
     assert arch in timm.list_models()
     family = family_of(arch)
-    assert set(node) <= set(inspect.signature(family.timm_class.__init__).parameters) | {
-        "img_size"}, family.family
+    assert set(node) <= set(inspect.signature(family.timm_class.__init__).parameters) | (
+        accepted_options(family)), family.family
 
 
 @pytest.mark.parametrize("path", sorted((CONF_DIR / "data").glob("*.yaml")), ids=lambda p: p.stem)

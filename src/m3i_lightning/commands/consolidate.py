@@ -33,9 +33,10 @@ def consolidate_app(cfg: DictConfig) -> None:
     print(f"consolidated into {consolidate(cfg.checkpoint, cfg.out)}")
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> None:
     """The consolidate command on the command line's overrides, or on ``argv`` from Python."""
-    run_with_arguments(consolidate_app, argv)
+    run_with_arguments(consolidate_app, argv, "consolidate")
 
 
 if __name__ == "__main__":

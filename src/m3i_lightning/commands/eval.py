@@ -27,6 +27,7 @@ from lightning.fabric import Fabric
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
+from m3i_lightning.commands.command_line import run_with_arguments
 from m3i_lightning.commands.finetune import finetune_top1
 from m3i_lightning.config.artifacts import load_exported
 from m3i_lightning.config.factory import build_datamodule
@@ -158,9 +159,15 @@ def evaluate_command(cfg: DictConfig, out_dir: Path, overrides=()) -> dict[str, 
 
 @hydra.main(config_path="../conf", config_name="eval", version_base="1.3")
 @one_line_errors
-def main(cfg: DictConfig) -> None:
+def eval_app(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     evaluate_command(cfg, Path(hydra_cfg.runtime.output_dir), hydra_cfg.overrides.task)
+
+
+@one_line_errors
+def main(argv: list[str] | None = None) -> None:
+    """The eval command on the command line's overrides, or on ``argv`` from Python."""
+    run_with_arguments(eval_app, argv, "eval")
 
 
 if __name__ == "__main__":

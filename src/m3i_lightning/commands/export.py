@@ -22,9 +22,10 @@ def export_app(cfg: DictConfig) -> None:
     print(f"exported to {out}")
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> None:
     """The export command on the command line's overrides, or on ``argv`` from Python."""
-    run_with_arguments(export_app, argv)
+    run_with_arguments(export_app, argv, "export")
 
 
 if __name__ == "__main__":

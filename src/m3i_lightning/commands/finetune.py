@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from m3i_lightning.backbone import Backbone
+from m3i_lightning.commands.command_line import run_with_arguments
 from m3i_lightning.conf import CONF_DIR
 from m3i_lightning.config.factory import build_datamodule
 from m3i_lightning.config.finetune_source import finetuning_backbone, load_source, transfer
@@ -196,5 +197,11 @@ def keep_best(best: ModelCheckpoint, last: Path, last_top1: float, writer: bool)
 
 @hydra.main(config_path="../conf", config_name="finetune", version_base="1.3")
 @one_line_errors
-def main(cfg: DictConfig) -> None:
+def finetune_app(cfg: DictConfig) -> None:
     finetune(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+@one_line_errors
+def main(argv: list[str] | None = None) -> None:
+    """The finetune command on the command line's overrides, or on ``argv`` from Python."""
+    run_with_arguments(finetune_app, argv, "finetune")

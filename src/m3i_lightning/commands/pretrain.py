@@ -29,6 +29,7 @@ from m3i_lightning.config.factory import (
 )
 from m3i_lightning.config.loggers import run_loggers
 from m3i_lightning.config.restore import image_text_objective
+from m3i_lightning.config.schema import check_command_line
 from m3i_lightning.config.trainer import (
     build_trainer,
     console_callbacks,
@@ -172,6 +173,7 @@ def main() -> float | None:
     """``python -m m3i_lightning`` / ``m3i-pretrain``: check the objective names, then run;
     a sweep with failed jobs ends with one line counting them and exit code 2."""
     check_choices(sys.argv[1:])
+    check_command_line("config", sys.argv[1:])
     result = hydra_main()
     if SWEEP.failures:
         raise M3IError(f"{len(SWEEP.failures)} of {SWEEP.jobs} sweep jobs failed (each folder "

@@ -6,7 +6,8 @@ re-creates exactly the modules it was trained with.
 
 from __future__ import annotations
 
-import inspect
+import logging
+import math
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -19,24 +20,18 @@ from m3i_lightning.backbone import Backbone, family_of
 from m3i_lightning.components.optim import OptimConfig
 from m3i_lightning.components.text import build_tokenizer
 from m3i_lightning.config.artifacts import load_encoder
+from m3i_lightning.config.schema import accepted_options, unknown_keys
 from m3i_lightning.core.errors import ConfigError
 from m3i_lightning.data import DATA_MODULES
 from m3i_lightning.engine.module import MultiObjective
 from m3i_lightning.engine.teacher import FrozenTeacher
 from m3i_lightning.objectives import OBJECTIVES, Objective
 
+log = logging.getLogger(__name__)
+
 
 def _plain(cfg: Any) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-
-
-def accepted_options(factory) -> set[str]:
-    """Keyword parameters of a class over its constructors' chain (each passes ``**kwargs``
-    on): the classes of this library, and every objective class wherever it is defined."""
-    chain = [k for k in factory.__mro__ if "__init__" in vars(k)
-             and (k.__module__.startswith("m3i_lightning") or issubclass(k, Objective))]
-    names = set().union(*(inspect.signature(k.__init__).parameters for k in chain))
-    return names - {"self", "kwargs"}
 
 
 # An option as a Python caller names it in a message: ``Owner(option=value, ...)`` (another
@@ -86,8 +81,8 @@ def call_checked(factory, what: str, options: Mapping, context: Mapping, path: s
     accepted = accepted_options(factory)
     unknown = sorted(set(options) - accepted)
     if unknown:
-        valid = sorted(accepted - set(context))
-        raise ConfigError(f"{what}: unknown option(s) {unknown}; valid options: {valid}")
+        raise unknown_keys([f"{path}.{option}" for option in unknown],
+                           [f"{path}.{option}" for option in accepted - set(context)], path)
     given = {k: v for k, v in options.items() if not (k in context and v is None)}
     extra = {k: v for k, v in context.items() if k in accepted and k not in given}
     keys = {option: f"{path}.{option}" for option in accepted - set(extra)}
@@ -174,6 +169,18 @@ def given_options(options: Mapping | None, sizes: Mapping | None) -> dict:
     return {**(sizes or {}), **{k: v for k, v in (options or {}).items() if v is not None}}
 
 
+def check_weight(name: str, weight) -> None:
+    """Refuse a weight that is no number, or negative (gradient ascent on the term), and warn
+    on 0: the head is then built and its loss logged, but it trains nothing."""
+    valid = (isinstance(weight, int | float) and not isinstance(weight, bool)
+             and math.isfinite(weight))
+    if not valid or weight < 0:
+        raise ConfigError(f"objective.{name}.weight={weight} must be a number >= 0")
+    if weight == 0:
+        log.warning("objective.%s.weight=0: its loss is logged but trains nothing; leave %s out "
+                    "of objective=[...] to skip it", name, name)
+
+
 def build_objectives(cfg: Mapping, context: Mapping,
                      sizes: Mapping | None = None) -> dict[str, Objective]:
     """The selected objectives (``cfg``: name → options). An option left null takes the class
@@ -186,6 +193,7 @@ def build_objectives(cfg: Mapping, context: Mapping,
     objectives = {}
     for name, options in selected.items():
         options = given_options(options, sizes.get(name))
+        check_weight(name, options.get("weight", 1.0))
         factory = objective_class(name, options)
         objectives[name] = call_checked(factory, f"objective '{name}'", options, context,
                                         f"objective.{name}")
