@@ -106,7 +106,7 @@ def test_curves_png_from_metrics_csv_and_without_any(tmp_path):
 
 
 def test_tensorboard_logger_is_an_option(tmp_path):
-    cfg = {"logger": {"name": "tensorboard"}}
+    cfg = {"logger": {"csv": {}, "tensorboard": {"folder": "tensorboard"}}}
     from omegaconf import OmegaConf
 
     try:
@@ -118,6 +118,6 @@ def test_tensorboard_logger_is_an_option(tmp_path):
         loggers = run_loggers(OmegaConf.create(cfg), tmp_path)
         assert [type(x).__name__ for x in loggers] == ["CSVLogger", "TensorBoardLogger"]
     with pytest.raises(ConfigError, match="unknown logger"):
-        run_loggers(OmegaConf.create({"logger": {"name": "wandb"}}), tmp_path)
+        run_loggers(OmegaConf.create({"logger": {"comet": {}}}), tmp_path)
 
 

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig
 
 from m3i_lightning.commands.runfolder import (
+    PICTURES_DIR,
     check_run_folder,
     finish_run,
     run_callbacks,
@@ -27,7 +28,7 @@ from m3i_lightning.config.factory import (
     build_tokenizer_from,
     check_run_data,
 )
-from m3i_lightning.config.loggers import run_loggers
+from m3i_lightning.config.loggers import TrackerRuns, publish_run, run_loggers
 from m3i_lightning.config.restore import image_text_objective
 from m3i_lightning.config.schema import check_command_line
 from m3i_lightning.config.trainer import (
@@ -70,7 +71,8 @@ def pretrain(cfg: DictConfig) -> dict:
         logger=run_loggers(cfg, out, resuming=ckpt_path is not None),
         callbacks=[*run_callbacks(cfg, datamodule, out), *console_callbacks(cfg),
                    LastCheckpoint(out / "checkpoints", cfg.checkpoint.every_n_steps),
-                   ExactResume(), LearningRateMonitor("step"), SkipReport()],
+                   ExactResume(), LearningRateMonitor("step"), SkipReport(),
+                   TrackerRuns(cfg, out)],
     )
     check_launch(trainer, HydraConfig.get().mode == RunMode.MULTIRUN)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -79,6 +81,7 @@ def pretrain(cfg: DictConfig) -> dict:
     model = consolidated(trainer, lambda: build_model(cfg, datamodule.num_classes, tokenizer))
     results = {"run_dir": str(out), **finish_run(trainer, model, datamodule, cfg, out)}
     if trainer.is_global_zero:
+        publish_run(trainer.loggers, out / PICTURES_DIR, results, trainer.global_step)
         print(f"run folder: {out}")
     return results
 
