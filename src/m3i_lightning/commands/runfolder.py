@@ -15,8 +15,9 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig
 
-from m3i_lightning.commands.eval import report, run_cfg_protocols
+from m3i_lightning.commands.eval import RESULTS_FILE, report, run_cfg_protocols
 from m3i_lightning.config.artifacts import export_model
+from m3i_lightning.config.model_card import write_model_card
 from m3i_lightning.config.restore import StoreConfig
 from m3i_lightning.core.errors import ConfigError, EmptySplitError
 from m3i_lightning.evaluation.health import RepresentationHealth
@@ -87,7 +88,8 @@ def run_callbacks(cfg: DictConfig, datamodule, out: Path) -> list[L.Callback]:
 
 
 def finish_run(trainer: L.Trainer, model, datamodule, cfg: DictConfig, out: Path) -> dict:
-    """Export, evaluate ``protocols`` (table printed, ``eval.json``) and draw the curves. Every
+    """Export, evaluate ``protocols`` (table printed, ``eval.json``, then the exported folder's
+    model card holding it) and draw the curves. Every
     rank calls it with the whole model: the classification protocols run on every rank's share
     of the data (see :func:`~m3i_lightning.evaluation.protocols.run_protocols`), the rest on
     rank 0, which alone returns results. Data without labels runs only the protocols that need
@@ -113,5 +115,7 @@ def finish_run(trainer: L.Trainer, model, datamodule, cfg: DictConfig, out: Path
     if evaluation is not None:
         results.update(evaluation.results)
         report(evaluation, cfg, out, {"run_dir": str(out)})
+    if "export" in results:
+        write_model_card(results["export"], cfg, out / RESULTS_FILE)
     results["curves"] = str(plot_curves(out / "metrics.csv", out / PICTURES_DIR / "curves.png"))
     return results
