@@ -8,6 +8,7 @@ import contextlib
 import csv
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -257,27 +258,70 @@ COMPOSED = ["objective=[mim_feat,clip,cls]", "objective.clip.text_width=32",
 TWO_CPU_PROCESSES = ["trainer.accelerator=cpu", "trainer.devices=2"]
 
 
-def run(*args: str, cwd: Path | None = None, prelude: str | None = None,
-        check: bool = True, module: str = "m3i_lightning") -> subprocess.CompletedProcess:
-    """``python -m <module> *args`` (the pre-training command by default), one thread per
+def start(*args: str, scripts: Path, cwd: Path | None = None, prelude: str | None = None,
+          module: str = "m3i_lightning", user: int | None = None) -> subprocess.Popen:
+    """Start ``python -m <module> *args`` (the pre-training command by default), one thread per
     process (the machine is shared), in a session of its own (a run may kill its process
-    group). ``prelude``: Python run first in the same process (to inject a failure into the
-    pre-training command), from a script file so that the processes Lightning starts for the
-    other ranks, which re-run the command line, run it too."""
+    group), its output piped. ``prelude``: Python run first in the same process (to inject a
+    failure into the pre-training command), from a script file in ``scripts`` so that the
+    processes Lightning starts for the other ranks, which re-run the command line, run it
+    too. ``user``: the uid (and gid) to run as, through util-linux's ``setpriv`` (a test run
+    as root checking permissions)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
+    command = [sys.executable, "-m", module, *args]
+    if prelude is not None:
+        script = Path(scripts, "pretrain.py")
+        script.write_text(
+            f"{prelude}\nfrom m3i_lightning.commands.pretrain import main\nmain()\n")
+        command = [sys.executable, str(script), *args]
+    if user is not None:
+        command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *command]
+        env["HOME"] = str(scripts)
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def run(*args: str, cwd: Path | None = None, prelude: str | None = None,
+        check: bool = True, module: str = "m3i_lightning",
+        user: int | None = None) -> subprocess.CompletedProcess:
+    """:func:`start` the command and wait for it (10 minutes at most)."""
     with tempfile.TemporaryDirectory() as scripts:
-        command = [sys.executable, "-m", module, *args]
-        if prelude is not None:
-            script = Path(scripts, "pretrain.py")
-            script.write_text(
-                f"{prelude}\nfrom m3i_lightning.commands.pretrain import main\nmain()\n")
-            command = [sys.executable, str(script), *args]
-        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=600, start_new_session=True)
+        if user is not None:
+            os.chmod(scripts, 0o777)  # the prelude script and HOME
+        process = start(*args, scripts=Path(scripts), cwd=cwd, prelude=prelude, module=module,
+                        user=user)
+        try:
+            stdout, stderr = process.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if check:
         assert done.returncode == 0, done.stderr[-4000:]
     return done
+
+
+# In-process command runs log nothing to files: Hydra's logging setup off.
+QUIET_HYDRA = ["hydra/job_logging=none", "hydra/hydra_logging=none"]
+
+
+def fails_with_one_line(capsys, monkeypatch, main, prog: str, *args: str) -> str:
+    """Run ``main`` in this process as ``prog *args``: exit code 2, and stderr is the one
+    ``error:`` line, which is returned."""
+    import pytest
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr(sys, "argv", [prog, *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, lines
+    return errors[0]
 
 
 def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:

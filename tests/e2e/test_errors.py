@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_RUN, run
+from helpers import QUIET_HYDRA, TINY_RUN, fails_with_one_line, run
 
 from m3i_lightning.commands import eval as eval_command
 from m3i_lightning.commands import export as export_command
 from m3i_lightning.commands import pretrain as cli
 from m3i_lightning.core.errors import ConfigError
 
-QUIET_HYDRA = ["hydra/job_logging=none", "hydra/hydra_logging=none"]
 TINY_CLS = [*TINY_RUN, "objective=[cls]", "data.batch_size=32"]
 
 
@@ -39,21 +38,6 @@ def files(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "run": root / "run", "good": good,
             "truncated": root / "truncated.ckpt", "notes": root / "notes.ckpt",
             "pickle": root / "pickle.ckpt", "a_file": root / "a_file"}
-
-
-def fails_with_one_line(capsys, monkeypatch, main, prog: str, *args: str) -> str:
-    """Run ``main`` as ``prog *args``: exit code 2, and stderr is the one ``error:`` line."""
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    monkeypatch.setattr(sys, "argv", [prog, *args])
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1, lines
-    return errors[0]
 
 
 def eval_fails(capsys, monkeypatch, tmp_path, *args: str) -> str:

@@ -15,12 +15,19 @@ from omegaconf import DictConfig
 from m3i_lightning.commands.command_line import run_with_arguments
 from m3i_lightning.core.errors import ConfigError, one_line_errors
 from m3i_lightning.runtime.checkpointing import AtomicCheckpointIO, read_checkpoint
+from m3i_lightning.runtime.sharded_checkpoint import is_sharded
 
 
-def consolidate(source, destination) -> Path:
+def consolidate(source, destination, overwrite: bool = False) -> Path:
     """Write the checkpoint at ``source`` (a sharded folder or a file) as one file at
-    ``destination``, atomically."""
+    ``destination``, atomically. An existing ``destination`` (another run's ``last.ckpt``, say)
+    is replaced only with ``overwrite``; a folder never is."""
     destination = Path(destination)
+    if destination.is_dir() and not is_sharded(destination):
+        raise ConfigError(f"out={destination} is a folder: give the path of the file to write")
+    if (destination.exists() or destination.is_symlink()) and not overwrite:
+        raise ConfigError(f"out={destination} already exists: give a new path, or "
+                          "overwrite=true to replace it")
     AtomicCheckpointIO().save_checkpoint(read_checkpoint(source, "checkpoint"), destination)
     return destination
 
@@ -30,7 +37,7 @@ def consolidate(source, destination) -> Path:
 def consolidate_app(cfg: DictConfig) -> None:
     if not cfg.checkpoint or not cfg.out:
         raise ConfigError("usage: python -m m3i_lightning.consolidate checkpoint=SRC out=DST")
-    print(f"consolidated into {consolidate(cfg.checkpoint, cfg.out)}")
+    print(f"consolidated into {consolidate(cfg.checkpoint, cfg.out, cfg.overwrite)}")
 
 
 @one_line_errors

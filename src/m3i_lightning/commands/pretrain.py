@@ -16,10 +16,11 @@ from omegaconf import DictConfig
 
 from m3i_lightning.commands.runfolder import (
     PICTURES_DIR,
-    check_run_folder,
     finish_run,
+    holding_run_folder,
     run_callbacks,
     untrained,
+    write_record,
 )
 from m3i_lightning.conf import CONF_DIR
 from m3i_lightning.config.factory import (
@@ -27,9 +28,10 @@ from m3i_lightning.config.factory import (
     build_model,
     build_tokenizer_from,
     check_run_data,
+    run_seed,
 )
 from m3i_lightning.config.loggers import TrackerRuns, publish_run, run_loggers
-from m3i_lightning.config.restore import image_text_objective
+from m3i_lightning.config.restore import check_resumable, image_text_objective
 from m3i_lightning.config.schema import check_command_line
 from m3i_lightning.config.trainer import (
     build_trainer,
@@ -51,19 +53,22 @@ from m3i_lightning.runtime.strategies import build_strategy, check_launch, conso
 log = logging.getLogger(__name__)
 
 
+@holding_run_folder
 def pretrain(cfg: DictConfig) -> dict:
     """Fit and save ``last.ckpt``; then export, print the eval table and draw the curves
-    (:func:`~m3i_lightning.commands.runfolder.finish_run`)."""
+    (:func:`~m3i_lightning.commands.runfolder.finish_run`). Hydra's record of the run is
+    written once the checkpoint to resume from, if any, fits the model."""
     out = Path(HydraConfig.get().runtime.output_dir)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(run_seed(cfg), workers=True)
     check_eval_options(cfg.knn, cfg.probe)
     selected_protocols(cfg.protocols, image_text_objective(cfg) is not None)
     tokenizer = build_tokenizer_from(cfg.text)
     datamodule = build_datamodule(cfg.data, tokenizer, batch_size=per_process_batch(cfg))
     model = build_model(cfg, datamodule.num_classes, tokenizer)
     check_run_data(model, datamodule, cfg)
-    check_run_folder(out, cfg.resume, cfg.get("overwrite", False))
     ckpt_path = resume_path(cfg.resume, out)
+    if ckpt_path is not None:
+        check_resumable(ckpt_path, model, cfg)
     trainer = build_trainer(
         cfg, strategy=build_strategy(cfg.strategy, model, cfg.checkpoint),
         plugins=[AtomicCheckpointIO()],
@@ -75,6 +80,7 @@ def pretrain(cfg: DictConfig) -> dict:
                    TrackerRuns(cfg, out)],
     )
     check_launch(trainer, HydraConfig.get().mode == RunMode.MULTIRUN)
+    write_record(cfg, out)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if trainer.global_step == 0:
         untrained(trainer, datamodule, out)

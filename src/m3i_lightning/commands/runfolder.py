@@ -1,38 +1,59 @@
 """What a training run adds around ``trainer.fit``, all inside its run folder.
 
-Before: the loggers (CSV always, since the curves are drawn from ``metrics.csv``; TensorBoard
-too with ``logger=tensorboard``) and the callbacks: the config stored in each checkpoint,
-the online probes when the data has labels, the reconstruction grids. After, on rank 0: the
-exported model, the evaluation table (``eval.json``) and the curves; the evaluation itself
-runs on every rank.
+Admission, before anything is written: the folder can be created and written (checked by the
+:class:`WritableRunFolder` Hydra callback before Hydra creates it, and for the folders a run
+writes into), no other run holds it (:class:`~m3i_lightning.runtime.run_lock.RunLock`), and
+checkpoints already there are reused only when asked. Hydra's own record of the run
+(``.hydra/``: config, Hydra config, overrides) is written by :func:`write_record` once the run
+is accepted, so a refused or failed start leaves the previous run's record as it was.
+
+Before the fit: the loggers (CSV always, since the curves are drawn from ``metrics.csv``;
+TensorBoard too with ``logger=tensorboard``) and the callbacks: the config stored in each
+checkpoint, the online probes when the data has labels, the reconstruction grids. After, on
+rank 0: the exported model, the evaluation table (``eval.json``) and the curves; the
+evaluation itself runs on every rank.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig, OmegaConf
 
 from m3i_lightning.commands.eval import RESULTS_FILE, report, run_cfg_protocols
 from m3i_lightning.config.artifacts import export_model
 from m3i_lightning.config.model_card import write_model_card
 from m3i_lightning.config.restore import StoreConfig
-from m3i_lightning.core.errors import ConfigError, EmptySplitError
+from m3i_lightning.core.errors import (
+    ConfigError,
+    EmptySplitError,
+    exit_with,
+    full_trace_wanted,
+)
 from m3i_lightning.evaluation.health import RepresentationHealth
 from m3i_lightning.evaluation.monitors import ProbeMonitor
-from m3i_lightning.evaluation.protocols import NEEDS_LABELS, TrainedModel, selected_protocols
+from m3i_lightning.evaluation.protocols import TrainedModel, label_free, selected_protocols
 from m3i_lightning.objectives.capabilities import find_image_text
 from m3i_lightning.runtime.checkpointing import checkpoints_in
 from m3i_lightning.runtime.metrics_log import LogLastStep
 from m3i_lightning.runtime.pictures import ReconstructionGrid, plot_curves
+from m3i_lightning.runtime.run_lock import RunLock, first_process
 from m3i_lightning.runtime.strategies import FullyShardedDataParallel
 
 log = logging.getLogger(__name__)
 
 PICTURES_DIR = "pictures"
 EXPORT_DIR = "backbone"
+CHECKPOINTS_DIR = "checkpoints"
+RECORD_DIR = ".hydra"  # Hydra's name for its record of a run
 
 
 def evaluable(datamodule) -> bool:
@@ -43,13 +64,84 @@ def evaluable(datamodule) -> bool:
 
 def check_run_folder(out: Path, resume: str | None, overwrite: bool) -> None:
     """A folder that holds checkpoints is only reused when asked: resumed (``resume=``) or
-    replaced (``overwrite=true``); nothing of a finished run is lost by a repeated command."""
+    replaced (``overwrite=true``); nothing of a finished run is lost by a repeated command.
+    The folders the run writes into, where they exist already, must be writable: a read-only
+    ``checkpoints/`` would otherwise be found when the first checkpoint is saved."""
     found = checkpoints_in(out)
     if found and not resume and not overwrite:
         names = ", ".join(str(p.relative_to(out)) for p in sorted(found))
         raise ConfigError(f"the run folder {out} already holds {names}: continue it with "
                           "resume=auto, or give a new folder (hydra.run.dir=...) or "
                           "overwrite=true to start again in it")
+    for folder in (out, out / CHECKPOINTS_DIR, out / PICTURES_DIR):
+        if folder.is_dir():
+            check_writable(folder)
+
+
+def check_writable(folder: Path) -> None:
+    """Create (and remove) a file in ``folder``: what the run will do, whatever permissions,
+    ACLs or a read-only mount say."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ConfigError(f"cannot write in {folder}: {err.strerror or err}; the run would save "
+                          "nothing there. Make it writable or give another run folder "
+                          "(hydra.run.dir=...)") from None
+
+
+def holding_run_folder(command: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dict]:
+    """Run ``command(cfg)`` in Hydra's run folder once it is admitted: its first process holds
+    the folder's :class:`RunLock` for the whole run (a second run into the folder is refused
+    in one line) and :func:`check_run_folder` passes."""
+
+    @functools.wraps(command)
+    def run(cfg: DictConfig) -> dict:
+        out = Path(HydraConfig.get().runtime.output_dir)
+        with RunLock(out) if first_process() else contextlib.nullcontext():
+            check_run_folder(out, cfg.resume, cfg.get("overwrite", False))
+            return command(cfg)
+
+    return run
+
+
+def write_record(cfg: DictConfig, out: Path) -> None:
+    """Hydra's record of the run in ``out/.hydra/`` (``config.yaml``, ``hydra.yaml``,
+    ``overrides.yaml``, as Hydra writes them), by the first process, once the run is
+    accepted. The config sets ``hydra.output_subdir: null`` so that Hydra does not write it
+    before the command has checked anything."""
+    if not first_process():
+        return
+    hydra_cfg = HydraConfig.instance().cfg
+    record = out / RECORD_DIR
+    record.mkdir(exist_ok=True)
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
+                       ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
+        (record / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
+
+
+class WritableRunFolder(HydraCallback):
+    """Hydra callback (``hydra.callbacks`` in conf/config.yaml): create the run folder (the
+    sweep folder of a multirun) before Hydra does, so that a place the user cannot write is one
+    ``error:`` line instead of Hydra's ``PermissionError`` traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _create(Path(config.hydra.run.dir), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _create(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+
+
+def _create(folder: Path, option: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        if full_trace_wanted():
+            raise
+        exit_with(ConfigError(f"cannot write the run folder {option}={folder}: "
+                              f"{err.strerror or err}; give a folder you can write"))
 
 
 def untrained(trainer: L.Trainer, datamodule, out: Path) -> None:
@@ -60,7 +152,7 @@ def untrained(trainer: L.Trainer, datamodule, out: Path) -> None:
     if trainer.max_steps == 0 or trainer.max_epochs == 0:
         if trainer.is_global_zero:
             print("trainer.max_steps=0: no training step; last.ckpt holds the initial weights")
-        trainer.save_checkpoint(out / "checkpoints" / "last.ckpt", weights_only=False)
+        trainer.save_checkpoint(out / CHECKPOINTS_DIR / "last.ckpt", weights_only=False)
         if isinstance(trainer.strategy, FullyShardedDataParallel):
             trainer.strategy.wait_for_checkpoint()  # the fit is over: nothing waits for it
         for logger in trainer.loggers:
@@ -102,7 +194,7 @@ def finish_run(trainer: L.Trainer, model, datamodule, cfg: DictConfig, out: Path
         results["export"] = str(export_model(trained, out / EXPORT_DIR))
     protocols = selected_protocols(cfg.get("protocols"), trained.image_text is not None)
     if not evaluable(datamodule):
-        protocols = [p for p in protocols if p not in NEEDS_LABELS]
+        protocols = label_free(protocols, cfg.get("protocols"))
     evaluation = None
     if protocols:
         try:

@@ -13,8 +13,11 @@ and the encoder weights of a frozen teacher.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -63,28 +66,79 @@ def export_image_text(head: ImageText, out_dir: str | Path) -> Path:
 
 
 def export_model(model: TrainedModel, out_dir: str | Path) -> Path:
-    """The backbone, plus the image-text head's text side when the model has one; returns the
-    folder.
+    """The backbone, plus the image-text head's text side when the model has one, as the
+    folder ``out_dir``; returns it. The folder is replaced as a whole: written as a new sibling,
+    then renamed into place, so it never pairs one model's files with another's (an earlier
+    export's text side, say), and a failed export leaves the previous folder as it was. An
+    existing ``out_dir`` must be empty or an exported folder: nothing else is deleted.
     The weight files get the permissions the umask gives any new file (the safetensors writer
     makes them private), since teams share run folders."""
     out = Path(out_dir)
+    target = out.resolve() if out.is_symlink() else out
+    staging = None
     try:
-        export_backbone(model.backbone, out)
+        check_replaceable(target)
+        staging = _new_sibling(target, "export")
+        export_backbone(model.backbone, staging)
         if model.image_text is not None:
-            export_image_text(model.image_text, out)
-        mode = 0o666 & ~current_umask()
-        for weights in out.rglob("*.safetensors"):
+            export_image_text(model.image_text, staging)
+        mode = staging.stat().st_mode & 0o666  # a new folder's mode is the umask's
+        for weights in staging.rglob("*.safetensors"):
             weights.chmod(mode)
+        _swap_in(staging, target)
     except OSError as err:
         raise M3IError(f"cannot write the exported model to {out}: "
                        f"{err.strerror or err}; choose a folder you can write") from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def check_replaceable(out: Path) -> None:
+    """``out`` may be replaced by an export: absent, an empty folder or an exported one."""
+    if out.exists() and not out.is_dir():
+        raise M3IError(f"cannot write the exported model to {out}: it is a file; give a "
+                       "folder")
+    if out.is_dir():
+        entries = sorted(p.name for p in out.iterdir())
+        if entries and not {CONFIG_FILE, WEIGHTS_FILE} <= set(entries):
+            raise M3IError(f"cannot write the exported model to {out}: it holds files of "
+                           f"something else ({', '.join(entries[:3])}), which the export "
+                           "would replace; give a new or empty folder, or an exported one")
+
+
+def _new_sibling(out: Path, kind: str) -> Path:
+    """A new, hidden folder beside ``out`` (same filesystem, so a rename moves it), made
+    like any folder: with the umask's permissions."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        folder = out.with_name(f".{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Rename ``staging`` to ``out``: in one step when ``out`` is absent or empty, else the old
+    folder moves aside first (readers see the old folder or the new one, for an instant
+    none, never a mix) and is removed once the new one is in place."""
+    try:
+        os.rename(staging, out)
+        return
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    old = _new_sibling(out, "replaced")
+    os.rename(out, old)
+    try:
+        os.rename(staging, out)
+    except OSError:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_exported(folder: str | Path) -> TrainedModel:
@@ -93,13 +147,41 @@ def load_exported(folder: str | Path) -> TrainedModel:
     if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise ConfigError(f"backbone_dir={folder} holds no {CONFIG_FILE} and {WEIGHTS_FILE}: "
                           "give a folder written by the export, e.g. <run folder>/backbone")
-    config = json.loads((folder / CONFIG_FILE).read_text())
-    # ConvNeXt / ResNet take no img_size: the training size is the pretrained_cfg's input size
-    img_size = tuple(config["pretrained_cfg"]["input_size"][1:])
-    backbone = Backbone.create(config["architecture"],
-                               **{"img_size": img_size, **config["model_args"]})
-    backbone.model.load_state_dict(read_weights(folder / WEIGHTS_FILE))
+    backbone = exported_backbone(folder)
     return TrainedModel(backbone, load_image_text(folder, backbone))
+
+
+def exported_backbone(folder: Path) -> Backbone:
+    """The network ``config.json`` describes, holding ``model.safetensors``; a folder whose
+    two files disagree (edited, or copied from two exports) is one :class:`ConfigError`
+    naming both, not timm's ``TypeError`` or a list of size mismatches."""
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        arch, model_args = config["architecture"], config["model_args"]
+        # ConvNeXt / ResNet take no img_size: the training size is the pretrained_cfg's
+        img_size = tuple(config["pretrained_cfg"]["input_size"][1:])
+        described = f"{arch}({', '.join(f'{k}={v}' for k, v in sorted(model_args.items()))})"
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        raise ConfigError(f"{folder / CONFIG_FILE} is not an export's config ({type(err).__name__}"
+                          f": {err}); export the checkpoint again") from None
+    try:
+        backbone = Backbone.create(arch, **{"img_size": img_size, **model_args})
+    except (TypeError, ValueError, RuntimeError, AssertionError) as err:
+        raise ConfigError(f"{folder / CONFIG_FILE} describes {described}, which timm cannot "
+                          f"build ({str(err).splitlines()[0]}); export the checkpoint "
+                          "again") from None
+    weights = read_weights(folder / WEIGHTS_FILE)
+    try:
+        backbone.model.load_state_dict(weights)
+    except RuntimeError:
+        wanted = backbone.model.state_dict()
+        stray = sorted(wanted.keys() ^ weights.keys()) or sorted(
+            k for k in wanted if wanted[k].shape != weights[k].shape)
+        raise ConfigError(f"{folder}: {WEIGHTS_FILE} does not hold the network {CONFIG_FILE} "
+                          f"describes, {described} ({len(stray)} weights differ, e.g. "
+                          f"{stray[0]}); the two files come from different models: export the "
+                          "checkpoint again") from None
+    return backbone
 
 
 def load_image_text(folder: Path, backbone: Backbone) -> ImageText | None:

@@ -29,9 +29,7 @@ def describe(arch: str, timm_kwargs: Mapping) -> str:
 
 def load_source(checkpoint: str | None, backbone_dir: str | None) -> tuple[Backbone, str]:
     """The pre-trained backbone and how to name it in messages."""
-    if checkpoint:
-        if not Path(checkpoint).is_file():
-            raise ConfigError(f"checkpoint={checkpoint}: no such file")
+    if checkpoint:  # a file or a sharded folder: the reader says what is wrong with either
         return load_checkpoint(checkpoint).backbone, f"checkpoint={checkpoint}"
     if not (Path(backbone_dir) / "config.json").is_file():
         raise ConfigError(f"backbone_dir={backbone_dir}: no exported model (config.json) there")

@@ -10,14 +10,18 @@ needed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from m3i_lightning.config.factory import (
     build_objectives,
     build_tokenizer_from,
+    given_options,
     objective_class,
     objective_context,
     student_backbone,
@@ -25,7 +29,7 @@ from m3i_lightning.config.factory import (
 from m3i_lightning.core.errors import ConfigError
 from m3i_lightning.evaluation.protocols import TrainedModel
 from m3i_lightning.objectives.capabilities import ImageText
-from m3i_lightning.runtime.checkpointing import read_checkpoint
+from m3i_lightning.runtime.checkpointing import read_checkpoint, read_weight_shapes
 
 CONFIG_KEY = "m3i_config"
 NUM_CLASSES_KEY = "m3i_num_classes"
@@ -73,3 +77,58 @@ def load_checkpoint(path: str | Path) -> TrainedModel:
     head = build_objectives({name: cfg.objective[name]}, context, cfg.get("heads"))[name]
     head.load_state_dict(_with_prefix(state, f"heads.{name}."))
     return TrainedModel(backbone, head, cfg)
+
+
+def check_resumable(path: str | Path, model: torch.nn.Module, cfg: DictConfig) -> None:
+    """Before the run writes anything: the checkpoint ``resume=`` gives can be read (the safe
+    loader; a sharded folder's index and shards checked, no shard read) and holds this run's
+    model, weight for weight and shape for shape. Lightning's loader would find out later, in
+    a long ``load_state_dict`` traceback; this says in one line which options differ."""
+    stored, shapes = read_weight_shapes(path, "resume")
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items() if hasattr(v, "shape")}
+    if shapes == wanted:
+        return
+    missing = sorted(wanted.keys() - shapes.keys())
+    extra = sorted(shapes.keys() - wanted.keys())
+    reshaped = sorted(k for k in wanted.keys() & shapes.keys() if wanted[k] != shapes[k])
+    counts = [f"{len(keys)} {what}, e.g. {keys[0]}" for keys, what in (
+        (missing, "missing"), (extra, "not in this run's model"), (reshaped, "of other shapes"))
+        if keys]
+    trained = stored.get(CONFIG_KEY)
+    before = model_options(trained) if trained is not None else {}
+    now = model_options(OmegaConf.to_container(cfg, resolve=True))
+    shared = set(before.get("objective", [])) & set(now["objective"])
+    keys = [k for k in {**before, **now} if before.get(k) != now.get(k)
+            and (not k.startswith("objective.") or k.split(".")[1] in shared)][:6]
+    if trained is None:
+        differ = "it holds no training config of this library"
+    elif keys:
+        differ = ("it was trained with " + ", ".join(f"{k}={before.get(k)}" for k in keys)
+                  + "; this run asks for " + ", ".join(f"{k}={now.get(k)}" for k in keys))
+    else:
+        differ = "it was trained with other model options"
+    raise ConfigError(f"resume={path} does not fit this run's model: {differ} (weights: "
+                      f"{'; '.join(counts)}). Resume with the options it was trained with, or "
+                      "start afresh (a new hydra.run.dir=..., or overwrite=true)")
+
+
+def model_options(cfg: Mapping) -> dict[str, Any]:
+    """The options of a run config that shape its model's weights, by key path: the
+    objectives, the backbone and each objective's options (head sizes included)."""
+    objectives = cfg.get("objective") or {}
+    options: dict[str, Any] = {"objective": sorted(objectives)}
+    options.update(_flat("backbone", cfg.get("backbone") or {}))
+    for name, given in objectives.items():
+        sizes = (cfg.get("heads") or {}).get(name)
+        options.update(_flat(f"objective.{name}", given_options(given, sizes)))
+    return options
+
+
+def _flat(prefix: str, node: Mapping) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat(f"{prefix}.{key}", value))
+        else:
+            flat[f"{prefix}.{key}"] = value
+    return flat

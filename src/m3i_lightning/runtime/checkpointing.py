@@ -18,7 +18,8 @@
 
 Everything in a checkpoint is tensors, numbers and strings, so a file (and a sharded folder's
 ``meta.pt``) loads with ``weights_only=True``. A sharded folder's shard index is DCP's own
-pickle, read by ``torch.distributed.checkpoint``: load those only from trusted run folders.
+pickle: it is read through an unpickler that builds DCP's metadata classes alone
+(:func:`~m3i_lightning.runtime.sharded_checkpoint.read_index`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ import logging
 import os
 import pickle
 import random
+import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +45,20 @@ from lightning.pytorch.utilities import CombinedLoader
 
 from m3i_lightning.core.errors import ConfigError, M3IError
 from m3i_lightning.runtime.sharded_checkpoint import (
+    METADATA_FILE,
     PARTIAL_SUFFIX,
+    UnusableShards,
     is_sharded,
     read_sharded,
     remove_stale,
+    weight_shapes,
 )
 
 log = logging.getLogger(__name__)
 
-REFUSED_BY_SAFE_LOADER = "Unsupported global"  # torch's weights_only refusal of a stored object
+# torch's weights_only refusal of a stored object, whichever way it words it: "Unsupported
+# global: GLOBAL x was not an allowed global" or "unsupported GLOBAL x whose module is blocked"
+REFUSED_BY_SAFE_LOADER = r"GLOBAL (\S+)"
 
 
 def unwritable(path: Path, checkpoint: dict[str, Any], err: OSError) -> str:
@@ -94,43 +102,80 @@ def human_bytes(count: float) -> str:
 
 def read_checkpoint(path, option: str, map_location="cpu") -> dict[str, Any]:
     """``torch.load(path, weights_only=True)``: the safe loader, which never runs code stored in
-    a file; a sharded folder is assembled into one checkpoint (:func:`read_sharded`). Every way
-    it can fail is a :class:`ConfigError` naming ``option`` (the setting that gave the path): a
-    missing file, a folder that is no complete sharded checkpoint, a truncated or foreign file,
-    and a pickle the safe loader refuses (it stays refused: this library writes only tensors,
-    numbers and strings)."""
-    path = Path(path)
+    a file; a sharded folder is assembled into one checkpoint (:func:`read_sharded`, its index
+    read by a restricted unpickler). Every way it can fail is a :class:`ConfigError` naming
+    ``option`` (the setting that gave the path): a missing file, a folder that is no complete
+    sharded checkpoint, a missing or truncated shard, a truncated or foreign file, and a pickle
+    the safe loader refuses (it stays refused: this library writes only tensors, numbers and
+    strings)."""
+    path = _checkpoint_path(path, option)
     if is_sharded(path):
         try:
             return read_sharded(path, lambda metadata: _read_file(metadata, option, map_location))
+        except UnusableShards as err:
+            raise ConfigError(f"{option}={path} {err}") from None
         except (RuntimeError, ValueError, OSError) as err:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ConfigError(f"{option}={path} cannot be read as a sharded checkpoint "
                               f"(missing or truncated shards): {reason}") from None
+    return _read_file(path, option, map_location)
+
+
+def read_weight_shapes(path, option: str) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """What a checkpoint holds besides its weights, and the shape of each model weight, read
+    as cheaply as the format allows: a file memory-mapped, a sharded folder from its index and
+    ``meta.pt`` (no shard is read). Fails as :func:`read_checkpoint` does."""
+    path = _checkpoint_path(path, option)
+    if is_sharded(path):
+        try:
+            shapes = weight_shapes(path)
+        except UnusableShards as err:
+            raise ConfigError(f"{option}={path} {err}") from None
+        return _read_file(path / METADATA_FILE, option, "cpu"), shapes
+    checkpoint = _read_file(path, option, "cpu", mmap=True)
+    shapes = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
+    return {k: v for k, v in checkpoint.items()
+            if k not in ("state_dict", "optimizer_states")}, shapes
+
+
+def _checkpoint_path(path, option: str) -> Path:
+    """``path`` as a file or a complete sharded folder, else a :class:`ConfigError`."""
+    path = Path(path)
+    if is_sharded(path) or path.is_file():
+        return path
     if path.is_dir():
         found = sorted(checkpoints_in(path))
         hint = f", e.g. {option}={found[-1]}" if found else ""
         raise ConfigError(f"{option}={path} is a folder but no complete sharded checkpoint; "
                           f"give a checkpoint file or sharded folder{hint}")
-    if not path.is_file():
-        raise ConfigError(f"{option}={path}: no such file")
-    return _read_file(path, option, map_location)
+    raise ConfigError(f"{option}={path}: no such file")
 
 
-def _read_file(path: Path, option: str, map_location) -> dict[str, Any]:
+def _read_file(path: Path, option: str, map_location, mmap: bool = False) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True,
+                          mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
-        if REFUSED_BY_SAFE_LOADER in str(err):
+        refused = re.search(REFUSED_BY_SAFE_LOADER, str(err))
+        if refused or _is_pickle(path):
+            stored = f" ({refused.group(1)})" if refused else ""
             raise ConfigError(f"{option}={path} is not a checkpoint this library wrote or trusts: "
-                              "it stores Python objects, not only tensors and numbers, and is "
-                              "not loaded") from None
+                              f"it stores Python objects{stored}, not only tensors and numbers, "
+                              "and is not loaded") from None
         raise ConfigError(f"{option}={path} cannot be read as a checkpoint (truncated, or not "
                           "a torch file)") from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError) as err:
         reason = str(err).split(". ")[0].splitlines()[0] if str(err) else ""
         raise ConfigError(f"{option}={path} cannot be read as a checkpoint (truncated, or not "
                           f"a torch file): {type(err).__name__}: {reason}") from None
+
+
+def _is_pickle(path: Path) -> bool:
+    """A plain pickle of protocol 2 or later (``pickle.dump``), not a torch file: the safe
+    loader stops at its first opcode, which only says it is no torch file."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == pickle.PROTO[0] and 2 <= head[1] <= pickle.HIGHEST_PROTOCOL
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
