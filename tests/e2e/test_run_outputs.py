@@ -47,6 +47,8 @@ def test_a_training_run_ends_with_the_eval_table_pictures_and_exported_clip(tmp_
 
     assert (run_dir / "backbone" / "model.safetensors").exists()
     assert (run_dir / "backbone" / "clip" / "image_projection.safetensors").exists()
+    card = (run_dir / "backbone" / "README.md").read_text()  # the model card, with the table
+    assert f"{100 * results['zero_shot_top1']:6.2f}%" in card and "`clip/`" in card
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu",
                             weights_only=True)
     assert checkpoint[CONFIG_KEY]["objective"].keys() == {"mim_pixel", "clip"}
