@@ -58,12 +58,14 @@ def test_eval_uses_the_trained_data_unless_told_and_names_it(tmp_path):
     evaluate_command(stored, tmp_path / "a", overrides=[f"checkpoint={checkpoint}"])
     report = json.loads((tmp_path / "a" / RESULTS_FILE).read_text())
     assert report["data"] == {"config": f"data=imagefolder path={tmp_path / 'images'}",
-                              "samples": {"train": 12, "val": 6}}
+                              "samples": {"train": 12, "val": 6, "train_skipped": 0,
+                                          "val_skipped": 0}}
 
     chosen = compose_config(f"checkpoint={checkpoint}", "data=embedded", name="eval")
     evaluate_command(chosen, tmp_path / "b", overrides=["data=embedded"])
     report = json.loads((tmp_path / "b" / RESULTS_FILE).read_text())
-    assert report["data"] == {"config": "data=embedded", "samples": {"train": 1438, "val": 359}}
+    assert report["data"] == {"config": "data=embedded", "samples": {
+        "train": 1438, "val": 359, "train_skipped": 0, "val_skipped": 0}}
 
 
 def test_caption_style_prompts_score_at_least_as_well_as_bare_names(clip_checkpoint):

@@ -22,12 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 from m3i_lightning.backbone import Backbone
 from m3i_lightning.commands.command_line import run_with_arguments
 from m3i_lightning.conf import CONF_DIR
-from m3i_lightning.config.factory import build_datamodule
+from m3i_lightning.config.factory import build_datamodule, run_seed
 from m3i_lightning.config.finetune_source import finetuning_backbone, load_source, transfer
 from m3i_lightning.config.loggers import run_loggers
 from m3i_lightning.config.trainer import per_device_batch, process_count, trainer_kwargs
-from m3i_lightning.core.errors import ConfigError, one_line_errors
+from m3i_lightning.core.errors import ConfigError, EmptySplitError, one_line_errors
 from m3i_lightning.core.shares import split_loader
+from m3i_lightning.data.module import held_out_options
+from m3i_lightning.evaluation.protocols import describe_data
 from m3i_lightning.finetune.augment import RecipeView
 from m3i_lightning.finetune.module import Classifier, FineTuning, Recipe
 from m3i_lightning.runtime.checkpointing import AtomicCheckpointIO, LastCheckpoint
@@ -93,25 +95,28 @@ def build_classifier(cfg: DictConfig, num_classes: int,
                      pretrained: tuple[Backbone, str] | None = None) -> tuple[Classifier, str]:
     """``backbone=`` with the pre-trained weights of exactly one source, and its name;
     ``pretrained``: a backbone in memory and its name (the eval command's ``finetune``
-    protocol), whose own architecture is then fine-tuned."""
+    protocol), whose own architecture is then fine-tuned. Each way of giving the weights draws
+    differently from the random generators, so they are seeded again before the head is
+    built: the head, and the run after it, depend on the run's seed alone."""
     r = cfg.finetune
     if pretrained is not None:
         source, name = pretrained
         spec = {"arch": source.arch, "img_size": source.img_size, **source.timm_kwargs}
         backbone = finetuning_backbone(spec, r.drop_path, r.global_pool)
         transfer(source, backbone, name)
-        return Classifier(backbone, num_classes), name
-    sources = [bool(cfg.checkpoint), bool(cfg.backbone_dir), bool(cfg.random_init)]
-    if sum(sources) != 1:
-        raise ConfigError("give exactly one of checkpoint=PATH (a pre-training checkpoint), "
-                          "backbone_dir=DIR (an exported folder) or random_init=true (the "
-                          "from-scratch baseline)")
-    backbone = finetuning_backbone(OmegaConf.to_container(cfg.backbone, resolve=True),
-                                   r.drop_path, r.global_pool)
-    name = "random_init"
-    if not cfg.random_init:
-        source, name = load_source(cfg.checkpoint, cfg.backbone_dir)
-        transfer(source, backbone, name)
+    else:
+        sources = [bool(cfg.checkpoint), bool(cfg.backbone_dir), bool(cfg.random_init)]
+        if sum(sources) != 1:
+            raise ConfigError("give exactly one of checkpoint=PATH (a pre-training checkpoint), "
+                              "backbone_dir=DIR (an exported folder) or random_init=true (the "
+                              "from-scratch baseline)")
+        backbone = finetuning_backbone(OmegaConf.to_container(cfg.backbone, resolve=True),
+                                       r.drop_path, r.global_pool)
+        name = "random_init"
+        if not cfg.random_init:
+            source, name = load_source(cfg.checkpoint, cfg.backbone_dir)
+            transfer(source, backbone, name)
+    L.seed_everything(run_seed(cfg), workers=True, verbose=False)
     return Classifier(backbone, num_classes), name
 
 
@@ -121,7 +126,7 @@ def finetune(cfg: DictConfig, out: Path, pretrained: tuple[Backbone, str] | None
     if cfg.strategy.name not in STRATEGIES:
         raise ConfigError(f"fine-tuning runs with strategy= one of {STRATEGIES}, not "
                           f"'{cfg.strategy.name}'")
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    L.seed_everything(run_seed(cfg), workers=True, verbose=False)
     r = cfg.finetune
     recipe_view = functools.partial(
         RecipeView, crop_scale=r.crop_scale, hflip=r.hflip, auto_augment=r.auto_augment,
@@ -132,6 +137,7 @@ def finetune(cfg: DictConfig, out: Path, pretrained: tuple[Backbone, str] | None
     if "label" not in data.provides:
         raise ConfigError(f"fine-tuning needs labels: data '{cfg.data.name}' provides none")
     datamodule = FineTuningData(data)
+    held_out = held_out_options(data)
     classifier, source = build_classifier(cfg, data.num_classes, pretrained)
     checkpoints = out / "checkpoints"
     best = ModelCheckpoint(checkpoints, filename="best", monitor="val/top1", mode="max",
@@ -145,19 +151,25 @@ def finetune(cfg: DictConfig, out: Path, pretrained: tuple[Backbone, str] | None
     model = FineTuning(classifier, recipe_from(cfg, r.batch_size))
     trainer.fit(model, datamodule=datamodule)
     last = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+    if "val/top1" not in last:
+        raise EmptySplitError(f"fine-tuning scored no held-out image: give {held_out}")
     results = {"top1": last["val/top1"], "top5": last["val/top5"],
                **{k.removeprefix("val/"): v for k, v in last.items() if "ema_top" in k}}
     results["best_top1"] = keep_best(best, checkpoints / "last.ckpt", results["top1"],
                                      trainer.is_global_zero)
     if trainer.is_global_zero:
+        scored = {"data": describe_data(cfg.data), "split": held_out,
+                  "images": int(last["val/images"])}
         summary = {"source": source, "run_dir": str(out), "results": results,
+                   "held_out": scored,
                    "epochs": trainer.current_epoch, "steps": trainer.global_step,
                    "lr": model.recipe.lr, "checkpoints": {"best": str(checkpoints / "best.ckpt"),
                                                           "last": str(checkpoints / "last.ckpt")},
                    "finetune": OmegaConf.to_container(r, resolve=True)}
         (out / RESULTS_FILE).write_text(json.dumps(summary, indent=2))
         print(f"top-1 {100 * results['top1']:.2f}%  top-5 {100 * results['top5']:.2f}%  "
-              f"(best top-1 {100 * results['best_top1']:.2f}%)")
+              f"(best top-1 {100 * results['best_top1']:.2f}%) on {scored['images']} held-out "
+              f"images of {scored['data']}: {held_out}")
         print(f"results: {out / RESULTS_FILE}")
     return results
 

@@ -21,7 +21,7 @@ from m3i_lightning.components.optim import OptimConfig
 from m3i_lightning.components.text import build_tokenizer
 from m3i_lightning.config.artifacts import load_encoder
 from m3i_lightning.config.schema import accepted_options, unknown_keys
-from m3i_lightning.core.errors import ConfigError
+from m3i_lightning.core.errors import ConfigError, check_options
 from m3i_lightning.data import DATA_MODULES
 from m3i_lightning.engine.module import MultiObjective
 from m3i_lightning.engine.teacher import FrozenTeacher
@@ -255,6 +255,13 @@ def build_teacher(cfg: DictConfig) -> FrozenTeacher | None:
                              teacher.get("project", False))
     except (ValueError, TypeError) as err:
         raise ConfigError(f"frozen teacher '{arch}': {err}") from None
+
+
+def run_seed(cfg: DictConfig) -> int:
+    """``seed``, refused in one line unless an integer that every generator takes."""
+    check_options({"seed": (cfg.seed, lambda v: type(v) is int and 0 <= v < 2**32,
+                            "an integer in [0, 2**32)")})
+    return cfg.seed
 
 
 def finite_check_interval(cfg: DictConfig) -> int:

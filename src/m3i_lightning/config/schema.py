@@ -159,6 +159,7 @@ def check_command_line(config_name: str, args: Iterable[str]) -> None:
             overrides.append(parser.parse_override(arg))
         except HydraException:
             continue  # a flag, or a malformed override that Hydra reports itself
+    check_repeated_choices(overrides)
     keys = [o for o in overrides if not is_group(o.key_or_group) and not o.is_delete()
             and o.key_or_group.split(".")[0] != "hydra"]
     if not keys:
@@ -184,6 +185,21 @@ def check_command_line(config_name: str, args: Iterable[str]) -> None:
                     errors.append(err)
             else:
                 raise errors[0]
+
+
+def check_repeated_choices(overrides) -> None:
+    """Refuse a group list naming a choice twice (``objective=[cls,cls]``): Hydra would merge
+    the two into one silently."""
+    for override in overrides:
+        if not is_group(override.key_or_group) or override.is_delete():
+            continue
+        values = (list(override.sweep_iterator()) if override.is_sweep_override()
+                  else [override.value()])
+        for value in values:
+            if isinstance(value, list) and len(set(map(str, value))) < len(value):
+                twice = sorted({str(v) for v in value if value.count(v) > 1})
+                raise ConfigError(f"{override.input_line} names {twice} more than once: each "
+                                  "choice counts once")
 
 
 def composed(config_name: str, overrides: list[str]) -> DictConfig:

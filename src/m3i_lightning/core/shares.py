@@ -25,12 +25,12 @@ VALID_KEY = "valid"
 
 class EqualShare(Dataset):
     """Rank ``rank``'s ⌈n / world_size⌉ samples of ``dataset`` (dict samples), each marked
-    ``valid`` unless it is padding."""
+    ``valid`` unless it is padding or the dataset marked it not valid (an unreadable image);
+    padding carries no ``skipped`` reasons, so each is counted once. An empty split gives
+    every rank an empty share: whoever reads it says which split is missing."""
 
     def __init__(self, dataset: Dataset, rank: int, world_size: int) -> None:
         self.dataset, self.total = dataset, len(dataset)
-        if self.total == 0:
-            raise ValueError("an evaluation split with no sample cannot be shared")
         self.size = math.ceil(self.total / world_size)
         self.start = rank * self.size
 
@@ -40,7 +40,9 @@ class EqualShare(Dataset):
     def __getitem__(self, i: int) -> dict:
         position = self.start + i
         sample = self.dataset[min(position, self.total - 1)]
-        return {**sample, VALID_KEY: position < self.total}
+        if position >= self.total:
+            sample.pop("skipped", None)
+        return {**sample, VALID_KEY: position < self.total and sample.get(VALID_KEY, True)}
 
 
 def share_loader(loader: DataLoader, rank: int, world_size: int) -> DataLoader:

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from m3i_lightning.core.errors import ConfigError, M3IError, check_options
+from m3i_lightning.core.shares import VALID_KEY
 from m3i_lightning.data.device_views import LISTED_KEYS, device_fields
 from m3i_lightning.data.images import EncodedImage
 from m3i_lightning.data.sampling import ResumableLoader, ResumableSampler
@@ -28,11 +29,13 @@ class ViewDataset(Dataset):
 
     ``source[i]`` returns ``(image, label int | None, caption str | None)`` or raises
     :class:`BadSample`; the image is an :class:`~m3i_lightning.data.images.EncodedImage` (a
-    file, decoded here once for all its views) or a float [3,H,W] tensor in [0,1]. A sample
-    that cannot be read or decoded is replaced by a random other one, which carries
-    the reason in ``skipped`` so the batch size stays fixed (ranks must agree on it). In
-    training, the random draws of a sample come from the seed its key carries (see
-    :meth:`__getitem__`), so a run is reproducible with any worker count and resumes exactly.
+    file, decoded here once for all its views) or a float [3,H,W] tensor in [0,1]. In
+    training, a sample that cannot be read or decoded is replaced by a random other one, which
+    carries the reason in ``skipped`` so the batch size stays fixed (ranks must agree on it);
+    the random draws of a sample come from the seed its key carries (see :meth:`__getitem__`),
+    so a run is reproducible with any worker count and resumes exactly. In evaluation
+    (``train=False``) nothing is drawn: every sample is marked ``valid``, and one that cannot
+    be read is dropped (:meth:`unreadable`), never swapped for another image and its label.
     """
 
     def __init__(self, source: Sequence, view: CropSet, fields: set[str],
@@ -47,6 +50,11 @@ class ViewDataset(Dataset):
         :class:`~m3i_lightning.data.sampling.ResumableSampler`: every random draw of the sample
         then comes from ``seed``, whichever worker builds it and whenever."""
         index, seed = key if isinstance(key, tuple) else (key, None)
+        if not self.train:
+            try:
+                return {**self.build(*self.source[index]), VALID_KEY: True}
+            except BadSample as bad:
+                return self.unreadable([str(bad)])
         rng = random.Random(int(torch.randint(2**62, ())) if seed is None else seed)
         skipped = []
         for _ in range(MAX_REPLACEMENTS):
@@ -61,6 +69,16 @@ class ViewDataset(Dataset):
                            f"the data is broken; the last: {skipped[-1]}")
         if skipped:
             sample["skipped"] = skipped
+        return sample
+
+    def unreadable(self, reasons: list[str]) -> dict:
+        """The row an evaluation batch keeps for samples that cannot be used: a blank image
+        without label, not ``valid`` (left out of every score), their ``reasons`` in
+        ``skipped`` (counted and reported)."""
+        sample = {"image": self.view.center(torch.zeros(3, 8, 8)), "label": MISSING_LABEL,
+                  VALID_KEY: False, "skipped": list(reasons)}
+        if "text" in self.fields:
+            sample["caption"] = ""
         return sample
 
     def build(self, image, label: int | None, caption: str | None,

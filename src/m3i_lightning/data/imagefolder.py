@@ -4,6 +4,8 @@
     DIR/[train/]**/metadata.jsonl|csv   ``file_name`` (relative to the metadata file) + caption
     DIR/val|validation|valid|test/…     held-out split; without it a fraction of train is held out
 
+``data.path`` is DIR, or DIR/train itself: the held-out folder is then looked for beside it.
+
 The folder is listed once, at start-up; files are read and decoded in the DataLoader workers.
 """
 
@@ -84,6 +86,19 @@ def list_folder(root: Path, classes: Sequence[str], text_column: str | None) -> 
             listing.captions.append(captions.get(os.path.normpath(path)))
     report_unmatched(captions, {os.path.normpath(path) for path in listing.files}, root)
     return listing
+
+
+def report_strays(listing: Listing, root: Path, classes: Sequence[str]) -> None:
+    """Log how many held-out images lie outside the class folders of train/ (``val/Cat``
+    against ``train/cat``): they carry no label, so evaluation leaves them out."""
+    strays = [Path(f).relative_to(root) for f, label in zip(listing.files, listing.labels,
+                                                            strict=True) if label is None]
+    if strays and classes:
+        folders = sorted({p.parts[0] if len(p.parts) > 1 else "." for p in strays})
+        log.warning("%d of the %d images under %s are in no class folder of train/ (%s, not "
+                    "one of %s; names must match exactly): evaluation leaves them out",
+                    len(strays), len(listing.files), root, ", ".join(folders[:5]),
+                    list(classes)[:10])
 
 
 def report_unmatched(rows: dict[str, str | None], images: set[str], root: Path) -> None:
@@ -178,9 +193,12 @@ class ImageFolderData(ViewDataModule):
         root = Path(path).expanduser()
         if not root.is_dir():
             raise ConfigError(f"data.path '{path}' is not a folder")
-        train_root = root / "train" if (root / "train").is_dir() else root
-        val_root = next((root / d for d in VAL_DIRS if train_root != root and (root / d).is_dir()),
-                        None)
+        train_root, base = ((root / "train", root) if (root / "train").is_dir()
+                            else (root, root.parent) if root.name == "train" else (root, None))
+        val_root = next((base / d for d in VAL_DIRS if base and (base / d).is_dir()), None)
+        if val_root is not None and base != root:
+            log.info("data.path=%s: the held-out images are those of %s beside it", path,
+                     val_root)
         classes = class_names(train_root) if labels else []
         train = list_folder(train_root, classes, text_column)
         if train.ignored:
@@ -191,6 +209,7 @@ class ImageFolderData(ViewDataModule):
         require_usable(((path, None, None, path) for path in train.files), str(train_root))
         if val_root is not None:
             val = list_folder(val_root, classes, text_column)
+            report_strays(val, val_root, classes)
         else:
             train, val = hold_out(train, val_fraction, seed)
         if not captions:

@@ -71,10 +71,15 @@ class ViewDataModule(TrainFields, DeviceViews, L.LightningDataModule):
         self.num_classes, self.class_names = 0, []
 
     def announce(self, labels: Sequence[str] | None, captions: bool) -> None:
-        """Set what the data provides (``labels``: the class names, None when unlabelled)."""
+        """Set what the data provides (``labels``: the class names, None when unlabelled); one
+        class is said in a warning, since every label-based number is then trivially perfect."""
         if labels:
             self.provides.add("label")
             self.num_classes, self.class_names = len(labels), list(labels)
+            if len(labels) == 1:
+                log.warning("the data has one class (%s): cls trains to a loss of 0 and kNN, "
+                            "linear probe and fine-tuning score 100%% whatever the model; give "
+                            "two or more classes, or data.labels=false", labels[0])
         if captions:
             self.provides.add("text")
 

@@ -187,7 +187,11 @@ def to_record(url: str, key: str, group: dict[str, bytes],
     image = next((data for ext, data in group.items() if is_image_name(ext)), None)
     if image is None:
         return BadSample("sample without image", f"{name} has only {sorted(group)}")
-    return image, label_of(group, num_classes), caption_of(group), name
+    try:
+        label = label_of(group, num_classes)
+    except ValueError as err:
+        return BadSample("unusable label", f"{name}: {err}")
+    return image, label, caption_of(group), name
 
 
 def caption_of(group: dict[str, bytes]) -> str | None:
@@ -203,13 +207,19 @@ def caption_of(group: dict[str, bytes]) -> str | None:
 
 
 def label_of(group: dict[str, bytes], num_classes: int | None) -> int | None:
-    """The ``cls`` member as a class index; None when absent, not an integer or out of range
-    (the sample is then unlabelled, never mislabelled)."""
-    try:
-        label = int(group["cls"].decode().strip())
-    except (KeyError, UnicodeDecodeError, ValueError):
+    """The ``cls`` member as a class index; None when absent or without a class count (the
+    sample is then unlabelled). ValueError when it is no integer or outside
+    [0, num_classes): the sample is skipped and counted, never mislabelled."""
+    if "cls" not in group or not num_classes:
         return None
-    return label if num_classes and 0 <= label < num_classes else None
+    text = group["cls"].decode("utf-8", "replace").strip()
+    try:
+        label = int(text)
+    except ValueError:
+        raise ValueError(f"class '{text}' is no integer") from None
+    if not 0 <= label < num_classes:
+        raise ValueError(f"class {label} is outside data.num_classes={num_classes}")
+    return label
 
 
 class ShardSource:

@@ -1,11 +1,13 @@
 """Samples that cannot be used: how a worker marks one, and how the training process reports them.
 
-A bad file must neither crash an epoch nor vanish silently. The DataLoader worker that meets it
-raises :class:`BadSample` internally, moves on to the next sample and attaches the reason to the
-sample it delivers instead; :class:`~m3i_lightning.data.dataset.Collate` gathers those reasons
-into ``batch["skipped"]``. Worker processes share no memory with the trainer, so the batch is
-the only channel back: :class:`SkipReport` reads it in the training process, sums it over ranks
-and logs one line per epoch.
+A bad file must neither crash an epoch nor vanish silently. In training, the DataLoader worker
+that meets it raises :class:`BadSample` internally, moves on to the next sample and attaches the
+reason to the sample it delivers instead; evaluation delivers a row left out of every score,
+with the reason (see :class:`~m3i_lightning.data.dataset.ViewDataset`).
+:class:`~m3i_lightning.data.dataset.Collate` gathers those reasons into ``batch["skipped"]``.
+Worker processes share no memory with the trainer, so the batch is the only channel back:
+:class:`SkipReport` reads it in the training process, sums it over ranks and logs one line per
+epoch; evaluation counts them (:func:`tally`) and reports them with its scores.
 """
 
 from __future__ import annotations
@@ -62,6 +64,16 @@ class SkipReport(L.Callback):
         if total and trainer.is_global_zero:
             log.warning("skipped %d samples: %s", total, summary(counts, examples))
         self.counts, self.examples = Counter(), {}
+
+
+def tally(entries) -> tuple[Counter, dict[str, str]]:
+    """Counts by reason of ``entries`` (``"reason: detail"``) and the first detail of each."""
+    counts, examples = Counter(), {}
+    for entry in entries:
+        reason, detail = split_entry(entry)
+        counts[reason] += 1
+        examples.setdefault(reason, detail)
+    return counts, examples
 
 
 def summary(counts: Counter, examples: dict[str, str]) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from torch.utils.data import IterableDataset, get_worker_info
 
 from m3i_lightning.core.errors import M3IError
+from m3i_lightning.core.shares import VALID_KEY
 from m3i_lightning.data.dataset import ViewDataset
 from m3i_lightning.data.images import EncodedImage
 from m3i_lightning.data.skips import BadSample
@@ -115,6 +116,8 @@ class ViewStream(IterableDataset):
                 if yielded == quota:
                     return
             if self.batches is None:
+                if pending:  # evaluation counts every skipped sample, the last ones too
+                    yield self.samples.unreadable(pending)
                 return
             if yielded == before:
                 raise M3IError(
@@ -131,10 +134,11 @@ class ViewStream(IterableDataset):
         if label is None and not self.samples.train:
             return None  # evaluation (kNN, probes) needs the label
         try:
-            return self.samples.build(EncodedImage(data, name), label, caption)
+            sample = self.samples.build(EncodedImage(data, name), label, caption)
         except BadSample as bad:
             pending.append(str(bad))
             return None
+        return sample if self.samples.train else {**sample, VALID_KEY: True}
 
 
 def shuffled(items: Iterable, size: int, rng: random.Random) -> Iterator:

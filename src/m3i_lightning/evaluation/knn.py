@@ -21,13 +21,14 @@ from m3i_lightning.core.shares import gather_rows, valid_rows
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, loader: DataLoader,
-                     gather: bool = False) -> tuple[Tensor, Tensor]:
+def extract_features(backbone: nn.Module, loader: DataLoader, gather: bool = False,
+                     skipped: list[str] | None = None) -> tuple[Tensor, Tensor]:
     """Global features (float32, on the CPU) and labels of every batch of ``loader`` (keys
     ``image``, ``label``, and ``valid`` for a rank's share, see :mod:`m3i_lightning.core.shares`).
     On a GPU the backbone runs in bf16 autocast. ``gather``: the shares of every rank, in
     rank order (a collective: every rank must call it). Empty tensors for a loader that
-    yields nothing."""
+    yields nothing. ``skipped``: a list that receives this rank's reasons of the samples its
+    batches left out (``batch["skipped"]``: unreadable images)."""
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
@@ -35,6 +36,8 @@ def extract_features(backbone: nn.Module, loader: DataLoader,
                 else contextlib.nullcontext())
     feats, labels = [], []
     for batch in loader:
+        if skipped is not None:
+            skipped.extend(batch.get("skipped", ()))
         keep = valid_rows(batch)
         with autocast:
             encoded = backbone(batch["image"].to(device, non_blocking=True))

@@ -9,13 +9,15 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from m3i_lightning.backbone import Backbone
-from m3i_lightning.core.distributed import world
+from m3i_lightning.core.distributed import sum_over_ranks, world
 from m3i_lightning.core.errors import ConfigError, EmptySplitError, check_options
 from m3i_lightning.core.shares import gather_rows, row_counts, split_loader
 from m3i_lightning.data.module import held_out_options
+from m3i_lightning.data.skips import summary, tally
 from m3i_lightning.evaluation.knn import extract_features, knn_predict
 from m3i_lightning.evaluation.probe import fit_linear_probe
 from m3i_lightning.evaluation.segmentation import segmentation_probe
@@ -65,6 +67,16 @@ def selected_protocols(protocols: Sequence[str] | None, image_text: bool) -> lis
     return [p for p in PROTOCOLS if p in protocols]
 
 
+def label_free(protocols: Sequence[str], requested: Sequence[str] | None) -> list[str]:
+    """The ``protocols`` that data without labels can run; those it cannot that the config
+    names (``requested``, None for the defaults) are said in a warning, not dropped silently."""
+    dropped = [p for p in protocols if p in NEEDS_LABELS]
+    if requested is not None and dropped:
+        log.warning("protocols %s skipped: they need labels and the data has none "
+                    "(data.labels=true and labelled images, e.g. class folders)", dropped)
+    return [p for p in protocols if p not in NEEDS_LABELS]
+
+
 def check_protocols(protocols: Sequence[str] | None) -> None:
     """Refuse an unknown protocol name (or an empty list) before anything runs."""
     if protocols is None:
@@ -77,7 +89,10 @@ def check_protocols(protocols: Sequence[str] | None) -> None:
 
 @dataclass
 class Evaluation:
-    """Top-1 of each protocol, and how many labelled images each split gave."""
+    """Top-1 of each protocol, and how many labelled images each split gave
+    (``sizes["train"]``, ``sizes["val"]``) and how many samples it skipped as unusable, an
+    unreadable image or a label outside the classes (``sizes["train_skipped"]``,
+    ``sizes["val_skipped"]``)."""
 
     results: dict[str, float]
     sizes: dict[str, int]
@@ -95,13 +110,27 @@ def _labelled(features: Tensor, labels: Tensor, split: str, datamodule) -> tuple
     return features[known], labels[known]
 
 
-def _features(model: TrainedModel, datamodule, split: str, gather: bool) -> tuple[Tensor, Tensor]:
+def _skipped(skipped: list[str], split: str) -> int:
+    """How many samples of ``split`` every rank skipped as unusable (a collective), logged
+    once with the most frequent reasons."""
+    total = int(sum_over_ranks(torch.tensor(float(len(skipped)))).item())
+    if total and world()[0] == 0:
+        log.warning("evaluation skipped %d %s sample(s) (rank 0's: %s)", total, split,
+                    summary(*tally(skipped)) or "none")
+    return total
+
+
+def _features(model: TrainedModel, datamodule, split: str,
+              gather: bool) -> tuple[Tensor, Tensor, int]:
     """The labelled features of this rank's share of ``split`` (``gather``: of every rank's),
-    on the model's device, where the kNN and the probe then run."""
+    on the model's device, where the kNN and the probe then run, and how many samples of the
+    split were skipped as unusable."""
     device = next(model.backbone.parameters()).device
     loader = split_loader(datamodule, split)
-    features, labels = extract_features(model.backbone, loader, gather=gather)
-    return _labelled(features.to(device), labels.to(device), split, datamodule)
+    skipped: list[str] = []
+    features, labels = extract_features(model.backbone, loader, gather=gather, skipped=skipped)
+    count = _skipped(skipped, split)
+    return (*_labelled(features.to(device), labels.to(device), split, datamodule), count)
 
 
 def evaluate(model: TrainedModel, datamodule, knn: Mapping, probe: Mapping,
@@ -117,11 +146,12 @@ def evaluate(model: TrainedModel, datamodule, knn: Mapping, probe: Mapping,
     shard, probe trained DDP-style, see
     :func:`~m3i_lightning.evaluation.probe.fit_linear_probe`), the queries are gathered; every
     rank returns the one-process result."""
-    train = _features(model, datamodule, "train", gather=False)
-    val = _features(model, datamodule, "val", gather=True)
+    *train, train_skipped = _features(model, datamodule, "train", gather=False)
+    *val, val_skipped = _features(model, datamodule, "val", gather=True)
     num_classes = datamodule.num_classes
     shares = row_counts(train[1])
-    sizes = {"train": sum(shares), "val": len(val[1])}
+    sizes = {"train": sum(shares), "val": len(val[1]), "train_skipped": train_skipped,
+             "val_skipped": val_skipped}
     if sizes["val"] < max(MIN_HELD_OUT, MIN_HELD_OUT_PER_CLASS * num_classes) and world()[0] == 0:
         log.warning("the held-out split has only %d labelled images for %d classes: its top-1 "
                     "is mostly noise; give a bigger one with %s", sizes["val"], num_classes,
@@ -213,8 +243,13 @@ def format_table(evaluation: Evaluation, knn: Mapping, probe: Mapping, data: str
              "finetune_top1": "fine-tuning top-1 (finetune recipe)"}
     sizes, captions = evaluation.sizes, []
     if "val" in sizes:
+        skipped = [f"{sizes[f'{split}_skipped']} {name}"
+                   for split, name in (("val", "held-out"), ("train", "training"))
+                   if sizes.get(f"{split}_skipped")]
         captions.append(f"{data + ': ' if data else ''}{sizes['val']} held-out images scored "
-                        f"against {sizes['train']} training images")
+                        f"against {sizes['train']} training images" + (
+                            f" ({' and '.join(skipped)} samples skipped as unusable)"
+                            if skipped else ""))
     if segmentation is not None and "segmentation_val" in sizes:
         source = segmentation["data"]["source"]
         names["segmentation_miou"] = f"segmentation mIoU ({segmentation['epochs']} epochs)"

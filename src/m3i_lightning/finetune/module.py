@@ -135,6 +135,8 @@ class FineTuning(L.LightningModule):
             top1, top5, loss, total = counts.tolist()
             self.log_dict({f"val/{prefix}top1": top1 / total, f"val/{prefix}top5": top5 / total,
                            f"val/{prefix}loss": loss / total}, prog_bar=not prefix)
+        if tallies:
+            self.log("val/images", float(total))  # the held-out images scored
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
