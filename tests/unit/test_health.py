@@ -49,7 +49,7 @@ class Fresh:
 
 
 def test_a_collapsed_representation_warns_and_a_fresh_one_does_not(recwarn):
-    health = RepresentationHealth()
+    health = RepresentationHealth(warmup_steps=0)
     images = torch.randn(32, 3, 16, 16)
     values, dim = health.measure(Constant(), images)
     with pytest.warns(UserWarning, match="collapsing at step 7"):

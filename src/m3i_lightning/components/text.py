@@ -96,6 +96,19 @@ class TextTower(nn.Module):
         # sync every step) and attention runs as plain causal SDPA.
         self.needs_mask = getattr(tokenizer, "padding_side", None) != "right"
 
+    def save(self, folder) -> None:
+        """The tower as transformers saves it (``config.json``, ``model.safetensors``), without
+        the "Writing model shards" bar transformers draws even for one file."""
+        from transformers.utils import logging as hf_logging
+
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            self.model.save_pretrained(folder)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         mask = attention_mask if self.needs_mask else None
         return self.model(input_ids=input_ids, attention_mask=mask).text_embeds

@@ -16,6 +16,7 @@ student's hold the same slice and the EMA update runs on local shards
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -95,6 +96,9 @@ def compile_blocks(model: nn.Module) -> None:
         block.compile(dynamic=False if id(block) in static else None)
 
 
+FSDP_ALL_GATHER_WARNING = r"`torch\.distributed\.all_gather_into_tensor` is deprecated"
+
+
 def shard(model: nn.Module, mesh) -> None:
     """FSDP2: each block one unit, then ``model`` the root (see the module doc).
 
@@ -104,6 +108,9 @@ def shard(model: nn.Module, mesh) -> None:
     """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+    # FSDP2 gathers with a collective torch itself deprecates: a warning on every rank that
+    # asks nothing of the user
+    warnings.filterwarnings("ignore", message=FSDP_ALL_GATHER_WARNING, category=FutureWarning)
     for block in transformer_blocks(model):
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh, reshard_after_forward=True)

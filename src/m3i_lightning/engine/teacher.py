@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 
 import torch
 from torch import nn
@@ -11,6 +12,8 @@ from torch import nn
 from m3i_lightning.backbone import Backbone, Encoded
 from m3i_lightning.components.optim import cosine_ramp
 from m3i_lightning.engine.sharding import local
+
+EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 
 
 def cosine_momentum(step: int, total_steps: int, base: float, final: float = 1.0) -> float:
@@ -49,6 +52,8 @@ class TargetEncoder(nn.Module):
         self.momentum = momentum
         self.final_momentum = final_momentum
         super().train(False)
+        # Lightning warns of modules in eval mode when training starts: these are on purpose
+        warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING)
 
     @property
     def embed_dim(self) -> int:

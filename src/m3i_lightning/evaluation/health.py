@@ -39,11 +39,15 @@ def normalised_std(features: Tensor) -> Tensor:
 class RepresentationHealth(L.Callback):
     """Logs :func:`rankme`, :func:`normalised_std` and the teacher–student cosine of the
     engine's backbone, and warns when the representation collapses: RankMe below
-    ``min_rank`` or the normalised std below ``min_std`` times its healthy value 1/√D."""
+    ``min_rank`` or the normalised std below ``min_std`` times its healthy value 1/√D, naming
+    the criterion that fired. Not before ``warmup_steps``: a freshly initialised network's
+    features are narrow (a ViT's normalised std starts near a tenth of its spread value) and
+    spread out in the first steps, so an early warning would be false."""
 
-    def __init__(self, max_samples: int = 256, min_rank: float = 2.0,
-                 min_std: float = 0.1) -> None:
+    def __init__(self, max_samples: int = 256, min_rank: float = 2.0, min_std: float = 0.1,
+                 warmup_steps: int = 100) -> None:
         self.max_samples, self.min_rank, self.min_std = max_samples, min_rank, min_std
+        self.warmup_steps = warmup_steps
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -66,9 +70,16 @@ class RepresentationHealth(L.Callback):
         return values, features.shape[-1]
 
     def warn_if_collapsed(self, values: dict[str, Tensor], dim: int, step: int) -> None:
+        if step < self.warmup_steps:
+            return
         rank, std, healthy = values["rankme"].item(), values["std"].item(), dim ** -0.5
-        if rank < self.min_rank or std < self.min_std * healthy:
-            rank_zero_warn(f"the representation is collapsing at step {step}: RankMe {rank:.2f} "
-                           f"(warning below {self.min_rank}), normalised std {std:.4f} (about "
-                           f"{healthy:.4f} when spread); lower the learning rate, check the "
-                           "teacher momentum, or add a regulariser (negatives, decorrelation)")
+        fired = []
+        if rank < self.min_rank:
+            fired.append(f"RankMe {rank:.2f} is below health.min_rank={self.min_rank}")
+        if std < self.min_std * healthy:
+            fired.append(f"the normalised std {std:.4f} is below health.min_std={self.min_std} "
+                         f"of its spread value {healthy:.4f}")
+        if fired:
+            rank_zero_warn(f"the representation is collapsing at step {step}: "
+                           f"{' and '.join(fired)}; lower the learning rate, check the teacher "
+                           "momentum, or add a regulariser (negatives, decorrelation)")

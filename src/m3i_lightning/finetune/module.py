@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 
 import lightning as L
@@ -61,6 +62,9 @@ class Classifier(nn.Module):
         return self.head(self.backbone(images).global_feature)
 
 
+REDUCED_ADVICE = r"It is recommended to use `self\.log\('val/(ema_)?(top1|top5|loss|images)'"
+
+
 class FineTuning(L.LightningModule):
     """Supervised end-to-end training of a :class:`Classifier`.
 
@@ -72,6 +76,9 @@ class FineTuning(L.LightningModule):
 
     def __init__(self, classifier: Classifier, recipe: Recipe | None = None) -> None:
         super().__init__()
+        # the validation figures are reduced over ranks by hand: Lightning's sync_dist advice
+        # does not apply to them
+        warnings.filterwarnings("ignore", message=REDUCED_ADVICE)
         self.recipe = recipe or Recipe()
         self.classifier = classifier
         self.num_classes = classifier.head.out_features

@@ -62,7 +62,7 @@ class CLIP(Objective, ImageText):
     def save_text_side(self, folder: Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.text_tower.model.save_pretrained(folder)
+        self.text_tower.save(folder)
         save_tokenizer(self.tokenizer, folder)
         save_file({"image_proj.weight": self.image_proj.weight.detach().cpu().contiguous(),
                    "logit_scale": self.logit_scale.detach().cpu().contiguous()},

@@ -5,9 +5,13 @@
 - :func:`progress_bar`: every objective's loss term next to ``train/loss``, and an epoch
   counter that says where the run stops when ``trainer.max_steps`` bounds it, instead of
   "Epoch 0/49".
-- :func:`quiet_lightning`: drops the warning about modules in eval mode (the teacher is frozen
-  on purpose), the advertisement for a cloud logger and the note that our summary replaces
-  Lightning's.
+- :func:`quiet_lightning`: drops Lightning's deprecation of its own use of torch's pytree
+  ``LeafSpec``, the advertisement for a cloud logger and the note that our summary replaces
+  Lightning's. (Other lines are silenced where they arise: the teacher's eval mode in
+  :class:`~m3i_lightning.engine.teacher.TargetEncoder`, FSDP2's deprecated collective in
+  :func:`~m3i_lightning.engine.sharding.shard`, the text tower's save bar in
+  :meth:`~m3i_lightning.components.text.TextTower.save`, the ``sync_dist`` advice on
+  reduced values in :class:`~m3i_lightning.finetune.module.FineTuning`.)
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from lightning.pytorch.utilities.model_summary import get_human_readable_count
 log = logging.getLogger(__name__)
 
 TERM_PREFIX = "train/loss/"
-EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode"
+PYTREE_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 LIGHTNING_INFO_LOGGER = "lightning.pytorch.utilities.rank_zero"
 
 
@@ -84,7 +88,7 @@ class _DropNoise(logging.Filter):
 def quiet_lightning() -> None:
     """Silence the Lightning lines that mislead in this library's runs (see the module
     docstring); idempotent."""
-    warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING)
+    warnings.filterwarnings("ignore", message=PYTREE_WARNING, category=FutureWarning)
     info = logging.getLogger(LIGHTNING_INFO_LOGGER)
     if not any(isinstance(f, _DropNoise) for f in info.filters):
         info.addFilter(_DropNoise())
