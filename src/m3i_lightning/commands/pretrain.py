@@ -33,6 +33,7 @@ from m3i_lightning.config.factory import (
 from m3i_lightning.config.loggers import TrackerRuns, publish_run, run_loggers
 from m3i_lightning.config.restore import check_resumable, image_text_objective
 from m3i_lightning.config.schema import check_command_line
+from m3i_lightning.config.start_screen import show_start_screen
 from m3i_lightning.config.trainer import (
     build_trainer,
     console_callbacks,
@@ -69,6 +70,7 @@ def pretrain(cfg: DictConfig) -> dict:
     ckpt_path = resume_path(cfg.resume, out)
     if ckpt_path is not None:
         check_resumable(ckpt_path, model, cfg)
+    show_start_screen(cfg, out, model, datamodule)
     trainer = build_trainer(
         cfg, strategy=build_strategy(cfg.strategy, model, cfg.checkpoint),
         plugins=[AtomicCheckpointIO()],

@@ -37,7 +37,7 @@ def console_callbacks(cfg: DictConfig) -> list[L.Callback]:
     if cfg.trainer.get("enable_model_summary", True):
         callbacks.append(ParameterSummary())
     if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(progress_bar())
+        callbacks.append(progress_bar(cfg.get("progress", "rich")))
     return callbacks
 
 

@@ -2,7 +2,8 @@
 
 - :class:`ParameterSummary`: the module table without Lightning's FLOPs column and total,
   which read 0 unless a module defines ``example_input_array`` (none here does).
-- :func:`progress_bar`: every objective's loss term next to ``train/loss``, and an epoch
+- :func:`progress_bar` (``progress=rich|simple``): every objective's loss term next to
+  ``train/loss``, and an epoch
   counter that says where the run stops when ``trainer.max_steps`` bounds it, instead of
   "Epoch 0/49".
 - :func:`quiet_lightning`: drops Lightning's deprecation of its own use of torch's pytree
@@ -22,6 +23,8 @@ import warnings
 
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
+
+from m3i_lightning.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +73,19 @@ class RichTermsBar(ShowsTerms, RichProgressBar):
 
 
 class TQDMTermsBar(ShowsTerms, TQDMProgressBar):
-    """The plain bar, when rich is not installed (it shows no epoch count to mislead)."""
+    """The plain bar (``progress=simple``, or rich not installed); it shows no epoch count to
+    mislead."""
 
 
-def progress_bar() -> ProgressBar:
-    return RichTermsBar() if importlib.util.find_spec("rich") else TQDMTermsBar()
+PROGRESS_BARS = ("rich", "simple")
+
+
+def progress_bar(kind: str = "rich") -> ProgressBar:
+    """The bar ``progress=`` names: ``rich`` (Lightning's RichProgressBar; the plain one when
+    rich is not installed) or ``simple`` (tqdm lines, for logs and dumb terminals)."""
+    if kind not in PROGRESS_BARS:
+        raise ConfigError(f"progress={kind}: choose one of {list(PROGRESS_BARS)}")
+    return RichTermsBar() if kind == "rich" and importlib.util.find_spec("rich") else TQDMTermsBar()
 
 
 NOISE = ("litlogger", "Skipping setting a default `ModelSummary` callback")
