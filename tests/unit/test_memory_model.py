@@ -38,3 +38,12 @@ def test_sharding_and_recomputation_lower_the_memory_per_gpu(memory_model):
     assert 85 < row["frozen_m"] < row["trainable_m"]  # the ViT-B teacher (86 M) and more
     assert row["checkpointed_gib"] < row["activations_gib"]
     assert row["fsdp2_ac_gib"] < row["fsdp2_gib"] < row["ddp_gib"]
+
+
+def test_the_table_in_docs_cluster_is_what_the_script_prints(memory_model):
+    """docs/cluster.md quotes ``memory_model.py --batch 64 --gpus 8``; a change of the modules
+    that moves a number fails here until the table is pasted again."""
+    doc = (REPO / "docs" / "cluster.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(doc) if line.startswith("| backbone | trainable"))
+    table = doc[start:start + 5]
+    assert "\n".join(table) == memory_model.markdown(memory_model.memory_rows(64, 8), 64, 8)
