@@ -64,10 +64,9 @@ PYTREE = ("`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(trees
 @pytest.mark.parametrize("source, message, category", [
     (lambda: FineTuning(Classifier(tiny_backbone(), 2)), ADVICE, UserWarning),
     (quiet_lightning, PYTREE, FutureWarning)], ids=["sync_dist advice", "pytree"])
-def test_lines_that_ask_nothing_of_the_user_are_silenced(source, message, category,
-                                                         monkeypatch):
+def test_lines_that_ask_nothing_of_the_user_are_silenced(source, message, category):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         source()
-        warnings.warn(message, category)  # as Lightning words it
+        warnings.warn(message, category, stacklevel=1)  # as Lightning words it
     assert not caught
