@@ -5,14 +5,17 @@ for an empty held-out split in the three file formats."""
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 
 import pytest
 from data_files import SHARD_PATTERN, image_bytes, labelled_folder, write
 from helpers import compose_config, tiny_backbone
 
 from m3i_lightning.config.factory import build_datamodule, build_objectives
-from m3i_lightning.core.errors import ConfigError, EmptySplitError
+from m3i_lightning.core.errors import ConfigError, EmptySplitError, M3IError, message_of
+from m3i_lightning.data import WebDatasetData
 from m3i_lightning.data.imagefolder import ImageFolderData
 from m3i_lightning.data.shards import to_record
 from m3i_lightning.data.skips import BadSample
@@ -103,3 +106,21 @@ def test_an_empty_held_out_split_is_one_error_naming_its_options(kind, tmp_path,
         data.setup("validate")
     with pytest.raises(EmptySplitError, match="data.val_fraction"):
         evaluate(TrainedModel(tiny_backbone()), data, cfg.knn, cfg.probe)
+
+
+def test_a_corrupt_shard_read_by_a_worker_is_named_in_one_line(shards, tmp_path):
+    """Two workers, one shard each, the second corrupt through and through: the error names
+    that shard (not the worker count), and comes back from the worker as one line."""
+    for name in ("000000.tar", "sizes.json", "classes.json"):
+        shutil.copy(shards / name, tmp_path)
+    (tmp_path / "000001.tar").write_bytes(b"\x00garbage" * 700)
+    sizes = json.loads((tmp_path / "sizes.json").read_text())
+    (tmp_path / "sizes.json").write_text(json.dumps(
+        {"000000.tar": sizes["000000.tar"], "000001.tar": sizes["000000.tar"]}))
+    data = WebDatasetData(str(tmp_path / "{000000..000001}.tar"), img_size=8, batch_size=2,
+                          num_workers=2, val_fraction=0.0, captions=False)
+    with pytest.raises(M3IError) as err:
+        list(data.train_dataloader())
+    line = message_of(err.value)
+    assert "000001.tar" in line and "unreadable shard" in line and "\n" not in line
+    assert "fewer DataLoader workers" not in line

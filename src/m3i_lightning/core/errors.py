@@ -48,9 +48,18 @@ def full_trace_wanted() -> bool:
     return os.environ.get(FULL_TRACE_VARIABLE) == "1"
 
 
+def message_of(err: BaseException) -> str:
+    """The error's own message. One raised in a DataLoader worker comes back wrapped in the
+    worker's traceback (torch's ``ExceptionWrapper``), whose last line is the original."""
+    text = str(err)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def exit_with(err: BaseException) -> None:
     """Print ``error: <message>`` on stderr and exit with code 2."""
-    print(f"error: {err}", file=sys.stderr)
+    print(f"error: {message_of(err)}", file=sys.stderr)
     sys.exit(USAGE_EXIT_CODE)
 
 

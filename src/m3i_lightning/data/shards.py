@@ -121,7 +121,8 @@ def tar_members(url: str) -> Iterator[tuple[str, bytes] | BadSample]:
     A member with a corrupt header is stepped over (``ignore_zeros`` makes tarfile search on
     for the next valid header) and reported as a :class:`BadSample` where the gap is noticed;
     a shard that cannot be read on ends with one. tarfile ends quietly when a shard is cut
-    at or inside a header, so the end-of-archive marker (two zero blocks) is checked too.
+    at or inside a header, so the end-of-archive marker (two zero blocks) is checked too, and
+    on a file that is no tar at all, so a shard without a single member is one as well.
     """
     expected = 0
     try:
@@ -135,7 +136,9 @@ def tar_members(url: str) -> Iterator[tuple[str, bytes] | BadSample]:
                 if member.isfile():
                     yield member.name, tar.extractfile(member).read()
         size = fs.size(path)
-        if size is not None and size < expected + 2 * _BLOCK:
+        if expected == 0 and size:  # garbage reads as an archive without members
+            yield BadSample("unreadable shard", f"{url}: no tar member in its {size} bytes")
+        elif size is not None and size < expected + 2 * _BLOCK:
             yield BadSample("unreadable shard", f"{url}: cut short after byte {expected} (no "
                             "end-of-archive marker)")
     except (tarfile.TarError, OSError, EOFError) as err:

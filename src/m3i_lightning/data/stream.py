@@ -21,7 +21,7 @@ from m3i_lightning.core.errors import M3IError
 from m3i_lightning.core.shares import VALID_KEY
 from m3i_lightning.data.dataset import ViewDataset
 from m3i_lightning.data.images import EncodedImage
-from m3i_lightning.data.skips import BadSample
+from m3i_lightning.data.skips import BadSample, summary, tally
 from m3i_lightning.data.views import CropSet
 
 
@@ -120,10 +120,13 @@ class ViewStream(IterableDataset):
                     yield self.samples.unreadable(pending)
                 return
             if yielded == before:
-                raise M3IError(
-                    f"reader {reader.index} of {reader.count} (rank {self.rank}, worker {worker}) "
-                    "found no usable sample in its part of the data; use fewer DataLoader "
-                    "workers or more shards")
+                where = (f"reader {reader.index} of {reader.count} (rank {self.rank}, worker "
+                         f"{worker})")
+                if pending:  # name what broke (a corrupt shard), not the worker count
+                    raise M3IError(f"{where} found no usable sample in its part of the data: "
+                                   f"{summary(*tally(pending))}")
+                raise M3IError(f"{where} found no sample in its part of the data; use fewer "
+                               "DataLoader workers or more shards")
             repeat += 1
 
     def _sample(self, item, pending: list[str]) -> dict | None:
