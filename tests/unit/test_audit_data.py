@@ -124,3 +124,12 @@ def test_a_corrupt_shard_read_by_a_worker_is_named_in_one_line(shards, tmp_path)
     line = message_of(err.value)
     assert "000001.tar" in line and "unreadable shard" in line and "\n" not in line
     assert "fewer DataLoader workers" not in line
+
+
+@pytest.mark.parametrize("name", ["./my_dataset", "/data/nowhere", "~/nowhere"])
+def test_a_missing_local_hf_dataset_is_not_blamed_on_the_hub(name, tmp_path, monkeypatch):
+    from m3i_lightning.data.hf import load_hf
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=f"data.name={name}: no such folder or file"):
+        load_hf(name, "train", False)

@@ -103,3 +103,11 @@ def test_documented_and_open_keys_pass(args):
 
 def test_finetune_takes_the_trainer_summary_switch_as_documented():
     check_command_line("finetune", ["trainer.enable_model_summary=false"])
+
+
+def test_the_slurm_launcher_without_its_extra_is_the_install_line(monkeypatch):
+    from m3i_lightning.config import schema
+
+    monkeypatch.setattr(schema, "installed", lambda module: False)
+    with pytest.raises(ConfigError, match=r"pip install 'm3i_lightning\[cluster\]'"):
+        check_command_line("config", ["-m", "hydra/launcher=slurm", "trainer.devices=8"])

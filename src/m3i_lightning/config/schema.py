@@ -12,6 +12,7 @@ keys are checked against what reads them instead. An unknown key, with or withou
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import inspect
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
@@ -160,6 +161,7 @@ def check_command_line(config_name: str, args: Iterable[str]) -> None:
         except HydraException:
             continue  # a flag, or a malformed override that Hydra reports itself
     check_repeated_choices(overrides)
+    check_extras(overrides)
     keys = [o for o in overrides if not is_group(o.key_or_group) and not o.is_delete()
             and o.key_or_group.split(".")[0] != "hydra"]
     if not keys:
@@ -185,6 +187,30 @@ def check_command_line(config_name: str, args: Iterable[str]) -> None:
                     errors.append(err)
             else:
                 raise errors[0]
+
+
+# Group choices that need an optional extra: (group, choice) -> (module it imports, extra).
+NEEDS_EXTRA = {("hydra/launcher", "slurm"): ("hydra_plugins.hydra_submitit_launcher", "cluster")}
+
+
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+def check_extras(overrides) -> None:
+    """A group choice whose plugin is not installed is one line with the install command,
+    not the plugin system's own error."""
+    for override in overrides:
+        values = (list(override.sweep_iterator()) if override.is_sweep_override()
+                  else [override.value()])
+        for value in values:
+            module, extra = NEEDS_EXTRA.get((override.key_or_group, str(value)), (None, None))
+            if module and not installed(module):
+                raise ConfigError(f"{override.key_or_group}={value} needs the [{extra}] extra: "
+                                  f"pip install 'm3i_lightning[{extra}]'")
 
 
 def check_repeated_choices(overrides) -> None:

@@ -34,12 +34,19 @@ log = logging.getLogger(__name__)
 SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
+LOCAL_PREFIXES = ("/", "./", "../", "~")  # a name written so is a path, never a Hub id
+
+
 def load_hf(name: str, split: str, streaming: bool) -> tuple:
     """(dataset, number of rows or None when unknown) of the ``split`` of ``name`` (see the
     module docstring), map-style or streaming."""
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     path = Path(name).expanduser()
+    if name.startswith(LOCAL_PREFIXES) and not any(c in name for c in "*?[") and not (
+            path.exists()):
+        raise ConfigError(f"data.name={name}: no such folder or file (a save_to_disk folder, "
+                          "parquet file(s), or a Hub id such as org/name)")
     try:
         if path.is_dir() and any((path / marker).exists() for marker in SAVED_MARKERS):
             dataset = load_from_disk(str(path))
