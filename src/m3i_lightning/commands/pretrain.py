@@ -15,9 +15,11 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig
 
 from m3i_lightning.commands.runfolder import (
+    FAILED_FILE,
     PICTURES_DIR,
     finish_run,
     holding_run_folder,
+    mark_failed,
     run_callbacks,
     untrained,
     write_record,
@@ -140,9 +142,6 @@ def check_choices(args: list[str]) -> None:
             raise ConfigError(f"unknown {group} choice(s) {unknown}; choose from {choices}")
 
 
-FAILED_FILE = "FAILED"  # in the folder of a sweep job that failed: its error line
-
-
 @dataclass
 class SweepOutcome:
     """The jobs of a local multirun so far: how many ran, and each failure's line."""
@@ -166,7 +165,7 @@ def sweep_job(cfg: DictConfig) -> float | None:
             raise
         line = f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)}): {err}"
         SWEEP.failures.append(line)
-        Path(hydra_cfg.runtime.output_dir, FAILED_FILE).write_text(f"{err}\n")
+        mark_failed(cfg, Path(hydra_cfg.runtime.output_dir), str(err))
         print(f"failed: {line}", file=sys.stderr)
         return None
 

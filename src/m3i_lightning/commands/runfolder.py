@@ -45,7 +45,7 @@ from m3i_lightning.objectives.capabilities import find_image_text
 from m3i_lightning.runtime.checkpointing import checkpoints_in
 from m3i_lightning.runtime.metrics_log import LogLastStep
 from m3i_lightning.runtime.pictures import ReconstructionGrid, plot_curves
-from m3i_lightning.runtime.run_lock import RunLock, first_process
+from m3i_lightning.runtime.run_lock import LOCK_FILE, RunLock, first_process
 from m3i_lightning.runtime.strategies import FullyShardedDataParallel
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ PICTURES_DIR = "pictures"
 EXPORT_DIR = "backbone"
 CHECKPOINTS_DIR = "checkpoints"
 RECORD_DIR = ".hydra"  # Hydra's name for its record of a run
+FAILED_FILE = "FAILED"  # in the folder of a sweep job that failed: its error line
 
 
 def evaluable(datamodule) -> bool:
@@ -118,6 +119,17 @@ def write_record(cfg: DictConfig, out: Path) -> None:
     for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
                        ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
         (record / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
+
+
+def mark_failed(cfg: DictConfig, out: Path, message: str) -> None:
+    """The folder of a sweep job that failed gets the job's record and ``FAILED`` (its error
+    line), for ``scripts/summarize_runs.py`` to list it as failed, when the job made it: a
+    folder holding an earlier run, or one in use, is left as it is."""
+    if any((out / name).exists() for name in (RECORD_DIR, LOCK_FILE, CHECKPOINTS_DIR)):
+        return
+    write_record(cfg, out)
+    if first_process():
+        (out / FAILED_FILE).write_text(f"{message}\n")
 
 
 class WritableRunFolder(HydraCallback):
