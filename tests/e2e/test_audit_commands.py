@@ -10,6 +10,7 @@ import pytest
 from data_files import image_bytes, labelled_folder, write
 from helpers import (
     QUIET_HYDRA,
+    TINY_FINETUNE,
     TINY_RUN,
     compose_config,
     fails_with_one_line,
@@ -19,6 +20,7 @@ from helpers import (
 )
 
 from m3i_lightning.commands import eval as eval_command
+from m3i_lightning.commands import finetune as finetune_command
 from m3i_lightning.commands import pretrain as cli
 from m3i_lightning.commands.eval import RESULTS_FILE, evaluate_command
 from m3i_lightning.commands.finetune import finetune, finetune_top1
@@ -48,7 +50,7 @@ def test_eval_counts_unreadable_images_and_gives_the_same_numbers_twice(tmp_path
     assert "(2 held-out and 1 training samples skipped as unusable)" in capsys.readouterr().out
 
 
-def test_an_empty_held_out_split_warns_in_training_and_is_one_line_in_eval(
+def test_an_empty_held_out_split_warns_in_training_and_is_one_line_in_eval_and_finetune(
         tmp_path, capsys, monkeypatch):
     done = run(*TINY_RUN, "objective=[cls]", "data.val_fraction=0", "trainer.max_steps=1",
                f"hydra.run.dir={tmp_path / 'run'}")
@@ -59,6 +61,10 @@ def test_an_empty_held_out_split_warns_in_training_and_is_one_line_in_eval(
                                f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
                                f"hydra.run.dir={tmp_path / 'eval'}", *QUIET_HYDRA)
     assert "the val split has no labelled image" in line and "data.val_fraction" in line
+    line = fails_with_one_line(capsys, monkeypatch, finetune_command.main, "finetune",
+                               *TINY_FINETUNE, "random_init=true", "data.val_fraction=0",
+                               f"hydra.run.dir={tmp_path / 'finetune'}", *QUIET_HYDRA)
+    assert "the held-out split, which is empty: give data.val_fraction (now 0)" in line
 
 
 def test_finetuning_the_same_weights_gives_the_same_result_however_they_are_given(tmp_path):

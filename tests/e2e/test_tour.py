@@ -34,7 +34,8 @@ def data(tmp_path_factory) -> dict[str, str]:
     import datasets
 
     root = tmp_path_factory.mktemp("tour")
-    folder = labelled_folder(root / "folder", 16, classes=2)
+    folder = labelled_folder(root / "imagenet" / "train", 16, classes=2)
+    labelled_folder(root / "imagenet" / "val", 4, classes=2)
     make_shards(folder, root / "shards", 8)
     rows = {"image": [str(p) for p in sorted(folder.rglob("*.png"))]}
     rows["caption"] = [f"image {i}" for i in range(len(rows["image"]))]
@@ -42,7 +43,7 @@ def data(tmp_path_factory) -> dict[str, str]:
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=["a", "b"])})
     datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(root / "hf"))
-    return {"/data/imagenet/train": str(folder),
+    return {"/data/imagenet": str(root / "imagenet"),
             "shards/{000000..000127}.tar": str(root / "shards" / "{000000..000001}.tar"),
             "./my_dataset": str(root / "hf")}
 

@@ -18,6 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import IterableDataset
 
 from m3i_lightning.backbone import Backbone
 from m3i_lightning.commands.command_line import run_with_arguments
@@ -82,6 +83,17 @@ class StoreFineTuningConfig(L.Callback):
         checkpoint[CONFIG_KEY] = self.config
 
 
+def check_held_out(data, held_out: str) -> None:
+    """Refuse an empty held-out split before training (a stream's is known only once read):
+    fine-tuning is scored on it. ``held_out``: the options that supply it."""
+    if hasattr(data, "setup"):
+        data.setup("fit")  # the embedded digits are split here
+    dataset = split_loader(data, "val").dataset
+    if not isinstance(dataset, IterableDataset) and len(dataset) == 0:
+        raise EmptySplitError(f"fine-tuning is scored on the held-out split, which is empty: "
+                              f"give {held_out}")
+
+
 def recipe_from(cfg: DictConfig, global_batch: int) -> Recipe:
     """The optimisation recipe; ``lr: null`` takes MAE's rule lr = blr · batch / 256."""
     r = cfg.finetune
@@ -138,6 +150,7 @@ def finetune(cfg: DictConfig, out: Path, pretrained: tuple[Backbone, str] | None
         raise ConfigError(f"fine-tuning needs labels: data '{cfg.data.name}' provides none")
     datamodule = FineTuningData(data)
     held_out = held_out_options(data)
+    check_held_out(data, held_out)
     classifier, source = build_classifier(cfg, data.num_classes, pretrained)
     checkpoints = out / "checkpoints"
     best = ModelCheckpoint(checkpoints, filename="best", monitor="val/top1", mode="max",
@@ -150,8 +163,9 @@ def finetune(cfg: DictConfig, out: Path, pretrained: tuple[Backbone, str] | None
                                    LearningRateMonitor("step")])
     model = FineTuning(classifier, recipe_from(cfg, r.batch_size))
     trainer.fit(model, datamodule=datamodule)
-    last = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
-    if "val/top1" not in last:
+    validated = trainer.validate(model, datamodule=datamodule, verbose=False)
+    last = validated[0] if validated else {}
+    if "val/top1" not in last:  # a stream's held-out split, which had no sample
         raise EmptySplitError(f"fine-tuning scored no held-out image: give {held_out}")
     results = {"top1": last["val/top1"], "top5": last["val/top5"],
                **{k.removeprefix("val/"): v for k, v in last.items() if "ema_top" in k}}
