@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 LOCK := requirements.lock
 
-.PHONY: install lock run test test-fast lint bench clean
+.PHONY: install lock run test test-fast lint bench docs build clean
 
 install: $(STAMP)
 
@@ -49,5 +49,15 @@ lint: install
 bench: install
 	$(BIN)/python scripts/benchmark.py $(ARGS)
 
+# The docs site into site/ (MkDocs Material + mkdocstrings, mkdocs.yml); a warning fails it.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+# A wheel and an sdist into dist/, built with the locked setuptools and checked by twine.
+build: install
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation --outdir dist .
+	$(BIN)/twine check --strict dist/*
+
 clean:
-	rm -rf outputs multirun lightning_logs .pytest_cache
+	rm -rf outputs multirun lightning_logs .pytest_cache site dist

@@ -155,8 +155,9 @@ class TorchvisionData(ViewDataModule):
             template ``i mod len``; every template is a zero-shot prompt.
         labels: False ignores the labels (and the captions written from them).
         captions: False writes no captions.
-        img_size, batch_size, ...: the views and loader, as for
-            :class:`~m3i_lightning.data.imagefolder.ImageFolderData`.
+
+    The other options (``img_size``, ``batch_size``, ``crop_scale``, ``augment`` ...) build the
+    views and the loader as for :class:`~m3i_lightning.data.imagefolder.ImageFolderData`.
 
     Example:
         >>> data = TorchvisionData("CIFAR10", root="~/data", download=True,
