@@ -68,7 +68,7 @@ def test_local_tokenizer_truncates_to_the_context_length(hf_folder, word_tokeniz
 def test_bad_configuration_is_a_clear_error(hf_folder):
     with pytest.raises(ConfigError, match="no column 'text'"):
         hf_module(hf_folder / "disk", text_column="text")
-    with pytest.raises(ConfigError, match="could not be loaded"):
+    with pytest.raises(ConfigError, match="missing.parquet: no such folder or file"):
         hf_module(hf_folder / "missing.parquet")
     with pytest.raises(ConfigError, match="not a split 'test'"):
         hf_module(hf_folder / "disk", split="test")

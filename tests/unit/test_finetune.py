@@ -65,7 +65,7 @@ def test_pretrained_weights_arrive_and_the_pooling_switch_keeps_every_other_weig
     export_backbone(source, tmp_path / "exported")
     cfg = OmegaConf.create({"checkpoint": None, "backbone_dir": str(tmp_path / "exported"),
                             "random_init": False, "backbone": {**TINY_VIT, "global_pool": "token"},
-                            "finetune": {"drop_path": 0.1, "global_pool": "avg"}})
+                            "finetune": {"drop_path": 0.1, "global_pool": "avg"}, "seed": 0})
     classifier, name = build_classifier(cfg, num_classes=10)
     assert name == f"backbone_dir={tmp_path / 'exported'}"
     tuned = classifier.backbone.model.state_dict()
