@@ -66,9 +66,10 @@ def test_step_methods_are_the_lightning_steps_and_the_marked_ones_whatever_their
             return self.objective_pictures(batch)
 
     model = tiny_multi(tokenizer, ["cls"])
-    assert sorted(sharding.step_methods(model)) == ["global_features", "objective_pictures",
-                                                    "training_step", "validation_step"]
+    assert sorted(sharding.step_methods(model)) == ["global_features", "interplay_terms",
+                                                    "objective_pictures", "training_step",
+                                                    "validation_step"]
     renamed = Renamed(model.backbone, dict(model.heads))
     assert sorted(sharding.step_methods(renamed)) == ["drawings", "global_features",
-                                                      "objective_pictures", "training_step",
-                                                      "validation_step"]
+                                                      "interplay_terms", "objective_pictures",
+                                                      "training_step", "validation_step"]

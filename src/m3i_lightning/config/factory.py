@@ -282,7 +282,7 @@ ENGINE_KEYS = {"input_mode": "input", "mask": "mask.kind", "mask_ratio": "mask.r
                "teacher_final_momentum": "teacher.final_momentum", "mix": "mix",
                "activation_checkpointing": "activation_checkpointing", "compile": "compile",
                "local_crops": "data.local_crops.count",
-               "check_finite_every": "check_finite_every"}
+               "check_finite_every": "check_finite_every", "weighting": "weighting"}
 # The objects beside the engine whose options its errors name, by their keys' paths.
 BUILT_KEYS = {"Backbone": "backbone", "FrozenTeacher": "teacher"}
 

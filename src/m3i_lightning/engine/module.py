@@ -25,6 +25,7 @@ from m3i_lightning.engine import checks, sharding
 from m3i_lightning.engine.mixing import encode_mixed, partner_rows
 from m3i_lightning.engine.plan import Input, Plan, Reading, build_plan
 from m3i_lightning.engine.teacher import EMATeacher, TargetEncoder, ema_
+from m3i_lightning.engine.weighting import build_weighting
 from m3i_lightning.objectives.base import Objective, Targets
 
 Readings = dict[str, list[tuple[dict, Encoded, Targets]]]
@@ -45,13 +46,15 @@ class Engine(L.LightningModule):
                      teacher: TargetEncoder | None = None,
                      optim: OptimConfig | Mapping | None = None, check_finite_every: int = 1,
                      mix: bool = False, local_crops: int = 0,
-                     activation_checkpointing: bool = False, compile: bool = False) -> None:
+                     activation_checkpointing: bool = False, compile: bool = False,
+                     weighting: str = "fixed") -> None:
         """``input_mode='shared'`` is M3I's Eq. 4 with a single z_x, ``'native'`` gives each
         objective its reference method's input, ``mix=True`` is M3I's multi-input pre-training
         (see :mod:`m3i_lightning.engine.plan`); ``local_crops``: how many local crops the data gives
         (DINO / MSN multi-crop, batch keys ``local1`` ...). ``teacher`` is a given target encoder (a
         :class:`~m3i_lightning.engine.teacher.FrozenTeacher`); without one, an EMA of the backbone
-        is built when an objective needs a teacher. Every bad value is a ConfigError here."""
+        is built when an objective needs a teacher. ``weighting``: how the terms make the step
+        (:mod:`m3i_lightning.engine.weighting`). Every bad value is a ConfigError here."""
         checks.check_input(input_mode, mix)
         objectives = self.objectives()
         checks.check_backbone(backbone, objectives, mix)
@@ -81,6 +84,9 @@ class Engine(L.LightningModule):
         self.optim = OptimConfig(**optim) if isinstance(optim, Mapping) else optim or OptimConfig()
         self.check_finite_every = check_finite_every
         self.scaling = {"activation_checkpointing": activation_checkpointing, "compile": compile}
+        self.weighting = build_weighting(weighting, {name: getattr(o, "form", None)
+                                                     for name, o in objectives.items()})
+        self._step_terms: dict[str, Tensor] | None = None  # for a weighting that reads them
 
     def batch_fields(self) -> set[str]:
         """Batch keys the data must provide for the selected objectives."""
@@ -177,22 +183,52 @@ class Engine(L.LightningModule):
             logs.update({f"{name}/{key}": value for key, value in extra.items()})
         return terms, logs
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def step_terms(self, batch: dict):
+        """A training step's forward on ``batch``: the weighted term of each objective (Eq. 4's
+        weight), the same as the optimiser sees it (the weighting strategy's factor too), the
+        strategy's own term (None for most), the extra logs and the batch as the objectives
+        augmented it."""
         for objective in self.objectives().values():
             objective.follow_schedule(self.current_epoch)
             batch = objective.augment_batch(batch)
         terms, logs = self.forward_terms(batch)
+        optimised, own = self.weighting(terms)
+        return terms, optimised, own, logs, batch
+
+    @sharding.step_method
+    def interplay_terms(self, batch: dict) -> dict[str, Tensor]:
+        """Each term of a training step on ``batch`` as the optimiser sees it: the pass of the
+        interplay monitor (:func:`m3i_lightning.engine.interplay.measure`), which runs it
+        before the step, its random draws forked; a step method, so a sharded engine gathers
+        its weights for it."""
+        return self.step_terms(batch)[1]
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        terms, optimised, own, logs, batch = self.step_terms(batch)
         stacked = torch.stack(list(terms.values()))
         if self.check_finite_every and self.global_step % self.check_finite_every == 0:
             self._raise_if_nonfinite(terms, stacked)
-        total = stacked.sum()
+        total = torch.stack(list(optimised.values())).sum()
+        if own is not None:
+            total = total + own
+        if self.weighting.reads_terms:
+            self._step_terms = optimised
         batch_size = batch["view1"].shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
         for name, term in terms.items():
             self.log(f"train/loss/{name}", term, batch_size=batch_size)
-        for key, value in logs.items():
+        for key, value in {**logs, **self.weighting.logs()}.items():
             self.log(f"train/{key}", value, batch_size=batch_size)
         return total
+
+    def backward(self, loss: Tensor, *args, **kwargs) -> None:
+        """Lightning's backward, through the weighting strategy: PCGrad rewrites the shared
+        encoder's gradient from the step's terms."""
+        terms, self._step_terms = self._step_terms, None
+        lightning_backward = super().backward
+        shared = [p for p in self.backbone.parameters() if p.requires_grad]
+        self.weighting.backward(loss, terms or {}, shared, self.global_step,
+                                lambda value: lightning_backward(value, *args, **kwargs))
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Detached global features of whole images. Lightning runs validation only when a
@@ -254,6 +290,9 @@ class Engine(L.LightningModule):
         and, under ``ModelParallelStrategy``, FSDP2 sharding
         (:mod:`m3i_lightning.engine.sharding`)."""
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        if mesh is not None and not self.weighting.shards:
+            raise ConfigError(f"weighting={self.weighting.name} combines whole gradients of the "
+                              "shared encoder, which FSDP2 shards: use strategy=ddp")
         sharding.configure(self, mesh, **self.scaling)
 
     def configure_optimizers(self):
