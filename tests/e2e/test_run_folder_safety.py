@@ -69,6 +69,24 @@ def test_a_refused_or_failed_start_leaves_the_run_folder_byte_for_byte(finished,
     assert snapshot(folder) == before
 
 
+def test_a_sweep_marks_its_own_failed_jobs_and_leaves_an_earlier_run_alone(finished, tmp_path,
+                                                                          capsys, monkeypatch):
+    """A sweep run again into its folder: job 0 finds an earlier run there and is refused
+    without a mark (it would brand that run FAILED for scripts/summarize_runs.py); job 1 is
+    accepted and fails after its fit (no batch of 4,000 digits), so its own folder holds its
+    record and FAILED."""
+    sweep = tmp_path / "sweep"
+    shutil.copytree(finished, sweep / "0")
+    before = snapshot(sweep / "0")
+    line = fails_with_one_line(capsys, monkeypatch, pretrain.main, "m3i_lightning", "-m",
+                               *TINY_CLS, "trainer.max_steps=2", "data.batch_size=32,4000",
+                               f"hydra.sweep.dir={sweep}", *QUIET_HYDRA)
+    assert line.startswith("error: 2 of 2 sweep jobs failed") and "already holds" in line
+    assert snapshot(sweep / "0") == before
+    assert "no training step ran" in (sweep / "1" / "FAILED").read_text()
+    assert "data.batch_size=4000" in (sweep / "1" / ".hydra" / "overrides.yaml").read_text()
+
+
 # The first run stops where training starts (its lock held, its record written) until the test
 # creates the file GO.
 WAIT_AT_TRAIN_START = """

@@ -39,7 +39,6 @@ from m3i_lightning.core.errors import (
     full_trace_wanted,
 )
 from m3i_lightning.evaluation.health import RepresentationHealth
-from m3i_lightning.evaluation.interplay_monitor import InterplayMonitor
 from m3i_lightning.evaluation.monitors import ProbeMonitor
 from m3i_lightning.evaluation.protocols import TrainedModel, label_free, selected_protocols
 from m3i_lightning.objectives.capabilities import find_image_text
@@ -52,7 +51,6 @@ from m3i_lightning.runtime.strategies import FullyShardedDataParallel
 log = logging.getLogger(__name__)
 
 PICTURES_DIR = "pictures"
-INTERPLAY_FILE = "interplay.json"  # the interplay monitor's measurements (interplay.every_n_steps)
 EXPORT_DIR = "backbone"
 CHECKPOINTS_DIR = "checkpoints"
 RECORD_DIR = ".hydra"  # Hydra's name for its record of a run
@@ -85,8 +83,7 @@ def check_writable(folder: Path) -> None:
     """Create (and remove) a file in ``folder``: what the run will do, whatever permissions,
     ACLs or a read-only mount say."""
     try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        _probe(folder)
     except OSError as err:
         raise ConfigError(f"cannot write in {folder}: {err.strerror or err}; the run would save "
                           "nothing there. Make it writable or give another run folder "
@@ -108,6 +105,15 @@ def holding_run_folder(command: Callable[[DictConfig], dict]) -> Callable[[DictC
     return run
 
 
+def _probe(folder: Path) -> None:
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
+# The run folders whose record this process wrote: their runs were accepted.
+_RECORDED: set[Path] = set()
+
+
 def write_record(cfg: DictConfig, out: Path) -> None:
     """Hydra's record of the run in ``out/.hydra/`` (``config.yaml``, ``hydra.yaml``,
     ``overrides.yaml``, as Hydra writes them), by the first process, once the run is
@@ -121,15 +127,18 @@ def write_record(cfg: DictConfig, out: Path) -> None:
     for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
                        ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
         (record / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
+    _RECORDED.add(out)
 
 
 def mark_failed(cfg: DictConfig, out: Path, message: str) -> None:
     """The folder of a sweep job that failed gets the job's record and ``FAILED`` (its error
-    line), for ``scripts/summarize_runs.py`` to list it as failed, when the job made it: a
-    folder holding an earlier run, or one in use, is left as it is."""
-    if any((out / name).exists() for name in (RECORD_DIR, LOCK_FILE, CHECKPOINTS_DIR)):
-        return
-    write_record(cfg, out)
+    line), for ``scripts/summarize_runs.py`` to list it as failed, when the folder is the
+    job's: it was accepted (and wrote its record), or it found the folder empty. A folder
+    holding an earlier run, or one in use, is left as it is."""
+    if out not in _RECORDED:
+        if any((out / name).exists() for name in (RECORD_DIR, LOCK_FILE, CHECKPOINTS_DIR)):
+            return
+        write_record(cfg, out)
     if first_process():
         (out / FAILED_FILE).write_text(f"{message}\n")
 
@@ -149,8 +158,7 @@ class WritableRunFolder(HydraCallback):
 def _create(folder: Path, option: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        _probe(folder)
     except OSError as err:
         if full_trace_wanted():
             raise
@@ -187,10 +195,6 @@ def run_callbacks(cfg: DictConfig, datamodule, out: Path) -> list[L.Callback]:
                  ReconstructionGrid(out / PICTURES_DIR, cfg.pictures.every_n_epochs,
                                     cfg.pictures.num_images)]
     callbacks.append(RepresentationHealth(**cfg.health))
-    if cfg.interplay.every_n_steps:
-        callbacks.append(InterplayMonitor(cfg.interplay.every_n_steps, cfg.interplay.wrt,
-                                          out / INTERPLAY_FILE,
-                                          out / PICTURES_DIR / "interplay.png"))
     if evaluable(datamodule):
         callbacks.append(ProbeMonitor(datamodule.num_classes, cfg.knn.k, cfg.knn.temperature,
                                       cfg.probe))
