@@ -153,11 +153,18 @@ def one_error_line(done) -> str:
     return errors[0]
 
 
-def test_an_unwritable_parent_of_the_run_folder_is_one_line(shared_tmp):
+UNWRITABLE_RUNS = {"m3i_lightning": [*TINY_CLS, "trainer.max_steps=1"],
+                   "m3i_lightning.finetune": ["random_init=true"],
+                   "m3i_lightning.eval": [f"checkpoint={Path(__file__)}"]}
+
+
+@pytest.mark.parametrize("module", UNWRITABLE_RUNS)
+def test_an_unwritable_parent_of_the_run_folder_is_one_line(shared_tmp, module):
+    """Found before Hydra creates the folder (its PermissionError was a traceback)."""
     locked = shared_tmp / "locked"
     locked.mkdir(mode=0o555)
     locked.chmod(0o555)
-    done = run(*TINY_CLS, "trainer.max_steps=1", f"hydra.run.dir={locked / 'run'}",
+    done = run(*UNWRITABLE_RUNS[module], f"hydra.run.dir={locked / 'run'}", module=module,
                check=False, user=OTHER_USER)
     line = one_error_line(done)
     assert f"cannot write the run folder hydra.run.dir={locked / 'run'}: Permission denied" in line
