@@ -25,8 +25,9 @@ other, and their ratios are ratios of medians. On CPU torch runs one intra-op th
 step's time becomes a matter of luck (the composed CPU-model step: 3.9 s with two threads
 against 0.8 s with one, same load). The CPU run is for ratios; absolute figures are the GPU's.
 
-``--data ...`` and ``--eval ...`` run another section instead, with the options that follow:
-the loader (``scripts/bench_data.py``) and the kNN's peak memory (``scripts/bench_eval.py``).
+``--data ...``, ``--eval ...`` and ``--interplay ...`` run another section instead, with the
+options that follow: the loader (``scripts/bench_data.py``), the kNN's peak memory
+(``scripts/bench_eval.py``) and the interplay monitor's cost (``scripts/bench_interplay.py``).
 """
 
 from __future__ import annotations
@@ -588,7 +589,7 @@ def format_tables(result: dict) -> str:
 
 
 # options that hand the rest of the command line to another script of this folder
-SECTIONS = {"data": "bench_data", "eval": "bench_eval"}
+SECTIONS = {"data": "bench_data", "eval": "bench_eval", "interplay": "bench_interplay"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -604,6 +605,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the kNN memory benchmark instead (scripts/bench_eval.py), given "
                              "the options that follow: --bank, --dim, --queries, "
                              "--chunk-sizes, --device, --json")
+    parser.add_argument("--interplay", nargs=argparse.REMAINDER, metavar="OPTION",
+                        help="the interplay monitor's cost instead (scripts/bench_interplay.py: "
+                             "a measurement against a training step), given the options that "
+                             "follow: --every, --repeats, --batch-size, --set, --json")
     parser.add_argument("--out", default="bench.json", help="where to write the JSON")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int,

@@ -24,7 +24,8 @@ from m3i_lightning.engine.interplay import Interplay, check_wrt, measure
 class InterplayMonitor(L.Callback):
     """Measures the interplay on the first batch of every ``every_n_steps``-th optimizer step,
     before the step runs, and hands the figures to every logger at that step; every rank
-    measures (the reductions are collectives), rank 0 writes.
+    measures (the reductions are collectives), rank 0 writes. A run of one objective has no
+    interplay: nothing is measured.
 
     Args:
         every_n_steps: optimizer steps between measurements.
@@ -49,7 +50,7 @@ class InterplayMonitor(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step
         measured = self.history and self.history[-1]["step"] == step  # a later micro-batch
-        if (step + 1) % self.every_n_steps or measured:
+        if (step + 1) % self.every_n_steps or measured or len(pl_module.objectives()) < 2:
             return
         interplay = measure(pl_module, batch, self.wrt, trainer.precision_plugin.forward_context)
         self.names = list(interplay.names)
