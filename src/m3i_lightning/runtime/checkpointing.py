@@ -14,7 +14,9 @@
   loader, whose failures become one line naming the option and the file. It also reads the
   sharded folders of ``checkpoint.sharded=true``
   (:mod:`m3i_lightning.runtime.sharded_checkpoint`) as one consolidated checkpoint, which
-  :mod:`m3i_lightning.commands.consolidate` writes as a file.
+  :mod:`m3i_lightning.commands.consolidate` writes as a file. :func:`read_weight_shapes`
+  reads as little as the format allows (a file memory-mapped, a sharded folder's index): what
+  a resume checks against its model before anything of the run is written.
 
 Everything in a checkpoint is tensors, numbers and strings, so a file (and a sharded folder's
 ``meta.pt``) loads with ``weights_only=True``. A sharded folder's shard index is DCP's own
