@@ -38,6 +38,22 @@ class Backbone(nn.Module):
     in :attr:`Encoded.masked_tokens`), ``supports_class_attention``
     (:attr:`Encoded.class_attention`, from ``forward(..., class_attention=True)``; a ViT with a
     class token).
+
+    Args:
+        arch: a timm architecture (``vit_base_patch16_224``, ``convnext_tiny``,
+            ``swin_tiny_patch4_window7_224``, ``resnet50`` ...).
+        img_size: the training resolution.
+        **timm_kwargs: keyword arguments of the timm model (``patch_size``, ``depth``,
+            ``drop_path_rate`` ...) and the family's own options (a ViT's ``mask_token``,
+            ``position_embedding``, ``init``, ``freeze_patch_embed``).
+
+    Example:
+        >>> import torch
+        >>> backbone = Backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1)
+        >>> type(backbone).__name__, backbone.embed_dim, backbone.grid_size
+        ('VisionTransformerBackbone', 192, (8, 8))
+        >>> backbone(torch.randn(2, 3, 32, 32)).tokens.shape  # the Encoded contract
+        torch.Size([2, 64, 192])
     """
 
     family: ClassVar[str]

@@ -34,7 +34,19 @@ def in_float32(loss: Callable) -> Callable:
     """``loss`` computed in float32 under any autocast: its half-precision tensor arguments
     upcast, autocast off inside. A softmax over thousands of candidates, a sum of squared
     errors or UniGrad's correlation keep 8 bits of mantissa in bfloat16, too few for a loss
-    and its gradient; the heads before it still run in bfloat16."""
+    and its gradient; the heads before it still run in bfloat16.
+
+    Args:
+        loss: a function of tensors returning a loss.
+
+    Returns:
+        The same function, computed in float32.
+
+    Example:
+        >>> total = in_float32(lambda x: x.sum())
+        >>> total(torch.ones(3, dtype=torch.bfloat16)).dtype
+        torch.float32
+    """
     @functools.wraps(loss)
     def float32_loss(*args, **kwargs):
         tensors = [v for v in (*args, *kwargs.values()) if torch.is_tensor(v)]
@@ -45,7 +57,16 @@ def in_float32(loss: Callable) -> Callable:
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     """No autocast on ``device_type`` inside the block; a device without autocast (``meta``,
-    where shapes are worked out without data) has none to switch off."""
+    where shapes are worked out without data) has none to switch off.
+
+    Args:
+        device_type: the device kind, ``"cuda"``, ``"cpu"``, ``"meta"``...
+
+    Example:
+        >>> with torch.autocast("cpu"), autocast_off("cpu"):
+        ...     torch.is_autocast_enabled("cpu")
+        False
+    """
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
@@ -59,9 +80,17 @@ def _upcast(value):
 def gaussian_nll(pred: Tensor, target: Tensor, kind: str = "mse", beta: float = 1.0) -> Tensor:
     """−log of a fixed-variance Gaussian (up to scale and constant): a regression loss.
 
-    ``pred``, ``target``: [..., D]. ``kind``: ``mse`` (mean over all elements),
-    ``smooth_l1`` (Huber with ``beta``, as BEiT v2 / FD use), or ``cosine``
-    (2 − 2·cos per vector, the von Mises–Fisher form of BYOL), averaged over vectors.
+    Args:
+        pred: [..., D] predictions.
+        target: [..., D] targets.
+        kind: ``mse`` (mean over all elements), ``smooth_l1`` (Huber with ``beta``, as
+            BEiT v2 / FD use) or ``cosine`` (2 − 2·cos per vector, the von Mises–Fisher form
+            of BYOL, averaged over vectors).
+        beta: the Huber threshold of ``smooth_l1``.
+
+    Example:
+        >>> gaussian_nll(torch.ones(2, 4), torch.zeros(2, 4))
+        tensor(1.)
     """
     if kind == "mse":
         return F.mse_loss(pred, target)
@@ -77,9 +106,16 @@ def boltzmann_nll(logits: Tensor, target: Tensor, label_smoothing: float = 0.0,
                   reduction: str = "mean") -> Tensor:
     """−log softmax(logits)[target]: a Boltzmann distribution over the candidate set.
 
-    ``logits``: [B, C] similarities already divided by the temperature; ``target``: [B]
-    candidate index (entries of −100 are ignored) or [B, C] soft target distribution;
-    ``reduction="none"``: the loss of each row.
+    Args:
+        logits: [B, C] similarities already divided by the temperature.
+        target: [B] candidate index (entries of −100 are ignored) or [B, C] soft target
+            distribution.
+        label_smoothing: the probability mass spread evenly over the candidates.
+        reduction: ``mean``, or ``none`` for the loss of each row.
+
+    Example:
+        >>> boltzmann_nll(torch.zeros(2, 4), torch.tensor([0, 3]))  # uniform over 4: log 4
+        tensor(1.3863)
     """
     return F.cross_entropy(logits, target, label_smoothing=label_smoothing, reduction=reduction)
 
@@ -91,8 +127,14 @@ def bernoulli_nll(logits: Tensor, target: Tensor, reduction: str = "mean") -> Te
     candidates, as DeiT III trains (torch's ``BCEWithLogitsLoss``: the mean over rows and
     candidates).
 
-    ``logits``: [B, C]; ``target``: [B, C] probabilities of each candidate being present;
-    ``reduction="none"``: each row's mean over its candidates.
+    Args:
+        logits: [B, C].
+        target: [B, C] probabilities of each candidate being present.
+        reduction: ``mean``, or ``none`` for each row's mean over its candidates.
+
+    Example:
+        >>> bernoulli_nll(torch.zeros(1, 3), torch.ones(1, 3))  # sigmoid(0) = 1/2: log 2
+        tensor(0.6931)
     """
     per_row = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1)
     return per_row if reduction == "none" else per_row.mean()
@@ -104,14 +146,26 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float,
               all_text_emb: Tensor | None = None, all_valid: Tensor | None = None) -> Tensor:
     """Symmetric InfoNCE of CLIP (Radford et al., 2021; open_clip ``ClipLoss``).
 
-    ``image_emb``, ``text_emb``: [B, D] L2-normalised embeddings of matching pairs;
-    ``logit_scale``: the multiplier (already exponentiated and clamped).
     For data parallelism pass the embeddings gathered from all ranks as ``all_*`` and this
     rank's position ``offset`` in them: the local rows are scored against every candidate
     (open_clip's ``local_loss``), which averaged over ranks equals the loss on the whole batch.
-    ``all_valid`` [B_all] bool marks the (gathered) pairs that have a caption: the others are
-    left out as queries and as candidates, shapes unchanged so every rank gathers the same
-    sizes; the loss is then the mean over this rank's valid pairs (0, with a graph, if none).
+
+    Args:
+        image_emb: [B, D] L2-normalised image embeddings.
+        text_emb: [B, D] L2-normalised embeddings of the matching texts.
+        logit_scale: the multiplier of the similarities (already exponentiated and clamped).
+        offset: this rank's first row in the gathered embeddings.
+        all_image_emb: [B_all, D] image embeddings of every rank (default: ``image_emb``).
+        all_text_emb: [B_all, D] text embeddings of every rank (default: ``text_emb``).
+        all_valid: [B_all] bool, the (gathered) pairs that have a caption: the others are left
+            out as queries and as candidates, shapes unchanged so every rank gathers the same
+            sizes; the loss is then the mean over this rank's valid pairs (0, with a graph, if
+            none).
+
+    Example:
+        >>> pairs = torch.eye(3)
+        >>> clip_loss(pairs, pairs, logit_scale=100.0)  # each pair far closer than the others
+        tensor(0.)
     """
     all_image_emb = image_emb if all_image_emb is None else all_image_emb
     all_text_emb = text_emb if all_text_emb is None else all_text_emb
@@ -138,12 +192,22 @@ def info_nce(query: Tensor, key: Tensor, temperature: float = 0.2, offset: int =
 
         2τ · mean_i −log softmax_j(q_i · k_j / τ)[offset + i]
 
-    ``query``: [B, D] L2-normalised predictions; ``key``: [M, D] L2-normalised keys, M ≥ B,
-    where row ``offset + i`` is the positive of query i and every other key is a negative. For
-    data parallelism pass the keys gathered from all ranks and this rank's offset in them
-    (local loss: averaged over ranks it equals the loss on the whole batch). MoCo v3's keys come
-    from the momentum encoder and carry no gradient. The 2τ factor is MoCo v3's: it cancels the
-    1/τ the logits put on the gradient, so τ does not rescale the update.
+    Every key but the positive is a negative. For data parallelism pass the keys gathered from
+    all ranks and this rank's offset in them (local loss: averaged over ranks it equals the
+    loss on the whole batch). MoCo v3's keys come from the momentum encoder and carry no
+    gradient. The 2τ factor is MoCo v3's: it cancels the 1/τ the logits put on the gradient,
+    so τ does not rescale the update.
+
+    Args:
+        query: [B, D] L2-normalised predictions.
+        key: [M, D] L2-normalised keys, M ≥ B; row ``offset + i`` is the positive of query i.
+        temperature: τ.
+        offset: this rank's first row in the gathered keys.
+
+    Example:
+        >>> q = torch.eye(2)
+        >>> info_nce(q, q, temperature=1.0)  # 2 · −log(e / (e + 1))
+        tensor(0.6265)
     """
     labels = torch.arange(query.shape[0], device=query.device) + offset
     return 2 * temperature * boltzmann_nll(query @ key.T / temperature, labels)
@@ -152,10 +216,19 @@ def info_nce(query: Tensor, key: Tensor, temperature: float = 0.2, offset: int =
 @in_float32
 def queue_info_nce(query: Tensor, key: Tensor, queue: Tensor, temperature: float = 0.2) -> Tensor:
     """InfoNCE against a memory queue (MoCo v2, DenseCL's global term): the candidates of query
-    i are its own positive ``key[i]`` and the K queued keys.
+    i are its own positive ``key[i]`` and the K queued keys. Keys and queue are targets: no
+    gradient flows to them.
 
-    ``query``, ``key``: [B, D] L2-normalised; ``queue``: [K, D] L2-normalised keys of earlier
-    batches. Keys and queue are targets: no gradient flows to them.
+    Args:
+        query: [B, D] L2-normalised.
+        key: [B, D] L2-normalised positives.
+        queue: [K, D] L2-normalised keys of earlier batches, the negatives.
+        temperature: τ.
+
+    Example:
+        >>> q = torch.eye(2)
+        >>> queue_info_nce(q, q, queue=-q, temperature=1.0)  # −log(e / (e + e⁻¹ + 1))
+        tensor(0.4076)
     """
     positive = (query * key.detach()).sum(-1, keepdim=True)
     logits = torch.cat([positive, query @ queue.detach().T], dim=1) / temperature
@@ -167,13 +240,23 @@ def queue_info_nce(query: Tensor, key: Tensor, queue: Tensor, temperature: float
 def dense_info_nce(query: Tensor, key: Tensor, query_feat: Tensor, key_feat: Tensor,
                    queue: Tensor, temperature: float = 0.2) -> Tensor:
     """DenseCL's dense contrastive loss (Wang et al., CVPR 2021): every query location is
-    contrasted, as in :func:`queue_info_nce`, against the key location that matches it best.
+    contrasted, as in :func:`queue_info_nce`, against the key location that matches it best;
+    averaged over all B·N locations.
 
-    ``query``: [B, N, D] and ``key``: [B, M, D] L2-normalised dense projections of the two views
-    (the query locations may be a subset, e.g. the visible patches); ``query_feat``: [B, N, C]
-    and ``key_feat``: [B, M, C] the backbone features that only choose the match: the positive
-    of location n is the key location m of highest cosine similarity cos(query_feat_n,
-    key_feat_m). ``queue``: [K, D] negatives. Averaged over all B·N locations.
+    Args:
+        query: [B, N, D] L2-normalised dense projections of one view (the query locations
+            may be a subset, e.g. the visible patches).
+        key: [B, M, D] L2-normalised dense projections of the other view.
+        query_feat: [B, N, C] backbone features that only choose the match ...
+        key_feat: [B, M, C] ... the positive of location n is the key location m of highest
+            cosine similarity cos(query_feat_n, key_feat_m).
+        queue: [K, D] negatives.
+        temperature: τ.
+
+    Example:
+        >>> z = F.normalize(torch.randn(2, 4, 8), dim=-1)
+        >>> dense_info_nce(z, z, z, z, queue=F.normalize(torch.randn(16, 8), dim=-1)).shape
+        torch.Size([])
     """
     similarity = F.normalize(query_feat, dim=-1) @ F.normalize(key_feat, dim=-1).transpose(1, 2)
     match = similarity.argmax(dim=-1, keepdim=True)
@@ -184,14 +267,31 @@ def dense_info_nce(query: Tensor, key: Tensor, query_feat: Tensor, key_feat: Ten
 @in_float32
 def byol_loss(pred: Tensor, target: Tensor) -> Tensor:
     """BYOL's regression loss (Grill et al., NeurIPS 2020), one direction of it: the mean over
-    the batch of ‖p/‖p‖ − z/‖z‖‖² = 2 − 2·cos(p, z). ``pred`` p: [B, D] online predictions;
-    ``target`` z: [B, D] target projections (the caller stops their gradient)."""
+    the batch of ‖p/‖p‖ − z/‖z‖‖² = 2 − 2·cos(p, z).
+
+    Args:
+        pred: [B, D] online predictions p.
+        target: [B, D] target projections z (the caller stops their gradient).
+
+    Example:
+        >>> byol_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]))  # orthogonal
+        tensor(2.)
+    """
     return gaussian_nll(pred, target, "cosine")
 
 
 def batch_standardize(z: Tensor, eps: float = 1e-5) -> Tensor:
-    """Each feature of ``z`` [B, D] to zero mean and unit (biased) variance over the batch, as
-    a BatchNorm without affine parameters in training mode."""
+    """Each feature of ``z`` to zero mean and unit (biased) variance over the batch, as a
+    BatchNorm without affine parameters in training mode.
+
+    Args:
+        z: [B, D].
+        eps: added to the variance.
+
+    Example:
+        >>> batch_standardize(torch.tensor([[1.0], [3.0]]), eps=0.0).flatten()
+        tensor([-1.,  1.])
+    """
     return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + eps)
 
 
@@ -201,11 +301,19 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 5.1e-3) -> Tensor:
 
         C = ẑ1ᵀ ẑ2 / B,   L = Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij²
 
-    with ẑ the batch-standardised embeddings (:func:`batch_standardize`). ``z1``, ``z2``:
-    [B, D] projections of the two views, both with gradients (no target network); under data
-    parallelism pass the embeddings of the global batch. Pulling C to the identity makes the
-    views agree (diagonal) while decorrelating the features (off-diagonal), the regulariser that
-    prevents collapse.
+    with ẑ the batch-standardised embeddings (:func:`batch_standardize`). Pulling C to the
+    identity makes the views agree (diagonal) while decorrelating the features
+    (off-diagonal), the regulariser that prevents collapse.
+
+    Args:
+        z1: [B, D] projections of one view, with gradients (no target network) ...
+        z2: [B, D] ... and of the other; under data parallelism, those of the global batch.
+        lambd: λ, the weight of the off-diagonal terms.
+
+    Example:
+        >>> z = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0]])
+        >>> barlow_twins_loss(z, z) < 1e-8  # the views agree, the features are uncorrelated
+        tensor(True)
     """
     c = batch_standardize(z1).T @ batch_standardize(z2) / z1.shape[0]
     on_diagonal = (1 - c.diagonal()).pow(2).sum()
@@ -214,9 +322,20 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float = 5.1e-3) -> Tensor:
 
 
 def sinkhorn(probs: Tensor, iterations: int = 3) -> Tensor:
-    """Sinkhorn–Knopp balancing of soft assignments ``probs`` [B, K] (SwAV; MSN's targets):
-    alternately rescale so each prototype holds 1/K of the mass and each sample 1/B; returns
-    [B, K] rows summing to one with prototypes used evenly over the batch."""
+    """Sinkhorn–Knopp balancing of soft assignments (SwAV; MSN's targets): alternately
+    rescale so each prototype holds 1/K of the mass and each sample 1/B.
+
+    Args:
+        probs: [B, K] soft assignments of B samples to K prototypes.
+        iterations: rounds of the two rescalings.
+
+    Returns:
+        [B, K] rows summing to one, with the prototypes used evenly over the batch.
+
+    Example:
+        >>> sinkhorn(torch.tensor([[0.9, 0.1], [0.8, 0.2]]), iterations=20).sum(0)
+        tensor([1., 1.])
+    """
     q = probs / probs.sum()
     batch, prototypes = q.shape
     for _ in range(iterations):
@@ -234,12 +353,24 @@ def msn_loss(anchor: Tensor, target: Tensor, prototypes: Tensor,
         p = softmax(cos(anchor, prototypes) / τ),   p⁺ = softmax(cos(target, prototypes) / τ⁺)
         L = mean_b H(p⁺_b, p_b) − w · H(mean_b p_b) + w · log K
 
-    ``anchor``: [B, D] masked-view embeddings; ``target``: [B, D] target-encoder embeddings of
-    the full view (a constant); ``prototypes``: [K, D] learnable, both sides L2-normalised.
     The low target temperature τ⁺ = 0.025 sharpens the targets (MSN writes it as a softmax at
-    τ = 0.1 raised to 1/T, T = 0.25), optionally balanced by ``sinkhorn_iterations`` of
-    :func:`sinkhorn`; the mean-entropy maximisation (me-max, weight w) spreads the anchors over
-    all prototypes, which prevents collapse. Under data parallelism pass the global batch.
+    τ = 0.1 raised to 1/T, T = 0.25), optionally balanced by :func:`sinkhorn`; the
+    mean-entropy maximisation (me-max, weight w) spreads the anchors over all prototypes,
+    which prevents collapse. Under data parallelism pass the global batch.
+
+    Args:
+        anchor: [B, D] masked-view embeddings.
+        target: [B, D] target-encoder embeddings of the full view (a constant).
+        prototypes: [K, D] learnable prototypes (both sides are L2-normalised here).
+        anchor_temperature: τ.
+        target_temperature: τ⁺.
+        me_max_weight: w.
+        sinkhorn_iterations: rounds of :func:`sinkhorn` on the targets (0: none).
+
+    Example:
+        >>> z = torch.randn(8, 16)
+        >>> msn_loss(z, z, prototypes=torch.randn(4, 16)).shape
+        torch.Size([])
     """
     prototypes = F.normalize(prototypes, dim=-1)
     logits = F.normalize(anchor, dim=-1) @ prototypes.T / anchor_temperature
@@ -259,11 +390,20 @@ def mae_loss(pred: Tensor, target_patches: Tensor, mask: Tensor | None = None,
     """MAE's reconstruction loss (He et al., 2022): the mean over the masked patches of each
     patch's mean squared error, the target patches standardised first (``norm_pix_loss``).
 
-    ``pred``, ``target_patches``: [B, N, p·p·C] (targets as
-    :func:`~m3i_lightning.components.pixels.patchify` gives them, before normalisation).
-    ``mask``: [B, N], 1 = masked: only those patches count. Without ``mask`` every given patch
-    counts, so pass all N patches (auto-encoder) or the masked ones only, gathered
-    ([B, M, p·p·C], the same loss).
+    Args:
+        pred: [B, N, p·p·C] predicted patches.
+        target_patches: [B, N, p·p·C] as :func:`~m3i_lightning.components.pixels.patchify`
+            gives them, before normalisation.
+        mask: [B, N], 1 = masked: only those patches count. Without it every given patch
+            counts, so pass all N patches (auto-encoder) or the masked ones only, gathered
+            ([B, M, p·p·C], the same loss).
+        norm_pix: standardise each target patch (MAE's ``norm_pix_loss``).
+
+    Example:
+        >>> patches = torch.randn(2, 4, 12)
+        >>> torch.isclose(mae_loss(torch.zeros(2, 4, 12), patches, norm_pix=False),
+        ...               patches.pow(2).mean())
+        tensor(True)
     """
     target = normalize_patches(target_patches) if norm_pix else target_patches
     per_patch = (pred - target).pow(2).mean(dim=-1)
@@ -280,10 +420,20 @@ def dino_loss(student_logits: Tensor, teacher_logits: Tensor, center: Tensor,
 
         −Σ_k softmax((t − c)/τ_t)_k · log softmax(s/τ_s)_k
 
-    ``student_logits`` s, ``teacher_logits`` t: [B, K] prototype scores of matching views;
-    ``center`` c: [K] or [1, K], the running mean of teacher scores. Centering keeps one
-    prototype from dominating, the low teacher temperature sharpens; together they prevent
-    collapse. The teacher distribution is a fixed target: no gradient flows to it.
+    Centering keeps one prototype from dominating, the low teacher temperature sharpens;
+    together they prevent collapse. The teacher distribution is a fixed target: no gradient
+    flows to it.
+
+    Args:
+        student_logits: [B, K] prototype scores s of the student's view.
+        teacher_logits: [B, K] prototype scores t of the teacher's matching view.
+        center: [K] or [1, K], c, the running mean of teacher scores.
+        student_temp: τ_s.
+        teacher_temp: τ_t.
+
+    Example:
+        >>> dino_loss(torch.zeros(2, 4), torch.zeros(2, 4), center=torch.zeros(4))  # log 4
+        tensor(1.3863)
     """
     target = F.softmax((teacher_logits.detach() - center) / teacher_temp, dim=-1)
     return boltzmann_nll(student_logits / student_temp, target)
@@ -291,8 +441,19 @@ def dino_loss(student_logits: Tensor, teacher_logits: Tensor, center: Tensor,
 
 @in_float32
 def feature_correlation(features: Tensor) -> Tensor:
-    """UniGrad's correlation matrix F = (1/n) Σ_v v vᵀ (uncentred) of the n vectors in
-    ``features`` [..., D] (every leading dimension indexes samples) → [D, D]."""
+    """UniGrad's correlation matrix F = (1/n) Σ_v v vᵀ (uncentred) of n vectors.
+
+    Args:
+        features: [..., D]; every leading dimension indexes samples.
+
+    Returns:
+        [D, D].
+
+    Example:
+        >>> feature_correlation(torch.eye(2))
+        tensor([[0.5000, 0.0000],
+                [0.0000, 0.5000]])
+    """
     vectors = features.reshape(-1, features.shape[-1])
     return vectors.T @ vectors / vectors.shape[0]
 
@@ -304,12 +465,22 @@ def unigrad_loss(pred: Tensor, target: Tensor, correlation: Tensor,
 
         L = (1/D) · mean_v [ ‖p_v − y_v‖² + λ · p_vᵀ F p_v ]
 
-    ``pred`` p and ``target`` y: [..., D], one vector v per leading index (B·N tokens);
-    ``correlation`` F: [D, D], the correlation of the targets (:func:`feature_correlation` of
-    this batch, or its moving average); ``neg_weight``: λ. Targets and F are constants. The
-    gradient, 2/(nD)·(p_v − y_v + λ F p_v), is UniGrad's unified form: a positive pull towards
-    the target plus a negative term pushing p_v out of the directions where features
-    concentrate, which is what keeps the features from collapsing without negative pairs.
+    Targets and F are constants. The gradient, 2/(nD)·(p_v − y_v + λ F p_v), is UniGrad's
+    unified form: a positive pull towards the target plus a negative term pushing p_v out of
+    the directions where features concentrate, which is what keeps the features from
+    collapsing without negative pairs.
+
+    Args:
+        pred: [..., D] predictions p, one vector v per leading index (B·N tokens).
+        target: [..., D] targets y.
+        correlation: [D, D] F, the correlation of the targets (:func:`feature_correlation`
+            of this batch, or its moving average).
+        neg_weight: λ.
+
+    Example:
+        >>> p = torch.eye(2)
+        >>> unigrad_loss(p, p, feature_correlation(p))  # λ · pᵀFp / D = 0.02 · 0.5 / 2
+        tensor(0.0050)
     """
     target, correlation = target.detach(), correlation.detach()
     positive = (pred - target).pow(2).sum(-1)

@@ -53,7 +53,35 @@ class DigitsSource:
 class EmbeddedDigits(TrainFields, DeviceViews, L.LightningDataModule):
     """Digits split deterministically into train / val; ``labels`` / ``captions`` can be
     switched off to pre-train as if the data had none; ``train_view`` as for
-    :class:`~m3i_lightning.data.module.ViewDataModule`."""
+    :class:`~m3i_lightning.data.module.ViewDataModule`.
+
+    Args:
+        img_size: the side of the views.
+        source_size: the side the 8×8 digits are upscaled to once.
+        batch_size: samples per batch.
+        num_workers: DataLoader worker processes.
+        val_fraction: the share of the digits held out (0.2: 359 of 1,797).
+        split_seed: the seed of that split.
+        crop_scale: the (min, max) area fraction of a view's random crop.
+        flip: random horizontal flips.
+        labels: give the digit as label (False: pre-train as if unlabelled).
+        captions: give captions written from the label.
+        tokenizer: turns captions into tokens (default: a byte-level one).
+        fields: the batch keys to build (None: those the trained module reads).
+        seed: the seed of the training order and of each sample's crops.
+        local_crops: DINO / MSN multi-crop: ``count``, ``size``, ``scale`` of the small crops.
+        augment: the views' augmentations (``none``, ``byol``, ...).
+        repeated_aug: DeiT's repeated augmentation.
+        augment_on: ``workers`` or ``device``.
+        interpolation: ``bilinear`` or ``bicubic`` resizing of the crops.
+        train_view: builds the training view from the crops (fine-tuning's recipe).
+
+    Example:
+        >>> data = EmbeddedDigits(img_size=16, batch_size=32, num_workers=0)
+        >>> data.setup("fit")
+        >>> next(iter(data.train_dataloader()))["view1"].shape
+        torch.Size([32, 3, 16, 16])
+    """
 
     def __init__(self, img_size: int = 32, source_size: int = 32, batch_size: int = 128,
                  num_workers: int = 2, val_fraction: float = 0.2, split_seed: int = 0,

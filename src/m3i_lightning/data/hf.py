@@ -187,6 +187,29 @@ class HFData(ViewDataModule):
     ``num_classes`` when streaming. ``val_split`` is the held-out split for kNN; without it
     ``val_fraction`` of the rows is held out. A streamed epoch has ``num_samples`` rows, by
     default the split size the dataset reports.
+
+    Args:
+        name: a hub id, a ``save_to_disk`` folder, or parquet file(s).
+        split: the training split.
+        val_split: the held-out split (None: ``val_fraction`` of the rows).
+        image_column: the column of the images.
+        text_column: the column of the captions (None: no captions).
+        label_column: the column of the labels (None: no labels).
+        streaming: stream the dataset, split per rank.
+        num_samples: a streamed epoch's rows (None: the size the dataset reports).
+        num_classes: classes of a plain integer label column when streaming.
+        val_fraction: held out without ``val_split``.
+        shuffle_buffer: rows mixed per worker when streaming.
+        eval_samples: at most this many rows per split in evaluation when streaming.
+
+    The other options (``img_size``, ``batch_size``, ``num_workers``, ``crop_scale``,
+    ``flip``, ``local_crops``, ``augment``, ``repeated_aug``, ``augment_on``, ``decode_size``,
+    ``interpolation``, ``seed``, ``tokenizer``, ``fields``, ``train_view``) build the views and
+    the loader, as :class:`~m3i_lightning.data.module.ViewDataModule` says.
+
+    Example:
+        >>> data = HFData("./my_dataset", text_column="caption", label_column="label",
+        ...               img_size=224)  # doctest: +SKIP
     """
 
     def __init__(self, name: str | None = None, split: str = "train", val_split: str | None = None,

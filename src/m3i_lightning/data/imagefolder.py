@@ -174,6 +174,24 @@ class ImageFolderData(ViewDataModule):
     ``labels`` / ``captions`` switch off what the folder would provide; ``text_column`` names
     the caption column of the metadata (default: ``text``, else ``caption``); without a
     validation folder ``val_fraction`` of the images (at least one) is held out for kNN.
+
+    Args:
+        path: the image folder (DIR, or DIR/train).
+        labels: take the class folders as labels.
+        captions: take the metadata's captions.
+        text_column: the caption column of the metadata (None: ``text``, else ``caption``).
+        val_fraction: held out when there is no ``val``/``validation``/``valid``/``test``
+            folder beside ``train``.
+
+    The other options (``img_size``, ``batch_size``, ``num_workers``, ``crop_scale``,
+    ``flip``, ``local_crops``, ``augment``, ``repeated_aug``, ``augment_on``, ``decode_size``,
+    ``interpolation``, ``seed``, ``tokenizer``, ``fields``, ``train_view``) build the views and
+    the loader, as :class:`~m3i_lightning.data.module.ViewDataModule` says.
+
+    Example:
+        >>> data = ImageFolderData("/data/pets", img_size=224, batch_size=64)  # doctest: +SKIP
+        >>> data.class_names[:2]  # doctest: +SKIP
+        ['abyssinian', 'beagle']
     """
 
     def __init__(self, path: str | None = None, img_size: int = 32, batch_size: int = 128,

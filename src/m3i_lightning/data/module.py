@@ -49,7 +49,30 @@ class TrainFields:
 class ViewDataModule(TrainFields, DeviceViews, L.LightningDataModule):
     """Base of the image folder, shard and Hugging Face data modules. ``train_view`` builds
     the training view from the data's crops (fine-tuning's recipe augmentation); None: the
-    crops themselves."""
+    crops themselves.
+
+    Args:
+        img_size: the side of the views, in pixels.
+        batch_size: samples per batch and process.
+        num_workers: DataLoader worker processes.
+        crop_scale: the (min, max) area fraction of a view's random crop.
+        flip: random horizontal flips.
+        tokenizer: turns captions into tokens (None: the data's captions are not tokenised).
+        fields: the batch keys to build (None: those the trained module reads,
+            :class:`TrainFields`).
+        seed: the seed of the training order and of each sample's crops.
+        val_fraction: the share held out where the data has no held-out split of its own.
+        local_crops: DINO / MSN multi-crop: ``count``, ``size``, ``scale`` of the small crops.
+        augment: the views' augmentations: ``none``, ``byol``, ``mocov2``, ``deit`` or
+            ``three_augment``.
+        repeated_aug: DeiT's repeated augmentation: each image that many times in a row.
+        augment_on: ``workers`` (crops and colours in the DataLoader) or ``device`` (batched in
+            the step).
+        decode_size: ``augment_on=device``: the square every image is resized to.
+        interpolation: ``bilinear`` or ``bicubic`` resizing of the crops.
+        train_view: builds the training view from the crops (fine-tuning's recipe); None: the
+            crops themselves.
+    """
 
     def __init__(self, img_size: int, batch_size: int, num_workers: int,
                  crop_scale: Sequence[float], flip: bool, tokenizer, fields: set[str] | None,

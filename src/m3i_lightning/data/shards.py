@@ -267,6 +267,25 @@ class WebDatasetData(ViewDataModule):
     ``val_urls`` are the held-out shards for kNN; without them the samples whose key hashes
     below ``val_fraction`` are held out of training. ``shuffle_buffer`` raw samples per worker
     are mixed before decoding.
+
+    Args:
+        urls: the shards: a brace pattern, a glob, or a list of paths or fsspec URLs.
+        num_samples: samples an epoch (None: from ``sizes.json`` beside the shards).
+        num_classes: classes of ``.cls`` (None: from ``classes.json``, if any).
+        val_urls: the held-out shards.
+        val_fraction: without them, the share of samples (by key hash) held out.
+        resampled: draw shards with replacement (fresh samples after a resume).
+        shuffle_buffer: raw samples mixed per worker before decoding.
+        eval_samples: at most this many samples per split in evaluation.
+        captions: take the captions.
+
+    The other options (``img_size``, ``batch_size``, ``num_workers``, ``crop_scale``,
+    ``flip``, ``local_crops``, ``augment``, ``repeated_aug``, ``augment_on``, ``decode_size``,
+    ``interpolation``, ``seed``, ``tokenizer``, ``fields``, ``train_view``) build the views and
+    the loader, as :class:`~m3i_lightning.data.module.ViewDataModule` says.
+
+    Example:
+        >>> data = WebDatasetData("shards/{000000..000127}.tar", img_size=224)  # doctest: +SKIP
     """
 
     def __init__(self, urls: str | Sequence[str] | None = None, img_size: int = 32,

@@ -316,7 +316,26 @@ ENGINE_OPTIONS = frozenset(inspect.signature(Engine.build_engine).parameters) - 
 
 
 class MultiObjective(Engine):
-    """Several objectives on one backbone: the all-in-one pre-training of M3I (Eq. 4)."""
+    """Several objectives on one backbone: the all-in-one pre-training of M3I (Eq. 4).
+
+    Args:
+        backbone: the shared encoder.
+        objectives: name → objective head, each built without ``backbone=`` and sized with
+            the backbone's ``embed_dim`` and ``grid_size``.
+        **engine: the options of :meth:`Engine.build_engine`: ``input_mode`` (``shared`` or
+            ``native``), ``mix``, ``mask``, ``mask_ratio``, the teacher's momentum, ``optim``
+            and the rest.
+
+    Example:
+        >>> from m3i_lightning import Backbone
+        >>> from m3i_lightning.objectives import Classification, MaskedFeature
+        >>> backbone = Backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1)
+        >>> dims = dict(embed_dim=backbone.embed_dim, grid_size=backbone.grid_size)
+        >>> model = MultiObjective(backbone, {"mim_feat": MaskedFeature(**dims),
+        ...                                   "cls": Classification(num_classes=10, **dims)})
+        >>> sorted(model.batch_fields())
+        ['label', 'view1']
+    """
 
     def __init__(self, backbone: Backbone, objectives: Mapping[str, Objective], **engine) -> None:
         super().__init__()
@@ -339,8 +358,12 @@ class MultiObjective(Engine):
         ``backbone``; ``options`` are the engine's (:data:`ENGINE_OPTIONS`) and the head's own.
 
         Example:
+            >>> from m3i_lightning import Backbone
+            >>> from m3i_lightning.objectives import SiameseFeature
+            >>> b = Backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1)
             >>> model = MultiObjective.alone(SiameseFeature, backbone=b, mask_ratio=0.5)
-            >>> model.head  # the SiameseFeature
+            >>> type(model.head).__name__
+            'SiameseFeature'
         """
         engine = {k: options.pop(k) for k in ENGINE_OPTIONS & set(options)}
         head = objective(embed_dim=backbone.embed_dim, grid_size=backbone.grid_size,

@@ -19,6 +19,23 @@ class AutoEncoder(Objective):
 
     The decoder is MAE's: a small transformer over the encoded tokens plus one query slot per
     patch to reconstruct, so the same head also works when the shared input is masked.
+
+    Args:
+        norm_pix: standardise each target patch by its own mean and variance (MAE's
+            ``norm_pix_loss``).
+        decoder_dim: width of the decoder.
+        decoder_depth: its transformer blocks.
+        decoder_heads: its attention heads.
+        **kwargs: the options of every objective
+        (:class:`~m3i_lightning.objectives.base.Objective`): ``weight``, and the backbone's
+        ``embed_dim``, ``grid_size``, ``patch_size``.
+
+    Example:
+        >>> from m3i_lightning import Backbone
+        >>> backbone = Backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1)
+        >>> model = AutoEncoder(backbone=backbone, decoder_depth=2)
+        >>> type(model.head).__name__
+        'AutoEncoder'
     """
 
     name = "ae"

@@ -27,6 +27,29 @@ class CLIP(Objective, ImageText):
     with gradients and each rank scores its own rows (open_clip's local loss). The logit
     scale is learned from 1/0.07 and clamped at 100. Images without a caption
     (``text_valid`` False) are left out of the loss, as queries and as negatives.
+
+    Args:
+        tokenizer: turns the captions into the text tower's tokens (e.g.
+            :class:`~m3i_lightning.components.text.ByteTokenizer`).
+        proj_dim: width of the joint image-text space.
+        text_width: width of the text tower.
+        text_layers: its transformer layers.
+        text_heads: its attention heads.
+        text_pretrained: a transformers CLIP text model name or local folder to start the tower
+            from (None: random initialisation).
+        init_temperature: the initial temperature (the logit scale starts at its inverse).
+        max_logit_scale: the clamp of the learned logit scale.
+        **kwargs: the options of every objective
+        (:class:`~m3i_lightning.objectives.base.Objective`): ``weight``, and the backbone's
+        ``embed_dim``, ``grid_size``, ``patch_size``.
+
+    Example:
+        >>> from m3i_lightning import Backbone
+        >>> backbone = Backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1)
+        >>> from m3i_lightning.components.text import ByteTokenizer
+        >>> model = CLIP(backbone=backbone, tokenizer=ByteTokenizer(32), text_layers=1)
+        >>> type(model.head).__name__
+        'CLIP'
     """
 
     name = "clip"

@@ -24,6 +24,24 @@ class Classification(Objective):
 
     ``loss="bce"``: DeiT III's binary cross-entropy instead (:class:`Boltzmann`'s ``bce``):
     each class present or not on its own, every class of a mixed image present.
+
+    Args:
+        num_classes: the categories of the data (the factory passes the data's).
+        label_smoothing: probability mass spread evenly over the classes (DeiT: 0.1).
+        mixup: Mixup's Beta alpha on view1 per batch (DeiT: 0.8; 0: off).
+        cutmix: CutMix's Beta alpha (DeiT: 1.0; 0: off).
+        mixup_switch_prob: probability of CutMix instead of Mixup when both are on (DeiT: 0.5).
+        loss: ``ce`` (softmax cross-entropy) or ``bce`` (DeiT III, needs no label smoothing).
+        **kwargs: the options of every objective
+        (:class:`~m3i_lightning.objectives.base.Objective`): ``weight``, and the backbone's
+        ``embed_dim``, ``grid_size``, ``patch_size``.
+
+    Example:
+        >>> from m3i_lightning import Backbone
+        >>> backbone = Backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1)
+        >>> model = Classification(backbone=backbone, num_classes=10)
+        >>> type(model.head).__name__
+        'Classification'
     """
 
     name = "cls"

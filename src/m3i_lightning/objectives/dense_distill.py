@@ -18,6 +18,21 @@ class DenseDistill(Objective):
     parameters; smooth-L1 with β = 2 as FD. The stop-gradient teacher is the regulariser; a
     frozen pre-trained teacher (``teacher.kind=frozen``) is FD proper, and a wider one is met
     with ``target_dim``. If the shared input is masked, the encoded tokens are compared.
+
+    Args:
+        loss: ``smooth_l1`` (FD), ``mse`` or ``cosine``.
+        beta: the smooth-L1 threshold.
+        target_dim: the teacher's width when it differs from the student's (a frozen teacher).
+        **kwargs: the options of every objective
+        (:class:`~m3i_lightning.objectives.base.Objective`): ``weight``, and the backbone's
+        ``embed_dim``, ``grid_size``, ``patch_size``.
+
+    Example:
+        >>> from m3i_lightning import Backbone
+        >>> backbone = Backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1)
+        >>> model = DenseDistill(backbone=backbone)  # alone: a LightningModule
+        >>> type(model.head).__name__
+        'DenseDistill'
     """
 
     name = "dense_distill"

@@ -25,6 +25,23 @@ class DenseContrast(Objective):
     buffers, saved in checkpoints): global keys for the global term, mean-pooled dense keys
     for the dense term. Loss = (1 − λ)·global InfoNCE + λ·dense InfoNCE, λ = 0.5, τ = 0.2.
     The queues take this step's keys after the loss is computed.
+
+    Args:
+        hidden_dim: width of the projection heads' hidden layer.
+        out_dim: width of the projections.
+        queue_size: keys kept as negatives.
+        temperature: τ of both InfoNCE terms.
+        dense_weight: λ: loss = (1 − λ) global + λ dense.
+        **kwargs: the options of every objective
+        (:class:`~m3i_lightning.objectives.base.Objective`): ``weight``, and the backbone's
+        ``embed_dim``, ``grid_size``, ``patch_size``.
+
+    Example:
+        >>> from m3i_lightning import Backbone
+        >>> backbone = Backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1)
+        >>> model = DenseContrast(backbone=backbone, queue_size=256)
+        >>> type(model.head).__name__
+        'DenseContrast'
     """
 
     name = "dense_id"

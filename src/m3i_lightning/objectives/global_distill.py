@@ -52,6 +52,30 @@ class GlobalDistill(Objective):
     global views, once per step. DINO's schedules: the teacher temperature rises linearly
     from ``warmup_teacher_temp`` to ``teacher_temp`` over ``warmup_teacher_temp_epochs``, and
     the prototype layer does not move during the first ``freeze_last_layer`` epochs.
+
+    Args:
+        out_dim: prototypes K.
+        hidden_dim: width of the head's MLP.
+        bottleneck_dim: width before the prototypes.
+        head_layers: layers of the MLP.
+        student_temp: the student's temperature.
+        teacher_temp: the teacher's temperature (after the warm-up).
+        warmup_teacher_temp: the teacher's temperature at the start (None: no warm-up).
+        warmup_teacher_temp_epochs: epochs of the warm-up (DINO: 30).
+        center_momentum: momentum of the centre of the teacher's scores.
+        freeze_last_layer: epochs the prototype layer stays frozen (DINO: 1).
+        multi_crop: DINO's multi-crop pairing (every student crop against every teacher global
+            view but its own; the data's ``local_crops``).
+        **kwargs: the options of every objective
+        (:class:`~m3i_lightning.objectives.base.Objective`): ``weight``, and the backbone's
+        ``embed_dim``, ``grid_size``, ``patch_size``.
+
+    Example:
+        >>> from m3i_lightning import Backbone
+        >>> backbone = Backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1)
+        >>> model = GlobalDistill(backbone=backbone, out_dim=1024)
+        >>> type(model.head).__name__
+        'GlobalDistill'
     """
 
     name = "global_distill"

@@ -26,6 +26,21 @@ class InstanceDiscrimination(Objective):
     :class:`~m3i_lightning.components.heads.GlobalBatchNorm1d`, the global-batch (synchronised)
     BatchNorm of the references; their linear layers keep a bias, which a following
     BatchNorm or the batch standardisation cancels, so the functions equal the references'.
+
+    Args:
+        hidden_dim: width of the projector's (and predictor's) hidden layers (None: the
+            reference's, ``reference_dims``).
+        out_dim: width of the projections (None: the reference's).
+        **kwargs: the options of every objective
+        (:class:`~m3i_lightning.objectives.base.Objective`): ``weight``, and the backbone's
+        ``embed_dim``, ``grid_size``, ``patch_size``.
+
+    Example:
+        >>> from m3i_lightning import Backbone
+        >>> backbone = Backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1)
+        >>> model = MoCoV3(backbone=backbone)  # alone: a LightningModule
+        >>> type(model.head).__name__
+        'MoCoV3'
     """
 
     name = "inst_disc"
@@ -89,7 +104,20 @@ class MoCoV3(MomentumTarget):
     """MoCo v3 (Chen et al. 2021): 3-layer projector and 2-layer predictor, each ending in a
     BatchNorm without affine parameters; InfoNCE at τ = 0.2 against the keys of the global
     batch (gathered without gradient, as MoCo v3's keys come from the momentum encoder),
-    scaled by 2τ. Negatives prevent collapse."""
+    scaled by 2τ. Negatives prevent collapse.
+
+    Args:
+        temperature: τ of the InfoNCE.
+        **kwargs: :class:`InstanceDiscrimination`'s options (``hidden_dim``, ``out_dim``) and
+            those of every objective.
+
+    Example:
+        >>> from m3i_lightning import Backbone
+        >>> backbone = Backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1)
+        >>> model = MoCoV3(backbone=backbone, temperature=0.2)  # alone: a LightningModule
+        >>> type(model.head).__name__
+        'MoCoV3'
+    """
 
     variant = "moco"
     form = "Boltzmann"
@@ -115,7 +143,19 @@ class MoCoV3(MomentumTarget):
 
 class BYOL(MomentumTarget):
     """BYOL (Grill et al. 2020): 2-layer projector and predictor, 2 − 2·cos(p, z'). The
-    stop-gradient EMA target with a predictor prevents collapse."""
+    stop-gradient EMA target with a predictor prevents collapse.
+
+    Args:
+        **kwargs: :class:`InstanceDiscrimination`'s options (``hidden_dim``, ``out_dim``) and
+            those of every objective.
+
+    Example:
+        >>> from m3i_lightning import Backbone
+        >>> backbone = Backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1)
+        >>> model = BYOL(backbone=backbone)  # alone: a LightningModule
+        >>> type(model.head).__name__
+        'BYOL'
+    """
 
     variant = "byol"
     form = "Gaussian"
@@ -131,7 +171,20 @@ class BarlowTwins(InstanceDiscrimination):
     the student with gradients (no teacher, ``targets.student``); the cross-correlation of the
     batch-standardised projections over the global batch (both sides gathered with gradients)
     is pulled to the identity, off-diagonal terms weighted λ = 5.1e-3. Decorrelation prevents
-    collapse; the loss is symmetric in the two views by itself."""
+    collapse; the loss is symmetric in the two views by itself.
+
+    Args:
+        lambd: λ, the weight of the off-diagonal terms.
+        **kwargs: :class:`InstanceDiscrimination`'s options (``hidden_dim``, ``out_dim``) and
+            those of every objective.
+
+    Example:
+        >>> from m3i_lightning import Backbone
+        >>> backbone = Backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1)
+        >>> model = BarlowTwins(backbone=backbone)  # alone: a LightningModule
+        >>> type(model.head).__name__
+        'BarlowTwins'
+    """
 
     variant = "barlow"
     form = "decorrelation"

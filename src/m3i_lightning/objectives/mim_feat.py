@@ -43,6 +43,30 @@ class MaskedFeature(Objective):
     ``loss_tokens="all"``, its loss over the class token (the global feature, here a
     token-pooled ViT's class token, a prompt of the decoder too) and every patch, visible ones
     included; ``target_norm="none"``, its raw CLIP target (the cosine loss L2-normalises).
+
+    Args:
+        loss: ``mse``, ``smooth_l1`` or ``cosine``.
+        beta: the smooth-L1 threshold (data2vec: 2).
+        predictor: ``transformer``, ``prompting`` (MILAN) or ``linear`` (data2vec).
+        predictor_dim: width of the transformer predictor.
+        predictor_depth: its blocks.
+        predictor_heads: its attention heads.
+        target_dim: the teacher's width when it differs from the student's.
+        target_blocks: 0: the teacher's output tokens; K: data2vec's average of its last K block
+            outputs.
+        target_norm: ``layer`` (the target LayerNorm-ed, data2vec) or ``none`` (MILAN).
+        loss_tokens: ``masked`` (the masked patches) or ``all`` (MILAN: the class token and every
+            patch).
+        **kwargs: the options of every objective
+        (:class:`~m3i_lightning.objectives.base.Objective`): ``weight``, and the backbone's
+        ``embed_dim``, ``grid_size``, ``patch_size``.
+
+    Example:
+        >>> from m3i_lightning import Backbone
+        >>> backbone = Backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1)
+        >>> model = MaskedFeature(backbone=backbone, predictor_depth=2)
+        >>> type(model.head).__name__
+        'MaskedFeature'
     """
 
     name = "mim_feat"

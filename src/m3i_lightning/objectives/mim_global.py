@@ -16,6 +16,21 @@ class MaskedGlobal(Objective):
 
     The predictor is BYOL's (linear, BatchNorm, ReLU, linear): with a stop-gradient EMA teacher
     and no negatives, that asymmetric head is what keeps the pair from collapsing.
+
+    Args:
+        predictor_dim: hidden width of the BYOL-style predictor.
+        predictor_layers: its layers.
+        target_dim: the teacher's width when it differs from the student's.
+        **kwargs: the options of every objective
+        (:class:`~m3i_lightning.objectives.base.Objective`): ``weight``, and the backbone's
+        ``embed_dim``, ``grid_size``, ``patch_size``.
+
+    Example:
+        >>> from m3i_lightning import Backbone
+        >>> backbone = Backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1)
+        >>> model = MaskedGlobal(backbone=backbone)  # alone: a LightningModule
+        >>> type(model.head).__name__
+        'MaskedGlobal'
     """
 
     name = "mim_global"

@@ -12,6 +12,18 @@ class MaskedPixel(AutoEncoder):
     The asymmetry is the point: the encoder pays for the visible quarter of the image, and
     reconstructing what it never saw is what makes its features useful. MAE's ViT-B decoder
     (depth 8, width 512, 16 heads) is the default.
+
+    Args:
+        **kwargs: :class:`AutoEncoder`'s options (``norm_pix``, ``decoder_dim``,
+            ``decoder_depth``, ``decoder_heads``) and those of every objective (``weight``, the
+            backbone's sizes).
+
+    Example:
+        >>> from m3i_lightning import Backbone
+        >>> backbone = Backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1)
+        >>> model = MaskedPixel(backbone=backbone, decoder_depth=2)
+        >>> type(model.head).__name__
+        'MaskedPixel'
     """
 
     name = "mim_pixel"

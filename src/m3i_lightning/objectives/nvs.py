@@ -13,6 +13,20 @@ class NovelViewSynthesis(RelativeQueryObjective):
     ``norm_pix_loss``), with a Gaussian NLL: the MSE over all target patches. Each decoder query
     sits at its view1 patch's position relative to view2, with view1's relative scale and flip.
     Fixed pixel targets need no regulariser.
+
+    Args:
+        norm_pix: standardise each target patch (MAE's ``norm_pix_loss``).
+        **kwargs: the decoder's options (``predictor_dim``, ``predictor_depth``,
+            ``predictor_heads`` of
+            :class:`~m3i_lightning.objectives.relative_query.RelativeQueryObjective`) and those of
+            every objective.
+
+    Example:
+        >>> from m3i_lightning import Backbone
+        >>> backbone = Backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1)
+        >>> model = NovelViewSynthesis(backbone=backbone, predictor_depth=2)
+        >>> type(model.head).__name__
+        'NovelViewSynthesis'
     """
 
     name = "nvs"

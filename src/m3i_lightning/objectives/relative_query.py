@@ -58,6 +58,14 @@ class RelativeQueryObjective(Objective):
     swaps them (input view1, target view2). :meth:`predict` reads the two crops' geometry from
     whichever views the engine routed, so the relative queries follow. The predictor defaults
     are SiameseIM's ViT-B decoder (width 768, 4 blocks, 16 heads).
+
+    Args:
+        predictor_dim: width of the relative-query decoder.
+        predictor_depth: its blocks.
+        predictor_heads: its attention heads.
+        **kwargs: the options of every objective
+        (:class:`~m3i_lightning.objectives.base.Objective`): ``weight``, and the backbone's
+        ``embed_dim``, ``grid_size``, ``patch_size``.
     """
 
     input_view = "view2"

@@ -38,6 +38,26 @@ class SiameseFeature(RelativeQueryObjective):
     release's decoder reads the encoder's class token): on a ViT without mix, its class token,
     which a sim_feat run therefore trains and is read by; with M3I's mix, each image's
     mean-pooled own tokens, its global feature there.
+
+    Args:
+        neg_weight: λ of the UniGrad decorrelation term.
+        correlation_momentum: 0: each batch's target correlation (SiameseIM); UniGrad: 0.99.
+        target_projection: targets through the EMA copy of the decoder's projection (SiameseIM's
+            code), else the LayerNorm-ed teacher tokens.
+        projector_depth: blocks of the decoder's projector, before the predictor blocks.
+        decoder_norm: ``bn`` (BatchNorm over the batch's tokens, SiameseIM) or ``ln`` (MAE).
+        class_token: the decoder reads the global feature before the visible tokens.
+        **kwargs: the decoder's options (``predictor_dim``, ``predictor_depth``,
+            ``predictor_heads`` of
+            :class:`~m3i_lightning.objectives.relative_query.RelativeQueryObjective`) and those of
+            every objective.
+
+    Example:
+        >>> from m3i_lightning import Backbone
+        >>> backbone = Backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1)
+        >>> model = SiameseFeature(backbone=backbone, predictor_depth=2)
+        >>> type(model.head).__name__
+        'SiameseFeature'
     """
 
     name = "sim_feat"

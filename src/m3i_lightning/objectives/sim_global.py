@@ -26,6 +26,25 @@ class SiameseGlobal(Objective):
     so me-max and Sinkhorn see every rank's samples, as MSN's all-reduces do. With local
     crops (``data.local_crops``) the focal views, masked too, are further anchors of the same
     target; prototypes get no weight decay.
+
+    Args:
+        hidden_dim: width of the projection head's hidden layers.
+        out_dim: width of the embeddings.
+        num_prototypes: K.
+        anchor_temperature: τ of the anchors.
+        target_temperature: τ⁺ of the sharpened targets.
+        me_max_weight: weight of the mean-entropy maximisation.
+        sinkhorn_iterations: Sinkhorn rounds on the targets (0: none).
+        **kwargs: the options of every objective
+        (:class:`~m3i_lightning.objectives.base.Objective`): ``weight``, and the backbone's
+        ``embed_dim``, ``grid_size``, ``patch_size``.
+
+    Example:
+        >>> from m3i_lightning import Backbone
+        >>> backbone = Backbone("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1)
+        >>> model = SiameseGlobal(backbone=backbone, num_prototypes=64)
+        >>> type(model.head).__name__
+        'SiameseGlobal'
     """
 
     name = "sim_global"
