@@ -111,3 +111,9 @@ def test_the_slurm_launcher_without_its_extra_is_the_install_line(monkeypatch):
     monkeypatch.setattr(schema, "installed", lambda module: False)
     with pytest.raises(ConfigError, match=r"pip install 'm3i_lightning\[cluster\]'"):
         check_command_line("config", ["-m", "hydra/launcher=slurm", "trainer.devices=8"])
+
+
+def test_eval_takes_any_data_module_option_for_the_data_a_checkpoint_was_trained_on():
+    check_command_line("eval", ["+data.path=/data/pets", "+data.label_column=label"])
+    with pytest.raises(ConfigError, match=r"did you mean data\.path\?"):
+        check_command_line("eval", ["+data.pth=/data/pets"])

@@ -91,20 +91,35 @@ def unknown_keys(unknown: Iterable[str], known: Iterable[str], parent: str = "")
     return ConfigError(f"unknown key {', '.join(parts)}; the keys {under}: {shown}")
 
 
-class Schema:
-    """The keys of one composed config, with its open mappings."""
+def data_options(schema: DictConfig) -> set[str]:
+    """The options of every data module: the eval command applies ``+data.<key>=`` to the data
+    a checkpoint was trained on, whatever its kind (its own default is the digits)."""
+    from m3i_lightning.data import DATA_MODULES
 
-    def __init__(self, composed: DictConfig) -> None:
+    return set().union(*map(accepted_options, DATA_MODULES.values())) - {
+        "tokenizer", "fields", "train_view"}
+
+
+# A command's own open mappings, beside :data:`OPEN_MAPPINGS`.
+COMMAND_OPEN_MAPPINGS = {"eval": {"data": data_options}}
+
+
+class Schema:
+    """The keys of one composed config (of the command ``config_name``), with its open
+    mappings."""
+
+    def __init__(self, composed: DictConfig, config_name: str = "config") -> None:
         self.composed = composed
         self.known = set(paths(composed))
+        self.mappings = {**OPEN_MAPPINGS, **COMMAND_OPEN_MAPPINGS.get(config_name, {})}
         self._open: dict[str, set[str] | None] = {}
 
     def open_mapping(self, key: str) -> str | None:
-        return next((m for m in OPEN_MAPPINGS if key == m or key.startswith(m + ".")), None)
+        return next((m for m in self.mappings if key == m or key.startswith(m + ".")), None)
 
     def open_keys(self, mapping: str) -> set[str] | None:
         if mapping not in self._open:
-            reader = OPEN_MAPPINGS[mapping]
+            reader = self.mappings[mapping]
             self._open[mapping] = None if reader is None else reader(self.composed)
         return self._open[mapping]
 
@@ -170,7 +185,7 @@ def check_command_line(config_name: str, args: Iterable[str]) -> None:
              or (is_group(o.key_or_group) and not o.is_sweep_override())]
     swept = [[f"{how(o)}{o.key_or_group}={value}" for value in o.sweep_string_iterator()]
              for o in overrides if is_group(o.key_or_group) and o.is_sweep_override()]
-    schemas = [Schema(composed(config_name, [*fixed, *choice]))
+    schemas = [Schema(composed(config_name, [*fixed, *choice]), config_name)
                for choice in ([[value] for values in swept for value in values] or [[]])]
     for override in keys:
         values = (list(override.sweep_iterator()) if override.is_sweep_override()
