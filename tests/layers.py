@@ -23,7 +23,7 @@ TIERS: dict[str, int] = {
 }
 # The root entry modules (and every ``__main__``) sit above everything: they may import
 # anything, and nothing in the library may import them.
-ENTRIES = {"__init__", "__main__", "eval", "export", "consolidate", "losses"}
+ENTRIES = {"__init__", "__main__", "eval", "export", "consolidate", "losses", "ablate"}
 ENTRY_TIER = max(TIERS.values()) + 1
 # Third-party packages kept out of the lower tiers: the config vocabulary stays in config/ and
 # above; objectives, components and core are plain torch.

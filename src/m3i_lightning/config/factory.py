@@ -104,12 +104,28 @@ def student_backbone(cfg: DictConfig) -> Backbone:
     ``dynamic_img_size``)."""
     options = _plain(cfg.backbone)
     family = family_of(options["arch"])
-    if ((cfg.get("mix") or not trains_class_token(cfg)) and family.family == "vit"
-            and options.get("global_pool", "token") == "token"):
+    if pools_tokens(cfg):
         options.update(global_pool="avg", fc_norm=False)  # other families already pool by mean
     if local_crop_count(cfg) and family.timm_takes_img_size:
         options["dynamic_img_size"] = True  # ViT, Swin; a ConvNeXt takes any size as it is
     return build_backbone(options)
+
+
+def pools_tokens(cfg: DictConfig) -> bool:
+    """Whether the run's ViT, which reads its class token by default, is made to pool the mean
+    of its patch tokens instead (see :func:`student_backbone`)."""
+    return bool((cfg.get("mix") or not trains_class_token(cfg))
+                and family_of(cfg.backbone.arch).family == "vit"
+                and cfg.backbone.get("global_pool", "token") == "token")
+
+
+def global_feature(cfg: DictConfig) -> str:
+    """What the run's global feature is, as evaluation reads it: ``class token`` or
+    ``mean-pooled`` (a non-ViT family's pooling, or a ViT's ``global_pool`` option otherwise)."""
+    if family_of(cfg.backbone.arch).family != "vit":
+        return "mean-pooled"
+    pool = "avg" if pools_tokens(cfg) else cfg.backbone.get("global_pool", "token")
+    return {"token": "class token", "avg": "mean-pooled"}.get(pool, f"global_pool={pool}")
 
 
 def trains_class_token(cfg: DictConfig) -> bool:
