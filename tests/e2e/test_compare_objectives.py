@@ -1,18 +1,19 @@
-"""scripts/compare_objectives.py on a tiny ViT: the random-init row runs over several seeds
-through pre-training (no step), kNN, linear probe and fine-tuning, and the printed table is the
-mean ± std of the JSON's per-seed values."""
+"""scripts/compare_objectives.py, a preset of the ablation command: the command line it gives,
+the ablation it composes (every compared configuration beside the random init read by its
+feature) and its exit code. The ablation itself runs end to end in test_ablate.py."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import statistics
+from pathlib import Path
 
 from helpers import REPO
+from hydra import compose, initialize_config_dir
+
+from m3i_lightning.commands.ablate import plan_rows
+from m3i_lightning.conf import CONF_DIR
 
 SCRIPT = REPO / "scripts" / "compare_objectives.py"
-TINY = ["backbone.img_size=16", "backbone.embed_dim=32", "backbone.depth=1",
-        "backbone.num_heads=2", "data.source_size=16"]
 
 
 def load_script():
@@ -22,43 +23,40 @@ def load_script():
     return module
 
 
-def test_every_compared_configuration_has_its_untrained_twin():
-    script = load_script()
-    rows = dict(script.runs("default"))
-    assert "trainer.max_steps=0" in rows["random init (class token)"]
-    untrained_m3i = rows["random init (mean-pooled)"]
-    assert [o for o in untrained_m3i if o != "trainer.max_steps=0"] == rows["M3I (mix)"]
-    trained = [label for label, o in rows.items() if "trainer.max_steps=0" not in o]
-    assert {"cls", "mim_feat", "sim_feat", "inst_disc (moco)", "M3I (mix)"} <= set(trained)
-    assert "M3I w/o mix" in dict(script.runs("all"))
+def composed(line: list[str]):
+    """The ablation config of a command line of the preset (its overrides)."""
+    assert line[1:3] == ["-m", "m3i_lightning.ablate"]
+    overrides = [o for o in line[3:] if not o.startswith("hydra.")]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("ablate", overrides=overrides)
 
 
-def test_the_random_init_row_over_two_seeds(tmp_path, capsys):
-    out = tmp_path / "compare.json"
-    load_script().main(["--only", "random init (class", "--seeds", "0", "1", "--epochs", "1",
-                        "--finetune-epochs", "1", "--out", str(out), "--keep",
-                        str(tmp_path / "runs"), "--set", *TINY, "finetune.batch_size=128",
-                        "probe.epochs=5"])
-    report = json.loads(out.read_text())
-    assert [r.get("error") for r in report["runs"]] == [None] * 2
-    printed = capsys.readouterr().out
-    seeds = report["runs"]
-    assert sorted(r["seed"] for r in seeds) == [0, 1]
-    assert {r["objective"] for r in seeds} == {"random init (class token)"}
-    cells = []
-    for key in ("knn_top1", "linear_top1", "finetune_top1"):
-        values = [100 * r[key] for r in seeds]
-        assert all(0 <= v <= 100 for v in values)
-        cells.append(f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}")
-    assert f"| random init (class token) | class token | {' | '.join(cells)} |  |" in printed
+def test_the_preset_is_m3is_ablation_with_every_untrained_twin():
+    """M3I's CPU recipe, three seeds, kNN, linear probe and 3 epochs of fine-tuning; its rows:
+    the random init of both features, each objective alone and left out, M3I with and
+    without mix, each trained row read by a feature that has its random-init row."""
+    cfg = composed(load_script().command([0, 1, 2], 3, 2, Path("out"), []))
+    assert list(cfg.seeds) == [0, 1, 2] and cfg.ablation.sweeps == 2
+    assert list(cfg.protocols) == ["knn", "linear", "finetune"] and cfg.finetune.epochs == 3
+    assert cfg.trainer.max_epochs == 8 and cfg.global_batch_size == 32 and cfg.mix
+    rows = plan_rows(cfg)
+    randoms = {r.feature for r in rows if r.kind == "random"}
+    assert randoms == {"class token", "mean-pooled"}
+    assert all(r.feature in randoms and not r.untrained for r in rows if r.kind != "random")
+    assert [r.label for r in rows if r.kind == "full"] == ["full (mix)", "full w/o mix"]
+    assert {r.objectives for r in rows if r.kind == "single"} == {
+        ("mim_feat",), ("sim_feat",), ("cls",)}
 
 
-def test_each_row_is_measured_against_the_random_init_read_by_its_feature():
-    script = load_script()
-    table = {"random init (class token)": {"linear_top1": [0.5, 0.6], "feature": "class token"},
-             "random init (mean-pooled)": {"linear_top1": [0.7], "feature": "mean-pooled"},
-             "mim_feat": {"linear_top1": [0.8, 0.76], "feature": "mean-pooled"},
-             "cls": {"linear_top1": [0.6], "feature": "class token"}}
-    assert script.over_random_init(table, "mim_feat") == "+8.0"  # 78 - 70
-    assert script.over_random_init(table, "cls") == "+5.0"  # 60 - 55
-    assert script.over_random_init(table, "random init (mean-pooled)") == ""
+def test_no_finetune_column_and_extra_overrides():
+    line = load_script().command([0], 0, 1, Path("out"), ["data.batch_size=64"])
+    cfg = composed(line)
+    assert list(cfg.protocols) == ["knn", "linear"] and list(cfg.seeds) == [0]
+    assert line[-2:] == ["hydra.run.dir=out", "data.batch_size=64"]
+
+
+def test_the_exit_code_and_error_line_are_the_ablations(tmp_path, capfd):
+    assert load_script().main(["--seeds", "0", "--out", str(tmp_path),
+                               "--set", "objective=[cls]"]) == 2
+    assert "error: an ablation needs a composition of two or more objectives" in \
+        capfd.readouterr().err
