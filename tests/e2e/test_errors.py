@@ -227,7 +227,7 @@ def test_a_frozen_teacher_wider_than_its_heads_is_one_line(tmp_path, capsys, mon
 
 def test_unknown_config_group_choices_are_one_line_with_the_choices(capsys, monkeypatch):
     for args, expected in ((["backbone=vit_nope"], "unknown backbone choice(s) ['vit_nope']"),
-                           (["data=nope"], "'embedded', 'hf', 'imagefolder', 'webdataset'"),
+                           (["data=nope"], "'embedded', 'hf', 'imagefolder', 'torchvision', 'webdataset'"),
                            (["-m", "experiment=mae,maee"], "unknown experiment choice(s)"),
                            (["experiment=cpu/nope"], "'cpu/base', 'cpu/m3i', 'cpu/mim_feat'"),
                            (["objective=[mim_feat,nope]"], "['nope']; choose from ['ae'")):
