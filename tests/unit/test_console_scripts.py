@@ -1,4 +1,4 @@
-"""The five commands are console scripts of the installed package, each resolving to the
+"""The six commands are console scripts of the installed package, each resolving to the
 ``main`` of its command module."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import importlib
 from importlib.metadata import entry_points
 
 COMMANDS = {"m3i-pretrain": "pretrain", "m3i-eval": "eval", "m3i-export": "export",
-            "m3i-finetune": "finetune", "m3i-consolidate": "consolidate"}
+            "m3i-finetune": "finetune", "m3i-consolidate": "consolidate", "m3i-ablate": "ablate"}
 
 
 def test_each_console_script_resolves_to_its_commands_main():
