@@ -194,7 +194,8 @@ ENGINE_VALUES = {
         "error: objective 'inst_disc' needs a per-process batch of at least 2 (negatives / "
         "BatchNorm across the batch), got data.batch_size=1",
     ("data.batch_size=1", "objective=[clip]"): "'clip' needs a per-process batch of at least 2",
-    ("+optim.bogus=1",): "unknown key optim.bogus (did you mean optim.betas?); the keys under optim",
+    ("+optim.bogus=1",):
+        "unknown key optim.bogus (did you mean optim.betas?); the keys under optim",
 }
 
 
@@ -227,7 +228,8 @@ def test_a_frozen_teacher_wider_than_its_heads_is_one_line(tmp_path, capsys, mon
 
 def test_unknown_config_group_choices_are_one_line_with_the_choices(capsys, monkeypatch):
     for args, expected in ((["backbone=vit_nope"], "unknown backbone choice(s) ['vit_nope']"),
-                           (["data=nope"], "'embedded', 'hf', 'imagefolder', 'torchvision', 'webdataset'"),
+                           (["data=nope"],
+                            "'embedded', 'hf', 'imagefolder', 'torchvision', 'webdataset'"),
                            (["-m", "experiment=mae,maee"], "unknown experiment choice(s)"),
                            (["experiment=cpu/nope"], "'cpu/base', 'cpu/m3i', 'cpu/mim_feat'"),
                            (["objective=[mim_feat,nope]"], "['nope']; choose from ['ae'")):

@@ -34,7 +34,7 @@ from m3i_lightning.config.factory import (
 )
 from m3i_lightning.config.loggers import TrackerRuns, publish_run, run_loggers
 from m3i_lightning.config.restore import check_resumable, image_text_objective
-from m3i_lightning.config.schema import check_command_line
+from m3i_lightning.config.schema import check_command_line, parse_overrides
 from m3i_lightning.config.start_screen import show_start_screen
 from m3i_lightning.config.trainer import (
     build_trainer,
@@ -110,18 +110,9 @@ def check_choices(args: list[str]) -> None:
     choices in one line before Hydra composes the config. Objectives are the registered ones;
     the other groups are the files shipped in ``conf/`` (not checked when the command adds a
     ``hydra.searchpath``, whose folders may hold more)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
     from m3i_lightning.objectives import OBJECTIVES
 
-    parser = OverridesParser.create()
-    overrides = []
-    for arg in args:
-        try:
-            overrides.append(parser.parse_override(arg))
-        except HydraException:
-            continue  # a flag, or a malformed override that Hydra reports itself
+    overrides = parse_overrides(args)
     searched = any(o.key_or_group == "hydra.searchpath" for o in overrides)
     for override in overrides:
         group = override.key_or_group

@@ -161,10 +161,9 @@ def is_group(key: str) -> bool:
     return "/" in key or ("." not in key and (CONF_DIR / key).is_dir())
 
 
-def check_command_line(config_name: str, args: Iterable[str]) -> None:
-    """Refuse, in one :class:`ConfigError`, an override of a key that the config composed from
-    the command line's group choices does not hold (see the module docstring). A swept group
-    (``-m backbone=vit_cpu,swin_cpu``) gives one schema per choice; a key known to any is kept."""
+def parse_overrides(args: list[str]) -> list:
+    """The command line's overrides as Hydra parses them; flags and malformed ones are left to
+    Hydra, which reports them itself."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -174,7 +173,16 @@ def check_command_line(config_name: str, args: Iterable[str]) -> None:
         try:
             overrides.append(parser.parse_override(arg))
         except HydraException:
-            continue  # a flag, or a malformed override that Hydra reports itself
+            continue
+    return overrides
+
+
+
+def check_command_line(config_name: str, args: Iterable[str]) -> None:
+    """Refuse, in one :class:`ConfigError`, an override of a key that the config composed from
+    the command line's group choices does not hold (see the module docstring). A swept group
+    (``-m backbone=vit_cpu,swin_cpu``) gives one schema per choice; a key known to any is kept."""
+    overrides = parse_overrides(args)
     check_repeated_choices(overrides)
     check_extras(overrides)
     keys = [o for o in overrides if not is_group(o.key_or_group) and not o.is_delete()
