@@ -311,7 +311,8 @@ def markdown(summary: dict, budget: str) -> str:
         row = entry["row"]
         cells = [f"{cell(entry['values'][k], len(seeds), len(entry['failed']))} | "
                  f"{signed(entry['gain_over_random'][k])}" for k in scores]
-        lines.append(f"| {row['label']} | {', '.join(row['objectives'])} | {row['feature']} | "
+        objectives = "none" if row["untrained"] else ", ".join(row["objectives"])
+        lines.append(f"| {row['label']} | {objectives} | {row['feature']} | "
                      + " | ".join(cells) + " |")
     failures = [f"- {e['row']['label']}, seed {s}: {line}"
                 for e in summary["rows"].values() for s, line in e["failed"].items()]

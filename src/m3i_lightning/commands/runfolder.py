@@ -39,6 +39,7 @@ from m3i_lightning.core.errors import (
     full_trace_wanted,
 )
 from m3i_lightning.evaluation.health import RepresentationHealth
+from m3i_lightning.evaluation.interplay_monitor import InterplayMonitor
 from m3i_lightning.evaluation.monitors import ProbeMonitor
 from m3i_lightning.evaluation.protocols import TrainedModel, label_free, selected_protocols
 from m3i_lightning.objectives.capabilities import find_image_text
@@ -51,6 +52,7 @@ from m3i_lightning.runtime.strategies import FullyShardedDataParallel
 log = logging.getLogger(__name__)
 
 PICTURES_DIR = "pictures"
+INTERPLAY_FILE = "interplay.json"  # the interplay monitor's measurements (interplay.every_n_steps)
 EXPORT_DIR = "backbone"
 CHECKPOINTS_DIR = "checkpoints"
 RECORD_DIR = ".hydra"  # Hydra's name for its record of a run
@@ -195,6 +197,10 @@ def run_callbacks(cfg: DictConfig, datamodule, out: Path) -> list[L.Callback]:
                  ReconstructionGrid(out / PICTURES_DIR, cfg.pictures.every_n_epochs,
                                     cfg.pictures.num_images)]
     callbacks.append(RepresentationHealth(**cfg.health))
+    if cfg.interplay.every_n_steps:
+        callbacks.append(InterplayMonitor(cfg.interplay.every_n_steps, cfg.interplay.wrt,
+                                          out / INTERPLAY_FILE,
+                                          out / PICTURES_DIR / "interplay.png"))
     if evaluable(datamodule):
         callbacks.append(ProbeMonitor(datamodule.num_classes, cfg.knn.k, cfg.knn.temperature,
                                       cfg.probe))
