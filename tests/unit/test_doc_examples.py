@@ -15,8 +15,10 @@ OBJECTIVE_MODULES = [f"m3i_lightning.objectives.{info.name}"
                      for info in pkgutil.iter_modules(m3i_lightning.objectives.__path__)]
 MODULES = ["m3i_lightning.components.losses", "m3i_lightning.backbone.base",
            "m3i_lightning.engine.module", "m3i_lightning.data.embedded",
-           "m3i_lightning.config.model_card", *OBJECTIVE_MODULES]
+           "m3i_lightning.config.model_card", "m3i_lightning.engine.interplay",
+           *OBJECTIVE_MODULES]
 WITH_EXAMPLES = {"m3i_lightning.components.losses", "m3i_lightning.backbone.base",
+                 "m3i_lightning.engine.interplay",
                  "m3i_lightning.engine.module", "m3i_lightning.data.embedded",
                  "m3i_lightning.objectives.mim_feat", "m3i_lightning.objectives.inst_disc"}
 

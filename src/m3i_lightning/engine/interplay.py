@@ -50,7 +50,14 @@ CHUNK = 1 << 22  # elements of a gradient multiplied at a time in float64
 @dataclass(frozen=True)
 class Interplay:
     """The Gram matrix ``gram`` [K, K] (float64) of the objectives ``names``' gradients, and
-    every figure derived from it (see the module doc)."""
+    every figure derived from it (see the module doc).
+
+    Example:
+        >>> g = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])  # two objectives' gradients
+        >>> interplay = Interplay(("a", "b"), gram([[g[0]], [g[1]]]))
+        >>> round(interplay.cosines()[0, 1].item(), 4), interplay.shares().tolist()
+        (-0.7071, [0.0, 1.0])
+    """
 
     names: tuple[str, ...]
     gram: Tensor
@@ -208,7 +215,14 @@ def measure(engine, batch: dict, wrt: str = "encoder",
             forward_context: Context = contextlib.nullcontext) -> Interplay:
     """The interplay of ``engine``'s objectives on a training step of ``batch`` (see the module
     doc); every rank of a distributed run must call it (its reductions are collectives).
-    ``forward_context``: what the step's forward runs in (the Trainer's autocast)."""
+
+    Args:
+        engine: a :class:`~m3i_lightning.engine.module.MultiObjective` (anything with
+            ``backbone`` and ``interplay_terms``).
+        batch: a training batch, as the step receives it.
+        wrt: ``encoder`` (the shared encoder's parameters) or ``tokens`` (the encoded z_x).
+        forward_context: what the step's forward runs in (the Trainer's autocast).
+    """
     check_wrt(wrt)
     parameters = [p for p in engine.parameters() if p.requires_grad]
     encoder = [p for p in engine.backbone.parameters() if p.requires_grad]
