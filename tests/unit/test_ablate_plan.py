@@ -59,6 +59,20 @@ def test_a_job_config_keeps_only_its_objectives_and_their_options():
         plan_rows(compose(["objective=[cls]"]))
 
 
+def test_weighting_rows_run_the_full_composition_under_each_other_strategy():
+    """ablation.weightings adds the full composition under each strategy but the run's own;
+    the job of such a row trains with that strategy; an unknown name is one error."""
+    cfg = compose(["objective=[mim_feat,cls]", "ablation.weightings=[fixed,uncertainty,pcgrad]"])
+    rows = {r.key: r for r in plan_rows(cfg)}
+    assert {k for k in rows if k.startswith("full")} == {"full", "full-mix", "full-uncertainty",
+                                                         "full-pcgrad"}
+    assert rows["full-pcgrad"].objectives == ("mim_feat", "cls") and rows["full"].weighting is None
+    assert row_config(cfg, rows["full-uncertainty"], 1).weighting == "uncertainty"
+    assert row_config(cfg, rows["full"], 1).weighting == "fixed"
+    with pytest.raises(ConfigError, match=r"unknown \['gradnorm'\]; choose among"):
+        plan_rows(compose(["objective=[mim_feat,cls]", "ablation.weightings=[gradnorm]"]))
+
+
 def compose(overrides: list[str], **kwargs):
     """The ablation command's config, as its command line composes it."""
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

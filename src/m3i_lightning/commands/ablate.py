@@ -10,9 +10,11 @@ Its rows, each run once per seed, all at the run's one budget:
   feature a row is read by (class token, mean-pooled);
 - each objective alone; each composition leaving one out (for two objectives, the other one
   alone);
-- the full composition, and its twin with M3I's mix switched the other way when it can mix.
+- the full composition, and its twin with M3I's mix switched the other way when it can mix;
+- the full composition under each other weighting strategy of ``ablation.weightings``
+  (``[uncertainty,pcgrad]``: Eq. 4's fixed weights against the learned and projected ones).
 
-The rows only select objectives (and ``mix``): every other value is the run's, the objectives'
+The rows only select objectives (and ``mix``, ``weighting``): every other value is the run's, the objectives'
 own options included. Each job is a pre-training run scored by its own end-of-run protocols
 (``protocols=``: kNN, linear probe, fine-tuning, segmentation...); its folder is
 ``runs/<row>-seed<k>`` of the ablation folder (``hydra.run.dir``). The jobs go through Hydra's
@@ -53,6 +55,7 @@ from m3i_lightning.commands.runfolder import FAILED_FILE, INTERPLAY_FILE
 from m3i_lightning.config.factory import build_model, build_tokenizer_from, global_feature
 from m3i_lightning.config.schema import check_command_line
 from m3i_lightning.core.errors import ConfigError, M3IError, one_line_errors
+from m3i_lightning.engine.weighting import WEIGHTINGS
 from m3i_lightning.evaluation.interplay_monitor import draw_cosines
 
 PLAN_FILE = "plan.json"
@@ -71,8 +74,8 @@ _FAILED_LINE = re.compile(r"^failed: job \d+ \(.*\bablation\.job=([^\s)]+)\): (.
 
 @dataclass(frozen=True)
 class Row:
-    """One row of the ablation: which objectives, ``mix`` (None: the run's own), untrained
-    (the random init), and the global feature evaluation reads."""
+    """One row of the ablation: which objectives, ``mix`` and ``weighting`` (None: the run's
+    own), untrained (the random init), and the global feature evaluation reads."""
 
     key: str
     label: str
@@ -81,6 +84,7 @@ class Row:
     mix: bool | None = None
     untrained: bool = False
     feature: str = ""
+    weighting: str | None = None
 
 
 def row_config(cfg: DictConfig, row: Row, seed: int) -> DictConfig:
@@ -92,6 +96,8 @@ def row_config(cfg: DictConfig, row: Row, seed: int) -> DictConfig:
             del job.objective[name]
         if row.mix is not None:
             job.mix = row.mix
+        if row.weighting is not None:
+            job.weighting = row.weighting
         if row.untrained:
             job.trainer.max_steps = 0
         job.seed = seed
@@ -113,6 +119,16 @@ def can_mix(cfg: DictConfig) -> bool:
     return True
 
 
+def weighting_rows(cfg: DictConfig) -> list[str]:
+    """The weighting strategies of ``ablation.weightings`` other than the run's own."""
+    asked = list((cfg.get("ablation") or {}).get("weightings") or [])
+    unknown = [w for w in asked if w not in WEIGHTINGS]
+    if unknown:
+        raise ConfigError(f"ablation.weightings={asked}: unknown {unknown}; choose among "
+                          f"{sorted(WEIGHTINGS)}")
+    return [w for w in dict.fromkeys(asked) if w != cfg.weighting]
+
+
 def plan_rows(cfg: DictConfig) -> list[Row]:
     """The rows of the ablation of ``cfg``'s composition (see the module doc), random inits
     first, each with the feature it is read by."""
@@ -131,6 +147,8 @@ def plan_rows(cfg: DictConfig) -> list[Row]:
         rows.append(Row("full-nomix", "full w/o mix", "full", names, mix=False))
     elif can_mix(cfg):
         rows.append(Row("full-mix", "full (mix)", "full", names, mix=True))
+    rows += [Row(f"full-{w}", f"{label} ({w})", "full", names, weighting=w)
+             for w in weighting_rows(cfg)]
     rows = [Row(**{**asdict(r), "feature": global_feature(row_config(cfg, r, 0))}) for r in rows]
     randoms = {}
     for row in rows:
@@ -396,7 +414,8 @@ def ablate(cfg: DictConfig) -> dict:
             "jobs": {job_key(r, s): {"row": r.key, "seed": s} for r in rows for s in seeds}}
     if plan_path.is_file():
         earlier = json.loads(plan_path.read_text())
-        if earlier["overrides"] != overrides or earlier["rows"] != json.loads(
+        planned = {k: asdict(Row(**v)) for k, v in earlier["rows"].items()}
+        if earlier["overrides"] != overrides or json.loads(json.dumps(planned)) != json.loads(
                 json.dumps(plan["rows"])):
             raise ConfigError(f"{out} holds an ablation of other settings "
                               f"({' '.join(earlier['overrides'])}): run again with those, or "
