@@ -1,16 +1,22 @@
 """Every command of the README's Tour runs as written: read from the README itself, pointed at
 data this test makes (an image folder, shards, a Hugging Face dataset), at the tiny model size
-and for one step. A README edit that breaks a command breaks this test."""
+and for one step. A README edit that breaks a command breaks this test.
+
+The commands run in this process as ``python -m`` runs them (``runpy`` with the module's
+``__main__``), so that the Tour pays the imports once instead of once per command; what a shell
+sees of a command is tested in fresh processes elsewhere (test_cli, test_errors)."""
 
 from __future__ import annotations
 
 import re
+import runpy
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
 from data_files import labelled_folder, make_shards
-from helpers import REPO, run
+from helpers import QUIET_HYDRA, REPO
 
 pytestmark = pytest.mark.tour
 
@@ -60,12 +66,13 @@ def pointed_at(args: list[str], data: dict[str, str], checkpoint: Path, out: Pat
     return replaced
 
 
-def test_every_tour_command_runs_as_written(data, tmp_path):
+def test_every_tour_command_runs_as_written(data, tmp_path, monkeypatch, capfd):
     commands = tour_commands()
     modules = {args[0] for args in commands}
     assert {"m3i_lightning", "m3i_lightning.eval", "m3i_lightning.export"} <= modules
     assert len(commands) >= 10
     checkpoint = tmp_path / "run0" / "checkpoints" / "last.ckpt"
+    monkeypatch.chdir(tmp_path)
     for number, (module, *args) in enumerate(commands):
         args = pointed_at(args, data, checkpoint, tmp_path)
         if module == "m3i_lightning":
@@ -74,7 +81,10 @@ def test_every_tour_command_runs_as_written(data, tmp_path):
         elif module == "m3i_lightning.eval":
             args += ["data.num_workers=0", "probe.epochs=1",
                      f"hydra.run.dir={tmp_path / f'eval{number}'}"]
-        done = run(*args, module=module, cwd=tmp_path, check=False)
-        assert done.returncode == 0, (module, args, done.stderr[-3000:])
-        assert "Traceback" not in done.stderr, (module, args)
+        monkeypatch.setattr(sys, "argv", [module, *args, *QUIET_HYDRA])
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        except SystemExit as exit_:
+            assert exit_.code in (0, None), (module, args, capfd.readouterr().err[-3000:])
+        assert "Traceback" not in capfd.readouterr().err, (module, args)
     assert checkpoint.is_file() and (tmp_path / "exported" / "model.safetensors").is_file()
