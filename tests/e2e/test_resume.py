@@ -140,20 +140,22 @@ def test_disk_full_while_saving_ends_the_run_in_one_line_and_keeps_the_previous_
     assert list(last.parent.iterdir()) == [last]  # no last.ckpt.partial
 
 
-def test_run_with_views_rendered_on_the_device_resumes_exactly(tmp_path):
-    """``data.augment_on=device`` with BYOL's colour augmentations: the views are rendered in
-    the step from parameters drawn from each sample's stream, so the run killed while saving
-    at step 10 and resumed from step 5 (across the epoch boundary at step 11) logs exactly
+def test_run_with_views_rendered_on_the_device_resumes_exactly_from_an_epoch_end(tmp_path):
+    """``data.augment_on=device`` with BYOL's colour augmentations, and last.ckpt at the end of
+    every epoch (``checkpoint.every_n_steps`` unset; 11 steps per epoch, validation never): the
+    views are rendered in the step from parameters drawn from each sample's stream, so the run
+    killed while saving at the end of epoch 2 and resumed from the end of epoch 1 logs exactly
     the uninterrupted run's losses."""
-    args = [*TINY_RUN, *COMPOSED, "data.batch_size=128", "trainer.max_steps=14",
-            "checkpoint.every_n_steps=5", "data.augment_on=device", "data.augment=byol"]
+    args = [*TINY_RUN, *COMPOSED, "data.batch_size=128", "trainer.max_steps=25",
+            "data.augment_on=device", "data.augment=byol"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     run(*args, f"hydra.run.dir={whole}")
     done = run(*args, f"hydra.run.dir={killed}", prelude=KILL_ON_SECOND_SAVE, check=False)
     assert done.returncode == -9, done.stderr[-3000:]
+    assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 11
     run(*args, "resume=auto", f"hydra.run.dir={killed}")
     resumed, expected = losses(killed), losses(whole)
-    assert set(range(5, 14)) <= set(resumed)
+    assert set(range(11, 25)) <= set(resumed)
     assert resumed == {step: expected[step] for step in resumed}
 
 

@@ -14,9 +14,10 @@ Its rows, each run once per seed, all at the run's one budget:
 - the full composition under each other weighting strategy of ``ablation.weightings``
   (``[uncertainty,pcgrad]``: Eq. 4's fixed weights against the learned and projected ones).
 
-The rows only select objectives (and ``mix``, ``weighting``): every other value is the run's, the objectives'
-own options included. Each job is a pre-training run scored by its own end-of-run protocols
-(``protocols=``: kNN, linear probe, fine-tuning, segmentation...); its folder is
+The rows only select objectives (and ``mix``, ``weighting``): every other value is the run's,
+the objectives' own options included. Each job is a pre-training run scored by its own
+end-of-run protocols (``protocols=``: kNN, linear probe, fine-tuning, segmentation...); its
+folder is
 ``runs/<row>-seed<k>`` of the ablation folder (``hydra.run.dir``). The jobs go through Hydra's
 launcher, in a multirun of this same command whose jobs read the plan (``plan.json``): locally
 one after another (``ablation.sweeps=N``: N such sweeps at a time), or on a cluster with

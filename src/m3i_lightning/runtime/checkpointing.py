@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import pickle
 import random
@@ -212,12 +213,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class LastCheckpoint(ModelCheckpoint):
     """``last.ckpt`` only, always under that name (no ``last-v1.ckpt`` when a resumed run
-    finds it), every ``every_n_steps`` optimizer steps (None: Lightning's per-epoch trigger),
-    and once more at the end of training: the final state is always on disk."""
+    finds it), every ``every_n_steps`` optimizer steps, and once more at the end of training:
+    the final state is always on disk.
+
+    ``every_n_steps=None`` saves at the last step of every epoch, through the same step trigger
+    (its length in optimizer steps, known when training starts): a checkpoint written by
+    Lightning's epoch-end hook resumes into a repeat of the epoch's first batch, and Lightning's
+    own epoch trigger writes ``last`` only beside a top-k checkpoint, of which there are none.
+    Epochs of unknown length (streamed data) are saved at the end only, which the run says."""
 
     def __init__(self, dirpath: Path, every_n_steps: int | None = None) -> None:
         super().__init__(dirpath=dirpath, save_last=True, save_top_k=0,
-                         every_n_train_steps=every_n_steps, enable_version_counter=False)
+                         every_n_train_steps=every_n_steps or 0, enable_version_counter=False)
+        self.every_epoch = every_n_steps is None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if not self.every_epoch:
+            return
+        batches = trainer.num_training_batches
+        if math.isinf(batches):
+            log.warning("the epochs' length is unknown (streamed data): last.ckpt is written at "
+                        "the end of training only; set checkpoint.every_n_steps to save on the "
+                        "way")
+            return
+        self._every_n_train_steps = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._last_global_step_saved != trainer.global_step:
