@@ -1,6 +1,6 @@
 """Experiment trackers: an offline W&B run and a local MLflow run, together with metrics.csv, get
 every loss term, the resolved config and the run's pictures; a resumed run continues the same
-tracker runs."""
+tracker runs; fine-tuning its checkpoint opens a tracker run with its own config and results."""
 
 from __future__ import annotations
 
@@ -122,3 +122,13 @@ def test_wandb_and_mlflow_receive_terms_config_pictures_and_resume_the_same_run(
     assert len(client.search_runs([experiment])) == 1
     steps = [m.step for m in client.get_metric_history(ids["mlflow"], TERMS[0])]
     assert sorted(steps) == [0, 1, 2, 3]
+
+    tuned = tmp_path / "finetune"  # fine-tuning the run's checkpoint: its own tracker run
+    run(f"checkpoint={out / 'checkpoints' / 'last.ckpt'}", *TINY_RUN[:6], "finetune.epochs=1",
+        "logger=[csv,mlflow]", "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={tuned}", module="m3i_lightning.finetune")
+    tuned_id = json.loads((tuned / "trackers.json").read_text())["mlflow"]
+    finetuned = MlflowClient(f"sqlite:///{tuned / 'mlflow.db'}").get_run(tuned_id)
+    assert finetuned.data.params["finetune/epochs"] == "1"
+    top1 = json.loads((tuned / "finetune.json").read_text())["results"]["top1"]
+    assert finetuned.data.metrics["eval/top1"] == pytest.approx(top1)

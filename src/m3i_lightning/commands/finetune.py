@@ -25,7 +25,7 @@ from m3i_lightning.commands.command_line import run_with_arguments
 from m3i_lightning.conf import CONF_DIR
 from m3i_lightning.config.factory import build_datamodule, run_seed
 from m3i_lightning.config.finetune_source import finetuning_backbone, load_source, transfer
-from m3i_lightning.config.loggers import run_loggers
+from m3i_lightning.config.loggers import TrackerRuns, publish_run, run_loggers
 from m3i_lightning.config.trainer import per_device_batch, process_count, trainer_kwargs
 from m3i_lightning.core.errors import ConfigError, EmptySplitError, one_line_errors
 from m3i_lightning.core.shares import split_loader
@@ -34,6 +34,7 @@ from m3i_lightning.evaluation.protocols import describe_data
 from m3i_lightning.finetune.augment import RecipeView
 from m3i_lightning.finetune.module import Classifier, FineTuning, Recipe
 from m3i_lightning.runtime.checkpointing import AtomicCheckpointIO, LastCheckpoint
+from m3i_lightning.runtime.pictures import PICTURES_DIR
 from m3i_lightning.runtime.strategies import build_strategy
 
 RESULTS_FILE = "finetune.json"
@@ -160,7 +161,7 @@ def finetune(cfg: DictConfig, out: Path, pretrained: tuple[Backbone, str] | None
                         plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
                         logger=run_loggers(cfg, out),
                         callbacks=[best, LastCheckpoint(checkpoints), StoreFineTuningConfig(cfg),
-                                   LearningRateMonitor("step")])
+                                   TrackerRuns(cfg, out), LearningRateMonitor("step")])
     model = FineTuning(classifier, recipe_from(cfg, r.batch_size))
     trainer.fit(model, datamodule=datamodule)
     validated = trainer.validate(model, datamodule=datamodule, verbose=False)
@@ -181,6 +182,7 @@ def finetune(cfg: DictConfig, out: Path, pretrained: tuple[Backbone, str] | None
                                                           "last": str(checkpoints / "last.ckpt")},
                    "finetune": OmegaConf.to_container(r, resolve=True)}
         (out / RESULTS_FILE).write_text(json.dumps(summary, indent=2))
+        publish_run(trainer.loggers, out / PICTURES_DIR, results, trainer.global_step)
         print(f"top-1 {100 * results['top1']:.2f}%  top-5 {100 * results['top5']:.2f}%  "
               f"(best top-1 {100 * results['best_top1']:.2f}%) on {scored['images']} held-out "
               f"images of {scored['data']}: {held_out}")

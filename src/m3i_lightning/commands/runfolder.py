@@ -45,13 +45,12 @@ from m3i_lightning.evaluation.protocols import TrainedModel, label_free, selecte
 from m3i_lightning.objectives.capabilities import find_image_text
 from m3i_lightning.runtime.checkpointing import checkpoints_in
 from m3i_lightning.runtime.metrics_log import LogLastStep
-from m3i_lightning.runtime.pictures import ReconstructionGrid, plot_curves
+from m3i_lightning.runtime.pictures import PICTURES_DIR, ReconstructionGrid, plot_curves
 from m3i_lightning.runtime.run_lock import LOCK_FILE, RunLock, first_process
 from m3i_lightning.runtime.strategies import FullyShardedDataParallel
 
 log = logging.getLogger(__name__)
 
-PICTURES_DIR = "pictures"
 INTERPLAY_FILE = "interplay.json"  # the interplay monitor's measurements (interplay.every_n_steps)
 EXPORT_DIR = "backbone"
 CHECKPOINTS_DIR = "checkpoints"

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from torchvision.utils import make_grid
 
+PICTURES_DIR = "pictures"  # a run folder's pictures, which trackers receive at the end
 TILE = 96  # small views are enlarged (nearest neighbour) to at least this many pixels
 PAD = 2
 HEADER = 16  # pixels of the column-title strip
