@@ -103,18 +103,19 @@ def test_a_damaged_or_crafted_sharded_checkpoint_is_one_line_everywhere(
     assert not (tmp_path / "out.ckpt").exists() and not (tmp_path / "exported").exists()
 
 
-@pytest.mark.parametrize("command", ["consolidate", "eval", "export"])
+@pytest.mark.parametrize("command", ["consolidate", "eval", "export", "resume"])
 def test_a_shard_of_the_right_size_but_damaged_bytes_is_one_line(sharded_run, tmp_path, capsys,
                                                                    monkeypatch, command):
     """Past the index's checks, DCP's own failure (a CheckpointException, which is no
-    Exception) is caught where the folder is assembled."""
+    Exception) is caught where the folder is assembled, or where Lightning loads it to resume."""
     folder = tmp_path / "run"
     shutil.copytree(sharded_run, folder, symlinks=True)
     link = folder / "checkpoints" / "last.ckpt"
     shard = link / "__0_0.distcp"
     shard.write_bytes(bytes(shard.stat().st_size))
     line = read_by(command, link, tmp_path, capsys, monkeypatch)
-    assert f"error: checkpoint={link} cannot be read as a sharded checkpoint: a shard is " \
+    option = "resume" if command == "resume" else "checkpoint"
+    assert f"error: {option}={link} cannot be read as a sharded checkpoint: a shard is " \
            "damaged (" in line, line
 
 

@@ -158,6 +158,15 @@ class _CheckedReader(dcp.FileSystemReader):
         return self.index
 
 
+def damaged(err: CheckpointException) -> UnusableShards:
+    """DCP's failure to read shards that passed :func:`check_shards` (bytes damaged in place),
+    as the one line of its first rank's first failure."""
+    failure = next(iter(err.failures.values()))[0]
+    reason = str(failure).split(". ")[0].splitlines()[0] if str(failure) else ""
+    return UnusableShards(f"cannot be read as a sharded checkpoint: a shard is damaged "
+                          f"({type(failure).__name__}: {reason})")
+
+
 def read_sharded(folder: Path, read_metadata: Callable[[Path], dict]) -> dict[str, Any]:
     """The checkpoint in ``folder`` as one dict laid out like a consolidated file: full
     tensors assembled from every rank's shards, on one process without a process group.
@@ -174,10 +183,7 @@ def read_sharded(folder: Path, read_metadata: Callable[[Path], dict]) -> dict[st
         _load_state_dict(shards, _CheckedReader(folder, index),
                          planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     except CheckpointException as err:  # a BaseException: it wraps each rank's failure
-        failure = next(iter(err.failures.values()))[0]
-        reason = str(failure).split(". ")[0].splitlines()[0] if str(failure) else ""
-        raise UnusableShards(f"cannot be read as a sharded checkpoint: a shard is damaged "
-                             f"({type(failure).__name__}: {reason})") from None
+        raise damaged(err) from None
     checkpoint["state_dict"] = shards.pop("state_dict")
     count = len([key for key in shards if key.startswith("optimizer_")])
     checkpoint["optimizer_states"] = [shards[f"optimizer_{i}"] for i in range(count)]

@@ -23,12 +23,13 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
+from torch.distributed.checkpoint.api import CheckpointException
 
 from m3i_lightning.backbone import Backbone
 from m3i_lightning.core.errors import ConfigError
 from m3i_lightning.engine.module import Engine
 from m3i_lightning.engine.sharding import block_classes
-from m3i_lightning.runtime.sharded_checkpoint import ShardedCheckpointWriter
+from m3i_lightning.runtime.sharded_checkpoint import ShardedCheckpointWriter, damaged
 
 STRATEGIES = ("auto", "ddp", "fsdp", "fsdp1")
 
@@ -54,6 +55,14 @@ class FullyShardedDataParallel(ModelParallelStrategy):
             super().save_checkpoint(checkpoint, filepath, storage_options)
         else:
             self.checkpoint_writer.save(checkpoint, Path(self.broadcast(filepath)))
+
+    def load_checkpoint(self, checkpoint_path, *args, **kwargs) -> dict[str, Any]:
+        """Lightning's load of the checkpoint a run resumes from; shards whose bytes are
+        damaged (the index and sizes were checked before) are one error line."""
+        try:
+            return super().load_checkpoint(checkpoint_path, *args, **kwargs)
+        except CheckpointException as err:
+            raise ConfigError(f"resume={checkpoint_path} {damaged(err)}") from None
 
     def wait_for_checkpoint(self) -> None:
         """Until the checkpoint being written in the background, if any, is on disk."""
