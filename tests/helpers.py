@@ -313,8 +313,13 @@ def fails_with_one_line(capsys, monkeypatch, main, prog: str, *args: str) -> str
 
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     monkeypatch.setattr(sys, "argv", [prog, *args])
-    with pytest.raises(SystemExit) as exit_:
-        main()
+    environ = dict(os.environ)  # what Lightning sets (PL_GLOBAL_SEED...) stays in this call
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main()
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
     err = capsys.readouterr().err
     assert exit_.value.code == 2, err
     assert "Traceback" not in err
