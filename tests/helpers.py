@@ -306,6 +306,24 @@ def run(*args: str, cwd: Path | None = None, prelude: str | None = None,
 QUIET_HYDRA = ["hydra/job_logging=none", "hydra/hydra_logging=none"]
 
 
+@contextlib.contextmanager
+def in_process_command():
+    """Around a command run in the test's process: what it leaves behind for the next tests of
+    this pytest worker is undone: the variables Lightning sets (MASTER_PORT, PL_GLOBAL_SEED...),
+    which the processes those tests start would inherit, and a process group (a one-process
+    FSDP2 run that failed after setting it up), which a forked test would inherit."""
+    import torch.distributed as dist
+
+    environ = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def fails_with_one_line(capsys, monkeypatch, main, prog: str, *args: str) -> str:
     """Run ``main`` in this process as ``prog *args``: exit code 2, and stderr is the one
     ``error:`` line, which is returned."""
@@ -313,13 +331,8 @@ def fails_with_one_line(capsys, monkeypatch, main, prog: str, *args: str) -> str
 
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     monkeypatch.setattr(sys, "argv", [prog, *args])
-    environ = dict(os.environ)  # what Lightning sets (PL_GLOBAL_SEED...) stays in this call
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            main()
-    finally:
-        os.environ.clear()
-        os.environ.update(environ)
+    with in_process_command(), pytest.raises(SystemExit) as exit_:
+        main()
     err = capsys.readouterr().err
     assert exit_.value.code == 2, err
     assert "Traceback" not in err

@@ -8,7 +8,6 @@ sees of a command is tested in fresh processes elsewhere (test_cli, test_errors)
 
 from __future__ import annotations
 
-import os
 import re
 import runpy
 import shlex
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from data_files import labelled_folder, make_shards
-from helpers import QUIET_HYDRA, REPO
+from helpers import QUIET_HYDRA, REPO, in_process_command
 
 pytestmark = pytest.mark.tour
 
@@ -83,13 +82,10 @@ def test_every_tour_command_runs_as_written(data, tmp_path, monkeypatch, capfd):
             args += ["data.num_workers=0", "probe.epochs=1",
                      f"hydra.run.dir={tmp_path / f'eval{number}'}"]
         monkeypatch.setattr(sys, "argv", [module, *args, *QUIET_HYDRA])
-        environ = dict(os.environ)  # Lightning sets MASTER_PORT, PL_GLOBAL_SEED...: not for
-        try:  # the commands the next tests start from this process
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        try:
+            with in_process_command():
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
         except SystemExit as exit_:
             assert exit_.code in (0, None), (module, args, capfd.readouterr().err[-3000:])
-        finally:
-            os.environ.clear()
-            os.environ.update(environ)
         assert "Traceback" not in capfd.readouterr().err, (module, args)
     assert checkpoint.is_file() and (tmp_path / "exported" / "model.safetensors").is_file()

@@ -140,6 +140,11 @@ class SweepOutcome:
     jobs: int = 0
     failures: list[str] = field(default_factory=list)
 
+    def reset(self) -> None:
+        """A new command in this process: an earlier sweep's jobs are not its own."""
+        self.jobs = 0
+        self.failures.clear()
+
 
 SWEEP = SweepOutcome()
 
@@ -173,6 +178,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def main() -> float | None:
     """``python -m m3i_lightning`` / ``m3i-pretrain``: check the objective names, then run;
     a sweep with failed jobs ends with one line counting them and exit code 2."""
+    SWEEP.reset()
     check_choices(sys.argv[1:])
     check_command_line("config", sys.argv[1:])
     result = hydra_main()
