@@ -310,16 +310,19 @@ QUIET_HYDRA = ["hydra/job_logging=none", "hydra/hydra_logging=none"]
 def in_process_command():
     """Around a command run in the test's process: what it leaves behind for the next tests of
     this pytest worker is undone: the variables Lightning sets (MASTER_PORT, PL_GLOBAL_SEED...),
-    which the processes those tests start would inherit, and a process group (a one-process
-    FSDP2 run that failed after setting it up), which a forked test would inherit."""
+    which the processes those tests start would inherit; torch's thread count, which Lightning
+    raises to the cores when OMP_NUM_THREADS is unset (the worker's later fits would then
+    compete with the other worker's); and a process group (a one-process FSDP2 run that failed
+    after setting it up), which a forked test would inherit."""
     import torch.distributed as dist
 
-    environ = dict(os.environ)
+    environ, threads = dict(os.environ), torch.get_num_threads()
     try:
         yield
     finally:
         os.environ.clear()
         os.environ.update(environ)
+        torch.set_num_threads(threads)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
