@@ -17,13 +17,12 @@ Its rows, each run once per seed, all at the run's one budget:
 The rows only select objectives (and ``mix``, ``weighting``): every other value is the run's,
 the objectives' own options included. Each job is a pre-training run scored by its own
 end-of-run protocols (``protocols=``: kNN, linear probe, fine-tuning, segmentation...); its
-folder is
-``runs/<row>-seed<k>`` of the ablation folder (``hydra.run.dir``). The jobs go through Hydra's
-launcher, in a multirun of this same command whose jobs read the plan (``plan.json``): locally
-one after another (``ablation.sweeps=N``: N such sweeps at a time), or on a cluster with
-``hydra/launcher=slurm``. A job that fails is marked (``FAILED`` in its folder, its line in the
-table) and the others go on; calling the command again with the same ``hydra.run.dir`` skips
-the finished jobs and runs the rest again.
+folder is ``runs/<row>-seed<k>`` of the ablation folder (``hydra.run.dir``). The jobs go through
+Hydra's launcher, in a multirun of this same command whose jobs read the plan
+(``plan.json``): locally one after another (``ablation.sweeps=N``: N such sweeps at a time), or
+on a cluster with ``hydra/launcher=slurm``. A job that fails is marked (``FAILED`` in its
+folder, its line in the table) and the others go on; calling the command again with the same
+``hydra.run.dir`` skips the finished jobs and runs the rest again.
 
 It writes ``ablation.md`` and ``ablation.json``: each row's scores (mean ± std over seeds) and
 gain over the random init read by its feature, each objective's marginal contribution (full

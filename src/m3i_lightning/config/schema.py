@@ -177,7 +177,6 @@ def parse_overrides(args: list[str]) -> list:
     return overrides
 
 
-
 def check_command_line(config_name: str, args: Iterable[str]) -> None:
     """Refuse, in one :class:`ConfigError`, an override of a key that the config composed from
     the command line's group choices does not hold (see the module docstring). A swept group
